@@ -1,0 +1,80 @@
+"""Known downloadable assets (pretrained weights), resolved from the cache folder EDGEPRUNE_HOME."""
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EdgePruneError
+from .fsio import atomic_path
+
+_AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+
+
+@dataclass(frozen=True)
+class Asset:
+    filename: str
+    url: str
+    sha256: str  # full digest, or a prefix where only the prefix is published (in the file name)
+
+
+# BSD-2-Clause, Copyright (c) 2018, Yerlan Idelbayev (github.com/akamaster/pytorch_resnet_cifar10).
+ASSETS: dict[str, Asset] = {
+    "cifar_resnet20": Asset("resnet20-12fca82f.th", _AKAMASTER + "resnet20-12fca82f.th",
+                            "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
+    "cifar_resnet32": Asset("resnet32-d509ac18.th", _AKAMASTER + "resnet32-d509ac18.th",
+                            "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
+    "cifar_resnet44": Asset("resnet44-014dd654.th", _AKAMASTER + "resnet44-014dd654.th",
+                            "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
+    "cifar_resnet56": Asset("resnet56-4bfd9763.th", _AKAMASTER + "resnet56-4bfd9763.th",
+                            "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
+    "cifar_resnet110": Asset("resnet110-1d1ed7c2.th", _AKAMASTER + "resnet110-1d1ed7c2.th",
+                             "1d1ed7c2"),
+}
+
+
+def edgeprune_home() -> Path:
+    return Path(os.environ.get("EDGEPRUNE_HOME", Path.home() / ".cache" / "edgeprune")).expanduser()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_asset(name: str, download: bool = True) -> Path:
+    """Path of a known asset in EDGEPRUNE_HOME, downloading it (checked by sha256) when missing."""
+    asset = ASSETS.get(name)
+    if asset is None:
+        raise EdgePruneError(f"no pretrained weights are known for {name!r}; pass --weights PATH or none")
+    home = edgeprune_home()
+    path = home / asset.filename
+    if not path.exists():
+        if not download:
+            raise EdgePruneError(f"{asset.filename} is not in {home}; set EDGEPRUNE_HOME to a folder holding it")
+        _download(asset, path)
+    return path
+
+
+def _download(asset: Asset, path: Path) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            with urllib.request.urlopen(asset.url, timeout=60) as resp, open(tmp, "wb") as out:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+            got = sha256_of(tmp)
+            if not got.startswith(asset.sha256):
+                raise EdgePruneError(
+                    f"download of {asset.url} has sha256 {got[:16]}..., expected {asset.sha256[:16]}...; "
+                    "retry, or place the right file in EDGEPRUNE_HOME"
+                )
+    except OSError as exc:
+        raise EdgePruneError(
+            f"{asset.filename} is not in {path.parent} and could not be downloaded from {asset.url} ({exc}); "
+            "download it by hand into EDGEPRUNE_HOME"
+        ) from None

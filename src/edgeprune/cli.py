@@ -1,0 +1,175 @@
+"""The `edgeprune` command: parses options, calls the public API, prints results. Nothing more."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import EdgePruneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make trained CNNs small and fast for edge devices: measure, prune, export, report.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = typer.Option("cifar_resnet56", "--model", "-m", help="model name (see `edgeprune models`)")
+WeightsOpt = typer.Option("default", "--weights", "-w",
+                          help="none, default (known pretrained weights), a torchvision weight name, or a checkpoint path")
+ClassesOpt = typer.Option(None, "--num-classes", help="classes of the checkpoint (default: 10 CIFAR, 1000 ImageNet)")
+ThreadsOpt = typer.Option(2, "--threads", help="CPU threads for PyTorch and ONNX Runtime latency")
+WarmupOpt = typer.Option(5, "--warmup", help="untimed runs before timing")
+RepeatsOpt = typer.Option(30, "--repeats", help="timed runs; the median and p90 are reported")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output")
+
+
+def _latency(threads: int, warmup: int, repeats: int) -> dict:
+    return {"latency.threads": threads, "latency.warmup": warmup, "latency.repeats": repeats}
+
+
+@app.command("models")
+def models_cmd():
+    """List every model name edgeprune can build."""
+    from .models import list_models
+
+    out_console.print("\n".join(list_models()), highlight=False)
+
+
+@app.command()
+def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: Optional[int] = ClassesOpt,
+            threads: int = ThreadsOpt, warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
+            layers: bool = typer.Option(False, "--layers", help="also list conv/linear layers and widths"),
+            as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
+            quiet: bool = QuietOpt):
+    """Measure a model: params, MACs, sizes, CPU (and GPU) latency in PyTorch and ONNX Runtime."""
+    from .models import create_model
+    from .pipeline import measure_with_onnx
+    from .prune import _prunable_layers, _out_channels
+    from .recipe import load_recipe
+
+    recipe = load_recipe(overrides={"model.name": model, "model.weights": weights,
+                                    "model.num_classes": num_classes, **_latency(threads, warmup, repeats)})
+    net = create_model(model, weights, num_classes)
+    result = measure_with_onnx(net, net.edgeprune_spec.input_size, recipe, quiet=quiet)
+    if layers:
+        result["layers"] = {n: _out_channels(m) for n, m in _prunable_layers(net).items()}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{model} ({weights})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("params", f"{result['params']:,}")
+    table.add_row("MACs", f"{result['macs']:,}")
+    table.add_row("state dict bytes", f"{result['state_dict_bytes']:,}")
+    table.add_row("ONNX bytes", f"{result['onnx_bytes']:,}")
+    for key, ms in result["latency_ms"].items():
+        table.add_row(f"{key} ms (median / p90)", f"{ms:.2f} / {result['latency_p90_ms'][key]:.2f}")
+    for name, width in result.get("layers", {}).items():
+        table.add_row(f"layer {name}", str(width))
+    out_console.print(table)
+
+
+def _finish(report: dict, out: Path, as_json: bool) -> None:
+    from .report import console_table
+
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out_console.print(console_table(report))
+    parity = report["onnx_parity"]
+    out_console.print(f"ONNX parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
+                      f"{parity['top1_agreement']:.1%}", highlight=False)
+    unpruned = report["prune"]["unpruned"]
+    if len(unpruned) > 1:
+        out_console.print(f"{len(unpruned)} layers left unpruned (see report.md for why)", highlight=False)
+    out_console.print(f"Report: {out / 'report.md'}, {out / 'report.json'}; pruned model: {out} "
+                      "(edgeprune.load)", highlight=False)
+
+
+@app.command("prune")
+def prune_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="run folder for the report, model and ONNX"),
+    model: str = ModelOpt, weights: str = WeightsOpt, num_classes: Optional[int] = ClassesOpt,
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1)"),
+    macs_reduction: Optional[float] = typer.Option(None, "--macs-reduction",
+                                                   help="fraction of MACs to remove, in (0, 1); 0.5 halves them"),
+    importance: str = typer.Option("l2", "--importance",
+                                   help="l1, l2, bn-scale, taylor, hessian, lamp, fpgm or random"),
+    global_pruning: bool = typer.Option(False, "--global/--local", help="rank channels across layers or per layer"),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help="keep channel counts multiples of N (8 or 16 "
+                                           "often run faster)"),
+    max_layer_ratio: float = typer.Option(1.0, "--max-layer-ratio", help="most any one layer may lose"),
+    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="layer name or glob never pruned (repeatable)"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+    threads: int = ThreadsOpt, warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe the options above override"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    quiet: bool = QuietOpt,
+):
+    """Prune a model structurally, export it to ONNX with a parity check, and report before/after."""
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    overrides = {"model.name": model, "model.weights": weights, "model.num_classes": num_classes,
+                 "prune.importance": importance, "prune.global_pruning": global_pruning,
+                 "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
+                 "prune.ignore": ignore or [], "export.opset": opset, **_latency(threads, warmup, repeats)}
+    if ratio is not None and macs_reduction is not None:
+        raise EdgePruneError("give either --ratio or --macs-reduction, not both")
+    if macs_reduction is not None:
+        overrides["prune.macs_reduction"] = macs_reduction
+    else:
+        overrides["prune.ratio"] = 0.5 if ratio is None else ratio
+    report = run(load_recipe(recipe, overrides), out, quiet=quiet, overwrite=overwrite)
+    _finish(report, out, as_json)
+
+
+@app.command("export")
+def export_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
+               opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+               simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="simplify with onnxslim")):
+    """Re-export the pruned model of a run folder to ONNX and check parity with PyTorch."""
+    from .pipeline import export_run
+    from .recipe import ExportOptions, build
+
+    parity = export_run(out, build(ExportOptions, {"opset": opset, "simplify": simplify}))
+    out_console.print(f"{out / 'model.onnx'}: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
+                      f"{parity['top1_agreement']:.1%}", highlight=False)
+
+
+@app.command("run")
+def run_cmd(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; none runs the built-in default "
+                                                    "(CIFAR ResNet-56 to half its MACs)"),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
+            as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+            quiet: bool = QuietOpt):
+    """Run every stage from a YAML recipe (or the built-in default); re-running resumes."""
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    out = out or Path("runs") / loaded.model.name
+    _finish(run(loaded, out, quiet=quiet, overwrite=overwrite), out, as_json)
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgePruneError as exc:
+        err_console.print(f"edgeprune: error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("edgeprune: interrupted; run the same command again to resume", highlight=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

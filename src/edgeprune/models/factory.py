@@ -1,0 +1,207 @@
+"""`create_model(name, weights=..., num_classes=...)`: the single way models are built.
+
+`weights` is `none` (random init), `default` (the model's known pretrained weights), a torchvision
+weight name such as `IMAGENET1K_V2`, or the path of a local checkpoint.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from ..assets import ASSETS, edgeprune_home, resolve_asset
+from ..errors import EdgePruneError
+from .cifar_resnet import DEPTHS, CifarResNet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MODELS = {f"cifar_resnet{d}": d for d in DEPTHS}
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".safetensors")
+
+
+@dataclass
+class ModelSpec:
+    """What it takes to rebuild a model and feed it: recorded in every artifact."""
+
+    name: str
+    num_classes: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    weights: str = "none"
+    builder_kwargs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        data = dict(data)
+        for key in ("input_size", "mean", "std"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.randn(batch, *self.input_size)
+
+
+def list_models() -> list[str]:
+    """Every model name `create_model` accepts."""
+    return sorted(CIFAR_MODELS) + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _unknown_model(name: str) -> EdgePruneError:
+    close = difflib.get_close_matches(name, list_models(), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "run `edgeprune models` to list them"
+    return EdgePruneError(f"unknown model {name!r}: {hint}")
+
+
+def _looks_like_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith(_CHECKPOINT_SUFFIXES) or Path(weights).exists()
+
+
+def _torchvision_input_size(name: str) -> int:
+    try:
+        default = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError):
+        return 224
+    crop = getattr(default.transforms(), "crop_size", [224])
+    return int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+
+
+def create_model(name: str, weights: str | os.PathLike | None = "none",
+                 num_classes: int | None = None) -> nn.Module:
+    """Build `name` in eval mode; its `ModelSpec` is attached as `model.edgeprune_spec`."""
+    weights = "none" if weights is None else str(weights)
+    if name in CIFAR_MODELS:
+        model, spec = _create_cifar(name, weights, num_classes)
+    elif name in torchvision.models.list_models(module=torchvision.models):
+        model, spec = _create_torchvision(name, weights, num_classes)
+    else:
+        raise _unknown_model(name)
+    model.eval()
+    model.edgeprune_spec = spec
+    return model
+
+
+def _create_cifar(name: str, weights: str, num_classes: int | None):
+    spec = ModelSpec(name=name, num_classes=num_classes or 10, input_size=(3, 32, 32), weights=weights)
+    model = CifarResNet(CIFAR_MODELS[name], spec.num_classes)
+    if weights.lower() == "none":
+        return model, spec
+    if weights.lower() in ("default", "pretrained"):
+        path = resolve_asset(name)
+    elif _looks_like_path(weights):
+        path = Path(weights)
+    else:
+        raise EdgePruneError(f"weights {weights!r} for {name}: use none, default, or a checkpoint path")
+    load_checkpoint(model, path)
+    spec.weights = str(path)
+    return model, spec
+
+
+def _create_torchvision(name: str, weights: str, num_classes: int | None):
+    size = _torchvision_input_size(name)
+    kwargs: dict = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs["aux_logits"] = False  # auxiliary heads only run in training and would not be pruned
+        kwargs["init_weights"] = False
+    spec = ModelSpec(name=name, num_classes=num_classes or 1000, input_size=(3, size, size),
+                     weights=weights, builder_kwargs=kwargs)
+    if weights.lower() == "none" or _looks_like_path(weights):
+        model = torchvision.models.get_model(name, weights=None, num_classes=spec.num_classes, **kwargs)
+        if weights.lower() != "none":
+            load_checkpoint(model, Path(weights))
+        return model, spec
+    try:
+        enum = torchvision.models.get_model_weights(name)
+        wobj = enum[weights.upper()] if weights.upper() != "PRETRAINED" else enum.DEFAULT
+    except (KeyError, ValueError):
+        names = ", ".join(w.name for w in torchvision.models.get_model_weights(name)) or "none"
+        raise EdgePruneError(f"unknown weights {weights!r} for {name}: use none, a checkpoint path, or one of "
+                             f"{names}") from None
+    classes = len(wobj.meta["categories"])
+    if num_classes not in (None, classes):
+        raise EdgePruneError(f"{name} {wobj.name} has {classes} classes, not {num_classes}; fine-tune from "
+                             "a checkpoint of your own or drop --num-classes")
+    spec.num_classes = classes
+    model = torchvision.models.get_model(name, weights=None, num_classes=classes, **kwargs)
+    try:
+        state = wobj.get_state_dict(progress=False, model_dir=str(edgeprune_home() / "torchvision"))
+    except (OSError, RuntimeError) as exc:
+        raise EdgePruneError(f"could not download {name} {wobj.name} weights ({exc}); place the file in "
+                             f"{edgeprune_home() / 'torchvision'} or pass --weights PATH") from None
+    _load_state(model, state, f"{name} {wobj.name}")
+    spec.mean, spec.std = IMAGENET_MEAN, IMAGENET_STD
+    return model, spec
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise EdgePruneError(f"checkpoint {path} does not exist; check the --weights path")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise EdgePruneError(f"checkpoint {path} is not a readable safetensors file ({exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgePruneError(f"checkpoint {path} cannot be read safely ({first[:160]}); it must be a state "
+                             "dict saved with torch.save (no pickled modules) or a .safetensors file") from None
+
+
+def _unwrap_state(obj) -> dict:
+    """Find the tensor dict inside common checkpoint layouts and strip DataParallel/compile prefixes."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if isinstance(obj.get(key), dict):
+                return _unwrap_state(obj[key])
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise EdgePruneError("checkpoint holds no state dict of tensors; save model.state_dict(), not the model")
+    out = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _load_state(model: nn.Module, state: dict, source: str) -> None:
+    expected = model.state_dict()
+    # Checkpoints from before PyTorch 0.4.1 lack BatchNorm's counter; it does not affect inference.
+    state = dict(state)
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(expected[key])
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        raise EdgePruneError(f"{source} does not match the model: {'; '.join(parts)}; check --model")
+    for key, tensor in expected.items():
+        if tensor.shape != state[key].shape:
+            raise EdgePruneError(
+                f"{source} does not match the model: {key} has shape {tuple(state[key].shape)}, model expects "
+                f"{tuple(tensor.shape)}; check --model and --num-classes (a pruned model loads with edgeprune.load)")
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a local checkpoint safely (weights_only) into `model`, with clear errors on mismatch."""
+    path = Path(path)
+    _load_state(model, _unwrap_state(_read_checkpoint(path)), f"checkpoint {path}")
+    return model

@@ -1,0 +1,295 @@
+"""Structural pruning on Torch-Pruning (DepGraph): importance, ranking, target, and safety checks."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from .errors import EdgePruneError
+from .measure import _quiet_stdout, count_macs
+from .recipe import PruneOptions
+
+PAD_REASON = ("output channels are coupled through a zero-padding op (F.pad), whose channel offset "
+              "DepGraph cannot index; pruning them would break the residual stream")
+HEAD_REASON = "classifier head: its outputs are the classes"
+
+
+class HessianImportance(tp.importance.GroupHessianImportance):
+    """OBD importance w^2 * E[g^2], with the per-sample accumulation Torch-Pruning 1.6.1 gets wrong.
+
+    Upstream `accumulate_grad` tests `name in self._accu_grad` but stores under `param`, so every
+    call overwrites the last: only the final sample's g^2 survives. Here entries are keyed by param.
+    """
+
+    def accumulate_grad(self, model: nn.Module) -> None:
+        for param in model.parameters():
+            if param.grad is None:
+                continue
+            g2 = param.grad.detach().pow(2)
+            if param in self._accu_grad:
+                self._accu_grad[param] += g2
+                self._counter[param] += 1
+            else:
+                self._accu_grad[param] = g2.clone()
+                self._counter[param] = 1
+
+    def mean_squared_grads(self) -> dict[nn.Parameter, torch.Tensor]:
+        return {p: g / self._counter[p] for p, g in self._accu_grad.items()}
+
+    def __call__(self, group):
+        if self._accu_grad:
+            for p, g in self.mean_squared_grads().items():
+                p.grad = g
+            self.zero_grad()
+        return super().__call__(group)
+
+
+def make_importance(name: str):
+    return {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "bn-scale": tp.importance.BNScaleImportance,
+        "taylor": tp.importance.GroupTaylorImportance,
+        "hessian": HessianImportance,
+        "lamp": lambda: tp.importance.LAMPImportance(p=2),
+        "fpgm": lambda: tp.importance.FPGMImportance(p=2),
+        "random": tp.importance.RandomImportance,
+    }[name]()
+
+
+@dataclass
+class LayerWidth:
+    name: str
+    kind: str
+    channels_before: int
+    channels_after: int
+
+
+@dataclass
+class PruneResult:
+    ratio: float
+    importance: str
+    global_pruning: bool
+    round_to: int | None
+    macs_target: int | None
+    search_trials: int
+    history: list = field(repr=False)
+    layers: list[LayerWidth] = field(default_factory=list)
+    unpruned: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+
+
+def _prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
+def find_heads(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The classifier head(s): the last conv/linear layer to run, and any layer emitting the class count."""
+    layers = _prunable_layers(model)
+    order: list[str] = []
+    names = {m: n for n, m in layers.items()}
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[mod])) for m in layers.values()]
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not order:
+        raise EdgePruneError("the model has no conv or linear layer to prune")
+    num_classes = out.shape[-1]
+    heads = [order[-1]] + [n for n in dict.fromkeys(order)
+                           if n != order[-1] and isinstance(layers[n], nn.Linear)
+                           and layers[n].out_features == num_classes]
+    return heads
+
+
+def find_pad_coupled(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[str]:
+    """Layers whose output channels DepGraph couples through a padding op: they must stay whole."""
+    with _quiet_stdout():
+        graph = tp.DependencyGraph().build_dependency(model, example)
+    pads = [m for m in graph.module2node if isinstance(m, tp.ops._ElementWiseOp) and "Pad" in str(m._grad_fn)]
+    if not pads:
+        return []
+    layers = {m: n for n, m in _prunable_layers(model).items()}
+    coupled: list[str] = []
+    for group in graph.get_all_groups(ignored_layers=ignored):
+        if any(dep.target.module in pads for dep, _ in group):
+            coupled += [layers[dep.target.module] for dep, _ in group
+                        if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler)]
+    return list(dict.fromkeys(coupled))
+
+
+def _resolve_ignored(model: nn.Module, example: torch.Tensor, opts: PruneOptions):
+    modules = dict(model.named_modules())
+    unpruned = {name: HEAD_REASON for name in find_heads(model, example)}
+    for pattern in opts.ignore:
+        hits = [n for n in _prunable_layers(model) if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise EdgePruneError(f"--ignore {pattern!r} matches no conv or linear layer; check the layer names "
+                                 "with `edgeprune profile --layers`")
+        unpruned.update({n: "ignored by the recipe" for n in hits if n not in unpruned})
+    ignored = [modules[n] for n in unpruned]
+    for name in find_pad_coupled(model, example, ignored):
+        unpruned.setdefault(name, PAD_REASON)
+    return unpruned
+
+
+def _calibration_grads(model: nn.Module, example: torch.Tensor, importance: str, batches,
+                       n_batches: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """Per-parameter gradients (taylor) or mean squared per-sample gradients (hessian)."""
+    synthetic = batches is None
+    if synthetic:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(n_batches, 8, *example.shape[1:], generator=gen)
+        batches = [(xb, None) for xb in x]
+    model.zero_grad(set_to_none=True)
+    hessian = HessianImportance() if importance == "hessian" else None
+    model.eval()
+    for i, (x, y) in enumerate(batches):
+        if i == n_batches:
+            break
+        logits = model(x)
+        if y is None:  # no data given: the model's own predictions stand in for labels
+            y = logits.argmax(1).detach()
+        loss = F.cross_entropy(logits, y, reduction="none" if hessian else "mean")
+        if hessian is None:
+            loss.backward()
+            continue
+        for j, sample_loss in enumerate(loss):
+            model.zero_grad(set_to_none=True)
+            sample_loss.backward(retain_graph=j < len(loss) - 1)
+            hessian.accumulate_grad(model)
+    names = {p: n for n, p in model.named_parameters()}
+    if hessian is not None:
+        grads = {names[p]: g for p, g in hessian.mean_squared_grads().items()}
+    else:
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads, synthetic
+
+
+def _prune_copy(model, example, opts: PruneOptions, ratio: float, unpruned, grads):
+    pruned = copy.deepcopy(model)
+    for name, p in pruned.named_parameters():
+        p.grad = grads[name].clone() if name in grads else None
+    modules = dict(pruned.named_modules())
+    importance = make_importance(opts.importance)
+    if isinstance(importance, HessianImportance):
+        importance = tp.importance.GroupHessianImportance()  # squared grads are already in .grad
+    try:
+        with _quiet_stdout():
+            pruner = tp.pruner.BasePruner(
+                pruned, example, importance=importance, pruning_ratio=ratio,
+                global_pruning=opts.global_pruning, round_to=opts.round_to,
+                max_pruning_ratio=opts.max_layer_ratio, ignored_layers=[modules[n] for n in unpruned],
+            )
+            pruner.step()
+    except Exception as exc:  # Torch-Pruning raises bare errors on graphs it cannot handle
+        raise _unsupported(pruned, exc) from None
+    finally:
+        pruned.zero_grad(set_to_none=True)
+    return pruned, pruner.pruning_history()
+
+
+def _unsupported(model: nn.Module, exc: Exception) -> EdgePruneError:
+    name = getattr(getattr(model, "edgeprune_spec", None), "name", type(model).__name__)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return EdgePruneError(f"{name} cannot be pruned safely with DepGraph ({type(exc).__name__}: {first}); "
+                          "add the failing layers to prune.ignore or choose another model")
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor, expected_shape) -> None:
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:
+        raise _unsupported(model, exc) from None
+    if out.shape != expected_shape:
+        raise _unsupported(model, RuntimeError(f"output shape {tuple(out.shape)} != {tuple(expected_shape)}"))
+
+
+def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = None,
+          calibration: Iterable | None = None) -> tuple[nn.Module, PruneResult]:
+    """Return a pruned copy of `model` (the original is untouched) and what was done to it."""
+    spec = getattr(model, "edgeprune_spec", None)
+    if example is None:
+        if spec is None:
+            raise EdgePruneError("pass example inputs for a model not built by edgeprune.create_model")
+        example = spec.example_input()
+    model = model.eval()
+    with torch.no_grad():
+        expected_shape = model(example).shape
+    unpruned = _resolve_ignored(model, example, opts)
+    grads, synthetic = ({}, False)
+    if opts.importance in ("taylor", "hessian"):
+        grads, synthetic = _calibration_grads(model, example, opts.importance, calibration, opts.calibration_batches)
+    notes = []
+    if synthetic:
+        notes.append(f"{opts.importance} gradients came from random inputs labelled by the model itself; "
+                     "pass calibration data for a meaningful ranking")
+
+    trials = 0
+    macs_target = None
+    if opts.ratio is not None:
+        ratio = opts.ratio
+        pruned, history = _prune_copy(model, example, opts, ratio, unpruned, grads)
+        trials = 1
+    else:
+        base = count_macs(model, example)
+        macs_target = int(base * (1 - opts.macs_reduction))
+        ratio, pruned, history, trials, note = _search_ratio(model, example, opts, unpruned, grads, macs_target)
+        if note:
+            notes.append(note)
+    _check_runs(pruned, example, expected_shape)
+    if spec is not None:
+        pruned.edgeprune_spec = copy.deepcopy(spec)
+    before = _prunable_layers(model)
+    after = _prunable_layers(pruned)
+    layers = [LayerWidth(n, type(m).__name__, _out_channels(m), _out_channels(after[n])) for n, m in before.items()]
+    result = PruneResult(ratio=ratio, importance=opts.importance, global_pruning=opts.global_pruning,
+                         round_to=opts.round_to, macs_target=macs_target, search_trials=trials,
+                         history=[list(h) for h in history], layers=layers, unpruned=unpruned, notes=notes)
+    return pruned.eval(), result
+
+
+def _search_ratio(model, example, opts: PruneOptions, unpruned, grads, target: int):
+    """Bisect the channel ratio until the pruned model's MACs are within `tolerance` of `target`."""
+    lo, hi = 0.0, opts.max_layer_ratio if not opts.global_pruning else 0.99
+    best = None  # (distance, ratio, model, history)
+    trials = 0
+    for _ in range(20):
+        ratio = (lo + hi) / 2
+        pruned, history = _prune_copy(model, example, opts, ratio, unpruned, grads)
+        macs = count_macs(pruned, example)
+        trials += 1
+        distance = abs(macs - target) / target
+        if best is None or distance < best[0]:
+            best = (distance, ratio, pruned, history, macs)
+        if distance <= opts.tolerance:
+            break
+        if macs > target:
+            lo = ratio
+        else:
+            hi = ratio
+        if hi - lo < 1e-4:
+            break
+    distance, ratio, pruned, history, macs = best
+    note = None
+    if distance > opts.tolerance:
+        note = (f"MACs target {target:,} not reachable within {opts.tolerance:.0%}; closest is {macs:,} "
+                f"(channel rounding or un-prunable layers limit the granularity)")
+    return ratio, pruned, history, trials, note

@@ -1,0 +1,108 @@
+"""The before/after report: reads stage results, derives reductions, renders Markdown and a console table."""
+from __future__ import annotations
+
+from typing import Any
+
+# (label, key path inside a stage result, formatter)
+ROWS = [
+    ("MACs", ("macs",), lambda v: f"{v / 1e9:.3f}G" if v >= 1e8 else f"{v / 1e6:.2f}M"),
+    ("Params", ("params",), lambda v: f"{v / 1e6:.3f}M"),
+    ("Size, state dict (MB)", ("state_dict_bytes",), lambda v: f"{v / 1e6:.2f}"),
+    ("Size, ONNX (MB)", ("onnx_bytes",), lambda v: f"{v / 1e6:.2f}"),
+    ("CPU ms, PyTorch", ("latency_ms", "torch_cpu"), lambda v: f"{v:.2f}"),
+    ("CPU ms, ONNX Runtime", ("latency_ms", "ort_cpu"), lambda v: f"{v:.2f}"),
+    ("GPU ms, PyTorch", ("latency_ms", "torch_cuda"), lambda v: f"{v:.2f}"),
+    ("GPU ms, ONNX Runtime", ("latency_ms", "ort_cuda"), lambda v: f"{v:.2f}"),
+    ("Top-1 (%)", ("top1",), lambda v: f"{v:.2f}"),
+]
+
+
+def _get(stage: dict, path: tuple) -> Any:
+    for key in path:
+        if not isinstance(stage, dict) or key not in stage:
+            return None
+        stage = stage[key]
+    return stage
+
+
+def comparison(report: dict) -> list[dict]:
+    """One row per metric measured on both models, with the reduction (%) and the factor (x)."""
+    rows = []
+    base, pruned = report["baseline"], report["pruned"]
+    for label, path, fmt in ROWS:
+        before, after = _get(base, path), _get(pruned, path)
+        if before is None or after is None:
+            continue
+        row = {"metric": label, "before": fmt(before), "after": fmt(after), "change": "", "factor": ""}
+        if path == ("top1",):
+            row["change"] = f"{after - before:+.2f} pts"
+        elif before:
+            row["change"] = f"{(after - before) / before:+.1%}"
+            row["factor"] = f"{before / after:.2f}x" if after else ""
+        rows.append(row)
+    return rows
+
+
+def build(baseline: dict, pruned: dict, parity: dict, prune: dict, recipe: dict, environment: dict) -> dict:
+    report = {"baseline": baseline, "pruned": pruned, "onnx_parity": parity, "prune": prune,
+              "recipe": recipe, "environment": environment}
+    report["reduction_pct"] = {
+        key: round(100 * (1 - pruned[key] / baseline[key]), 2)
+        for key in ("macs", "params", "state_dict_bytes", "onnx_bytes") if baseline.get(key)
+    }
+    report["speedup"] = {k: round(v / pruned["latency_ms"][k], 3) for k, v in baseline["latency_ms"].items()
+                         if pruned["latency_ms"].get(k)}
+    return report
+
+
+def _layers_changed(report: dict) -> list[dict]:
+    return [layer for layer in report["prune"]["layers"] if layer["channels_before"] != layer["channels_after"]]
+
+
+def markdown(report: dict) -> str:
+    spec = report["recipe"]["model"]
+    env = report["environment"]
+    lat = report["recipe"]["latency"]
+    lines = [
+        f"# edgeprune report: {spec['name']}",
+        "",
+        f"Pruned with `{report['prune']['importance']}` importance, "
+        f"{'global' if report['prune']['global_pruning'] else 'local'} ranking, channel ratio "
+        f"{report['prune']['ratio']:.4f}, round_to {report['prune']['round_to']}.",
+        f"Latency: median of {lat['repeats']} runs after {lat['warmup']} warm-ups, batch {lat['batch_size']}, "
+        f"{lat['threads']} threads, on {env['cpu']}"
+        + (f" and {env['gpu']}" if env.get("gpu") else "") + ".",
+        "",
+        "| metric | before | after | change | factor |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['metric']} | {r['before']} | {r['after']} | {r['change']} | {r['factor']} |"
+              for r in comparison(report)]
+    parity = report["onnx_parity"]
+    lines += ["", f"ONNX parity (ONNX Runtime vs PyTorch, batch {parity['batch']}): max abs diff "
+              f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.1%}.", ""]
+    if report["prune"]["unpruned"]:
+        lines += ["## Layers left unpruned", "", "| layer | why |", "|---|---|"]
+        lines += [f"| `{n}` | {why} |" for n, why in report["prune"]["unpruned"].items()]
+        lines.append("")
+    changed = _layers_changed(report)
+    lines += ["## Channel widths", "", f"{len(changed)} of {len(report['prune']['layers'])} conv/linear "
+              "layers were narrowed.", "", "| layer | type | before | after |", "|---|---|---:|---:|"]
+    lines += [f"| `{la['name']}` | {la['kind']} | {la['channels_before']} | {la['channels_after']} |"
+              for la in report["prune"]["layers"]]
+    for note in report["prune"].get("notes", []):
+        lines += ["", f"Note: {note}"]
+    lines += ["", f"Environment: {', '.join(f'{k} {v}' for k, v in env.items())}.", ""]
+    return "\n".join(lines)
+
+
+def console_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title=f"edgeprune: {report['recipe']['model']['name']}, before -> after")
+    for col, justify in (("metric", "left"), ("before", "right"), ("after", "right"),
+                         ("change", "right"), ("factor", "right")):
+        table.add_column(col, justify=justify)
+    for row in comparison(report):
+        table.add_row(row["metric"], row["before"], row["after"], row["change"], row["factor"])
+    return table
