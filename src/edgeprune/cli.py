@@ -46,14 +46,14 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: Optio
             quiet: bool = QuietOpt):
     """Measure a model: params, MACs, sizes, CPU (and GPU) latency in PyTorch and ONNX Runtime."""
     from .models import create_model
-    from .pipeline import measure_with_onnx
+    from .pipeline import measure_models
     from .prune import _prunable_layers, _out_channels
     from .recipe import load_recipe
 
     recipe = load_recipe(overrides={"model.name": model, "model.weights": weights,
                                     "model.num_classes": num_classes, **_latency(threads, warmup, repeats)})
     net = create_model(model, weights, num_classes)
-    result = measure_with_onnx(net, net.edgeprune_spec.input_size, recipe, quiet=quiet)
+    result = measure_models({"model": (net, None)}, net.edgeprune_spec.input_size, recipe, quiet)["model"]
     if layers:
         result["layers"] = {n: _out_channels(m) for n, m in _prunable_layers(net).items()}
     if as_json:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from .errors import EdgePruneError
-from .fsio import atomic_path
 from .measure import _quiet_stdout, ort_session
 from .recipe import ExportOptions
 
@@ -29,40 +29,59 @@ class Parity:
         return asdict(self)
 
 
+_PROTOBUF_LIMIT = 2_000_000_000 - 50_000_000  # margin under protobuf's 2 GiB message limit
+
+
+def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opts: ExportOptions) -> None:
+    """The TorchScript exporter (fast, one file), falling back to the dynamo exporter for the ops
+    it lacks (such as adaptive pooling to a size that does not divide the input)."""
+    with warnings.catch_warnings(), _quiet_stdout():
+        warnings.simplefilter("ignore")
+        if not opts.dynamo:
+            try:
+                torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opts.opset,
+                                  input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                return
+            except Exception:  # the exporter raises assorted types for unsupported ops
+                path.unlink(missing_ok=True)
+        torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opts.opset,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
 def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: ExportOptions) -> Path:
-    """Export `model` (batch dimension dynamic), check it and simplify it; the file appears whole."""
+    """Export `model` (batch dimension dynamic), check it and simplify it; files appear only whole.
+
+    Models over 2 GB keep their weights in `<name>.data` beside the `.onnx` file.
+    """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     x = torch.randn(1, *input_size)
-    with atomic_path(path) as tmp:
-        tmp_onnx = tmp.with_suffix(".onnx")
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp_dir:
+        raw, final = Path(tmp_dir) / "raw.onnx", Path(tmp_dir) / path.name
         try:
-            with warnings.catch_warnings(), _quiet_stdout():
-                warnings.simplefilter("ignore")
-                if opts.dynamo:
-                    torch.onnx.export(model, (x,), str(tmp_onnx), dynamo=True, opset_version=opts.opset,
-                                      input_names=["input"], output_names=["logits"], external_data=False,
-                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
-                else:
-                    torch.onnx.export(model, (x,), str(tmp_onnx), dynamo=False, opset_version=opts.opset,
-                                      input_names=["input"], output_names=["logits"],
-                                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-            proto = onnx.load(str(tmp_onnx))
-            onnx.checker.check_model(proto, full_check=True)
-            if opts.simplify:
+            _torch_export(model, x, raw, opts)
+            proto = onnx.load(str(raw))
+            large = proto.ByteSize() > _PROTOBUF_LIMIT
+            if opts.simplify and not large:
                 import onnxslim
 
                 with _quiet_stdout():
                     proto = onnxslim.slim(proto)
-                onnx.checker.check_model(proto, full_check=True)
-            onnx.save(proto, str(tmp))
-        except EdgePruneError:
-            raise
+            onnx.save(proto, str(final), save_as_external_data=large, all_tensors_to_one_file=True,
+                      location=f"{path.name}.data")
+            onnx.checker.check_model(str(final), full_check=True)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise EdgePruneError(f"ONNX export failed ({type(exc).__name__}: {first}); try another --opset") from None
-        finally:
-            tmp_onnx.unlink(missing_ok=True)
+        data = final.parent / f"{path.name}.data"
+        if data.exists():
+            os.replace(data, path.parent / data.name)
+        else:
+            (path.parent / data.name).unlink(missing_ok=True)
+        os.replace(final, path)
     return path
 
 

@@ -11,6 +11,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -91,39 +92,26 @@ def _quiet_stdout():
         sys.stdout = saved
 
 
-def _timed_loop(fn, opts: LatencyOptions, label: str, quiet: bool) -> Latency:
-    for _ in range(opts.warmup):
-        fn()
-    times = []
-    for _ in tqdm(range(opts.repeats), desc=label, leave=False, disable=quiet):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return _summarize(times)
-
-
-@torch.inference_mode()
-def torch_latency(model: nn.Module, input_size, opts: LatencyOptions, device: str = "cpu",
-                  quiet: bool = True) -> Latency:
-    """Eager PyTorch latency of one forward pass, in eval mode, on `device`."""
-    x = torch.randn(opts.batch_size, *input_size, device=device)
+def torch_runner(model: nn.Module, input_size, batch_size: int, device: str = "cpu") -> Callable[[], None]:
+    """One eager forward pass in eval mode on `device` (synchronized on CUDA)."""
+    x = torch.randn(batch_size, *input_size, device=device)
     model = model.eval().to(device)
-    if device.startswith("cuda"):
-        def run():
+
+    def run():
+        with torch.inference_mode():
             model(x)
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
-        try:
-            return _timed_loop(run, opts, f"torch {device}", quiet)
-        finally:
-            model.to("cpu")
-    with torch_threads(opts.threads):
-        return _timed_loop(lambda: model(x), opts, "torch cpu", quiet)
+    return run
 
 
-def ort_session(path: str | Path, threads: int, provider: str = "CPUExecutionProvider"):
+def ort_session(path: str | Path, threads: int, provider: str = "CPUExecutionProvider", spinning: bool = False):
+    """An ONNX Runtime session; worker threads do not spin between runs unless `spinning` (spinning
+    threads steal the cores from whatever runs next, another model included)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -133,13 +121,32 @@ def ort_session(path: str | Path, threads: int, provider: str = "CPUExecutionPro
     return ort.InferenceSession(str(path), so, providers=[provider])
 
 
-def ort_latency(path: str | Path, input_size, opts: LatencyOptions,
-                provider: str = "CPUExecutionProvider", quiet: bool = True) -> Latency:
-    """ONNX Runtime latency of one run of the model at `path`, same thread count as PyTorch."""
-    sess = ort_session(path, opts.threads, provider)
-    name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((opts.batch_size, *input_size)).astype(np.float32)
-    return _timed_loop(lambda: sess.run(None, {name: x}), opts, f"onnxruntime {provider[:-17].lower()}", quiet)
+def ort_runner(path: str | Path, input_size, batch_size: int, threads: int,
+               provider: str = "CPUExecutionProvider", spinning: bool = False) -> Callable[[], None]:
+    """One ONNX Runtime run of the model at `path`."""
+    sess = ort_session(path, threads, provider, spinning)
+    feed = {sess.get_inputs()[0].name:
+            np.random.default_rng(0).standard_normal((batch_size, *input_size)).astype(np.float32)}
+    return lambda: sess.run(None, feed)
+
+
+def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOptions, quiet: bool = True,
+                     desc: str = "latency") -> dict[str, Latency]:
+    """Time several runners round-robin, so load on a shared machine hits them all alike.
+
+    Ratios between models measured in one call are what to compare; absolute ms drift between runs.
+    """
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    with torch_threads(opts.threads):
+        for fn in runners.values():
+            for _ in range(opts.warmup):
+                fn()
+        for _ in tqdm(range(opts.repeats), desc=desc, leave=False, disable=quiet):
+            for key, fn in runners.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    return {key: _summarize(t) for key, t in times.items()}
 
 
 def cuda_available() -> bool:
@@ -161,25 +168,44 @@ class Measurement:
         return asdict(self)
 
 
-def measure(model: nn.Module, input_size, onnx_path: str | Path, opts: LatencyOptions,
-            quiet: bool = True) -> Measurement:
-    """Params, MACs, sizes and latency of `model` and its exported ONNX file at `onnx_path`."""
-    example = torch.randn(1, *input_size)
-    runs: dict[str, Latency] = {
-        "torch_cpu": torch_latency(model, input_size, opts, "cpu", quiet),
-        "ort_cpu": ort_latency(onnx_path, input_size, opts, quiet=quiet),
-    }
-    if opts.cuda and cuda_available():
-        runs["torch_cuda"] = torch_latency(model, input_size, opts, "cuda", quiet)
-        import onnxruntime as ort
+def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: LatencyOptions,
+            quiet: bool = True) -> dict[str, Measurement]:
+    """Params, MACs, sizes and latency of each `(model, exported onnx path)`, timed side by side.
 
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            runs["ort_cuda"] = ort_latency(onnx_path, input_size, opts, "CUDAExecutionProvider", quiet)
-    return Measurement(
-        params=count_params(model),
-        macs=count_macs(model, example),
-        state_dict_bytes=state_dict_bytes(model),
-        onnx_bytes=onnx_bytes(onnx_path),
-        latency_ms={k: v.median_ms for k, v in runs.items()},
-        latency_p90_ms={k: v.p90_ms for k, v in runs.items()},
-    )
+    Latency keys: `torch_cpu`, `ort_cpu`, and `torch_cuda` / `ort_cuda` when a GPU is there.
+    """
+    runners: dict[str, Callable[[], None]] = {}
+    cuda_runners: dict[str, Callable[[], None]] = {}
+    use_cuda = opts.cuda and cuda_available()
+    for label, (model, onnx_path) in models.items():
+        runners[f"{label}/torch_cpu"] = torch_runner(model, input_size, opts.batch_size)
+        runners[f"{label}/ort_cpu"] = ort_runner(onnx_path, input_size, opts.batch_size, opts.threads,
+                                                 spinning=opts.ort_spinning)
+        if use_cuda:
+            import onnxruntime as ort
+
+            cuda_runners[f"{label}/torch_cuda"] = torch_runner(model, input_size, opts.batch_size, "cuda")
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                cuda_runners[f"{label}/ort_cuda"] = ort_runner(onnx_path, input_size, opts.batch_size,
+                                                               opts.threads, "CUDAExecutionProvider")
+    # Interleave models within one runtime only: PyTorch's OpenMP workers spin after a run, so
+    # alternating runtimes would make each pay for the other's spinning.
+    timed: dict[str, Latency] = {}
+    for runtime in ("torch_cpu", "ort_cpu", "torch_cuda", "ort_cuda"):
+        group = {k: fn for k, fn in {**runners, **cuda_runners}.items() if k.endswith("/" + runtime)}
+        if group:
+            timed.update(time_interleaved(group, opts, quiet, runtime))
+    if cuda_runners:
+        for model, _ in models.values():
+            model.to("cpu")
+    example = torch.randn(1, *input_size)
+    results = {}
+    for label, (model, onnx_path) in models.items():
+        mine = {key.split("/", 1)[1]: lat for key, lat in timed.items() if key.split("/", 1)[0] == label}
+        results[label] = Measurement(
+            params=count_params(model), macs=count_macs(model, example),
+            state_dict_bytes=state_dict_bytes(model), onnx_bytes=onnx_bytes(onnx_path),
+            latency_ms={k: v.median_ms for k, v in mine.items()},
+            latency_p90_ms={k: v.p90_ms for k, v in mine.items()},
+        )
+    return results

@@ -61,6 +61,8 @@ class RunFolder:
     def __init__(self, out: str | Path, recipe: Recipe, overwrite: bool = False):
         self.root = ensure_writable_dir(out)
         self.stages = self.root / "stages"
+        for stale in [*self.root.glob(".export-*"), *self.root.rglob(".*.tmp")]:  # left by a killed run
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         resolved = recipe.model_dump(mode="json")
         recipe_path = self.root / "recipe.json"
         if recipe_path.exists() and read_json(recipe_path) != resolved:
@@ -82,13 +84,14 @@ class RunFolder:
         return data
 
 
-def measure_with_onnx(model, input_size, recipe: Recipe, onnx_path: Path | None = None, quiet: bool = True) -> dict:
-    """Measure `model`, exporting it to `onnx_path` (or a temporary file) for the ONNX Runtime figures."""
-    if onnx_path is not None:
-        return measure(model, input_size, onnx_path, recipe.latency, quiet).to_dict()
+def measure_models(models: dict, input_size, recipe: Recipe, quiet: bool = True) -> dict[str, dict]:
+    """Measure `{label: (model, onnx path or None)}` side by side; a missing ONNX file is exported
+    to a temporary folder for the ONNX Runtime figures."""
     with tempfile.TemporaryDirectory(prefix="edgeprune-") as tmp:
-        path = export_onnx(model, input_size, Path(tmp) / ONNX_NAME, recipe.export)
-        return measure(model, input_size, path, recipe.latency, quiet).to_dict()
+        ready = {label: (model, path if path is not None else
+                         export_onnx(model, input_size, Path(tmp) / f"{label}.onnx", recipe.export))
+                 for label, (model, path) in models.items()}
+        return {label: m.to_dict() for label, m in measure(ready, input_size, recipe.latency, quiet).items()}
 
 
 def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = False) -> dict:
@@ -99,12 +102,6 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
     model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
     input_size = model.edgeprune_spec.input_size
 
-    baseline = folder.result("baseline")
-    if baseline is None:
-        log(f"measuring the baseline {recipe.model.name}")
-        baseline = folder.save("baseline", measure_with_onnx(model, input_size, recipe, quiet=quiet))
-
-    pruned_model = None
     prune_result = folder.result("prune")
     if prune_result is not None and (folder.root / artifact.META).exists():
         pruned_model = artifact.load(folder.root)
@@ -112,19 +109,21 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
         log("pruning with DepGraph")
         pruned_model, result = prune(model, recipe.prune)
         artifact.save(pruned_model, result.history, folder.root)
-        prune_result = folder.save("prune", result.to_dict(), invalidates=("export", "pruned"))
+        prune_result = folder.save("prune", result.to_dict(), invalidates=("export", "measure"))
 
     parity = folder.result("export")
     if parity is None or not (folder.root / ONNX_NAME).exists():
         log("exporting to ONNX and checking parity")
         parity = folder.save("export", export_stage(pruned_model, folder.root, recipe.export),
-                             invalidates=("pruned",))
+                             invalidates=("measure",))
 
-    pruned = folder.result("pruned")
-    if pruned is None:
-        log("measuring the pruned model")
-        pruned = folder.save("pruned", measure_with_onnx(pruned_model, input_size, recipe,
-                                                         folder.root / ONNX_NAME, quiet))
+    measured = folder.result("measure")
+    if measured is None:
+        log("measuring the baseline and the pruned model side by side")
+        measured = folder.save("measure", measure_models(
+            {"baseline": (model, None), "pruned": (pruned_model, folder.root / ONNX_NAME)},
+            input_size, recipe, quiet))
+    baseline, pruned = measured["baseline"], measured["pruned"]
 
     final = report.build(baseline, pruned, parity, prune_result, recipe.model_dump(mode="json"), environment())
     write_json(folder.root / "report.json", final)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -117,10 +118,18 @@ def find_heads(model: nn.Module, example: torch.Tensor) -> list[str]:
     return heads
 
 
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph; a graph it cannot trace is a clear error, not a traceback."""
+    try:
+        with _quiet_stdout():
+            return tp.DependencyGraph().build_dependency(model, example)
+    except Exception as exc:
+        raise _unsupported(model, exc) from None
+
+
 def find_pad_coupled(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> list[str]:
     """Layers whose output channels DepGraph couples through a padding op: they must stay whole."""
-    with _quiet_stdout():
-        graph = tp.DependencyGraph().build_dependency(model, example)
+    graph = build_graph(model, example)
     pads = [m for m in graph.module2node if isinstance(m, tp.ops._ElementWiseOp) and "Pad" in str(m._grad_fn)]
     if not pads:
         return []
@@ -233,6 +242,17 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     model = model.eval()
     with torch.no_grad():
         expected_shape = model(example).shape
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned, result = _prune(model, example, expected_shape, opts, calibration)
+    result.notes += list(dict.fromkeys(f"Torch-Pruning: {str(w.message).splitlines()[0]}" for w in caught
+                                       if issubclass(w.category, UserWarning)))
+    if spec is not None:
+        pruned.edgeprune_spec = copy.deepcopy(spec)
+    return pruned.eval(), result
+
+
+def _prune(model, example, expected_shape, opts: PruneOptions, calibration):
     unpruned = _resolve_ignored(model, example, opts)
     grads, synthetic = ({}, False)
     if opts.importance in ("taylor", "hessian"):
@@ -255,15 +275,13 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
         if note:
             notes.append(note)
     _check_runs(pruned, example, expected_shape)
-    if spec is not None:
-        pruned.edgeprune_spec = copy.deepcopy(spec)
     before = _prunable_layers(model)
     after = _prunable_layers(pruned)
     layers = [LayerWidth(n, type(m).__name__, _out_channels(m), _out_channels(after[n])) for n, m in before.items()]
     result = PruneResult(ratio=ratio, importance=opts.importance, global_pruning=opts.global_pruning,
                          round_to=opts.round_to, macs_target=macs_target, search_trials=trials,
                          history=[list(h) for h in history], layers=layers, unpruned=unpruned, notes=notes)
-    return pruned.eval(), result
+    return pruned, result
 
 
 def _search_ratio(model, example, opts: PruneOptions, unpruned, grads, target: int):

@@ -29,6 +29,7 @@ class LatencyOptions(_Strict):
     repeats: int = Field(default=30, ge=1)
     batch_size: int = Field(default=1, ge=1)
     cuda: bool = True  # also measure on a GPU when one exists
+    ort_spinning: bool = False  # ONNX Runtime workers busy-wait between runs (faster only on idle cores)
 
 
 class PruneOptions(_Strict):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -152,11 +154,15 @@ def _read_checkpoint(path: Path) -> dict:
         except (SafetensorError, OSError) as exc:
             raise EdgePruneError(f"checkpoint {path} is not a readable safetensors file ({exc})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgePruneError(f"checkpoint {path} cannot be read safely ({first[:160]}); it must be a state "
-                             "dict saved with torch.save (no pickled modules) or a .safetensors file") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        reason = "it holds pickled Python objects, not only tensors, or is no PyTorch file"
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+    raise EdgePruneError(f"checkpoint {path} cannot be read safely ({reason}); it must be a state dict saved "
+                         "with torch.save (no pickled modules) or a .safetensors file")
 
 
 def _unwrap_state(obj) -> dict:

@@ -1,0 +1,71 @@
+"""Which torchvision classifiers edgeprune prunes at ratio 0.5: each model runs `edgeprune prune` in
+its own process (random init, so no download), and the outcome is its exit status and last error line.
+
+    python bench/torchvision_compat.py [--models resnet18 vgg11 ...] [--timeout 900]
+
+Writes bench/results/torchvision_compat.json and .md with the command that produced them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torchvision
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def check(name: str, timeout: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "edgeprune", "prune", "--model", name, "--weights", "none",
+               "--ratio", "0.5", "--out", out, "--warmup", "0", "--repeats", "1", "--quiet", "--json"]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"model": name, "status": "timeout", "seconds": timeout, "message": f"over {timeout} s"}
+        seconds = round(time.time() - t0, 1)
+        if proc.returncode == 0:
+            report = json.loads(proc.stdout)
+            return {"model": name, "status": "ok", "seconds": seconds,
+                    "macs_reduction_pct": report["reduction_pct"]["macs"],
+                    "params_reduction_pct": report["reduction_pct"]["params"],
+                    "max_abs_diff": report["onnx_parity"]["max_abs_diff"],
+                    "unpruned_layers": len(report["prune"]["unpruned"])}
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        status = "refused" if lines and lines[-1].startswith("edgeprune: error:") and len(lines) <= 3 else "crash"
+        return {"model": name, "status": status, "seconds": seconds, "message": lines[-1] if lines else ""}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--timeout", type=int, default=900)
+    args = parser.parse_args()
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    rows = []
+    for name in names:
+        row = check(name, args.timeout)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    command = "python bench/torchvision_compat.py" + (f" --models {' '.join(args.models)}" if args.models else "")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "torchvision_compat.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    lines = [f"# torchvision classifiers at channel ratio 0.5", "", f"Command: `{command}`", "",
+             "| model | status | MACs -% | params -% | ONNX max abs diff | seconds | message |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['status']} | {r.get('macs_reduction_pct', '')} | "
+                     f"{r.get('params_reduction_pct', '')} | "
+                     f"{'%.1e' % r['max_abs_diff'] if 'max_abs_diff' in r else ''} | {r['seconds']} | "
+                     f"{r.get('message', '').replace('|', '/')} |")
+    (RESULTS / "torchvision_compat.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared fixtures: real data and weights from ../shared/data (or $EDGEPRUNE_TEST_DATA), never copies.
+
+Missing data is a failure, not a skip: CI must not pass by testing nothing.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("EDGEPRUNE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+REQUIRED = ["resnet20-12fca82f.th", "resnet56-4bfd9763.th", "resnet20-cifar10jpeg.pth",
+            "resnet56-cifar10jpeg.pth", "cifar10_test_jpeg_uint8.npz"]
+
+missing = [f for f in REQUIRED if not (DATA / f).exists()]
+if missing:
+    raise pytest.UsageError(f"test data missing in {DATA}: {missing}; set EDGEPRUNE_TEST_DATA to the shared data folder")
+os.environ["EDGEPRUNE_HOME"] = str(DATA)
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def cifar_test_subset():
+    """500 real CIFAR-10 test images (50 a class), normalized as the CIFAR checkpoints expect."""
+    arrays = np.load(DATA / "cifar10_test_jpeg_uint8.npz")
+    x = torch.from_numpy(arrays["x"][::20]).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.from_numpy(arrays["y"][::20]).long()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real `edgeprune` command in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env={**os.environ, "EDGEPRUNE_HOME": str(DATA)})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("edgeprune: error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

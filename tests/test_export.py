@@ -1,0 +1,58 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgeprune import EdgePruneError, create_model, prune
+from edgeprune import export as export_mod
+from edgeprune.export import check_parity, export_onnx
+from edgeprune.measure import onnx_bytes
+from edgeprune.recipe import ExportOptions, PruneOptions
+
+
+@pytest.fixture(scope="module")
+def pruned20():
+    model, _ = prune(create_model("cifar_resnet20", weights="default"), PruneOptions(ratio=0.5))
+    return model
+
+
+def test_export_checks_and_matches_pytorch(pruned20, tmp_path):
+    path = export_onnx(pruned20, (3, 32, 32), tmp_path / "m.onnx", ExportOptions())
+    onnx.checker.check_model(str(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary files left
+    parity = check_parity(pruned20, path, (3, 32, 32), ExportOptions())
+    assert parity.passed and parity.max_abs_diff < 1e-4 and parity.top1_agreement == 1.0
+    assert parity.batch == 8
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_opset_is_configurable(pruned20, tmp_path, opset):
+    path = export_onnx(pruned20, (3, 32, 32), tmp_path / "m.onnx", ExportOptions(opset=opset))
+    assert onnx.load(str(path)).opset_import[0].version == opset
+
+
+def test_dynamo_exporter_also_has_parity(pruned20, tmp_path):
+    opts = ExportOptions(dynamo=True)
+    path = export_onnx(pruned20, (3, 32, 32), tmp_path / "m.onnx", opts)
+    assert check_parity(pruned20, path, (3, 32, 32), opts).passed
+
+
+def test_parity_failure_is_an_error(pruned20, tmp_path):
+    path = export_onnx(pruned20, (3, 32, 32), tmp_path / "m.onnx", ExportOptions())
+    proto = onnx.load(str(path))
+    init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    tampered = numpy_helper.to_array(init) * 1.5
+    init.CopyFrom(numpy_helper.from_array(tampered.astype(np.float32), init.name))
+    onnx.save(proto, str(path))
+    with pytest.raises(EdgePruneError, match="ONNX parity failed"):
+        check_parity(pruned20, path, (3, 32, 32), ExportOptions())
+
+
+def test_large_models_keep_weights_in_external_data(pruned20, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "_PROTOBUF_LIMIT", 10_000)
+    path = export_onnx(pruned20, (3, 32, 32), tmp_path / "m.onnx", ExportOptions())
+    data = tmp_path / "m.onnx.data"
+    assert data.exists() and data.stat().st_size > path.stat().st_size
+    assert onnx_bytes(path) == path.stat().st_size + data.stat().st_size
+    assert check_parity(pruned20, path, (3, 32, 32), ExportOptions()).passed

@@ -1,0 +1,33 @@
+import pytest
+
+from edgeprune import EdgePruneError, load_recipe
+
+
+def test_default_recipe_halves_cifar_resnet56_macs():
+    recipe = load_recipe()
+    assert recipe.model.name == "cifar_resnet56" and recipe.prune.macs_reduction == 0.5
+    assert recipe.prune.ratio is None
+
+
+def test_yaml_recipe_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: resnet18, weights: none}\nprune: {ratio: 0.3, round_to: 8}\n")
+    recipe = load_recipe(path, {"prune.macs_reduction": 0.4})
+    assert recipe.model.name == "resnet18" and recipe.prune.round_to == 8
+    assert recipe.prune.macs_reduction == 0.4 and recipe.prune.ratio is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("prune: {ratio: 1.5}", "prune.ratio: Value error, must be between 0 and 1"),
+    ("prune: {ratio: 0.5, macs_reduction: 0.5}", "either ratio or macs_reduction"),
+    ("prune: {importance: magic}", "prune.importance"),
+    ("prnue: {ratio: 0.5}", "prnue: Extra inputs are not permitted"),
+    ("- just\n- a list", "must be a mapping"),
+    ("model: [unclosed", "not valid YAML"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(EdgePruneError, match=message) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
