@@ -16,22 +16,35 @@ _AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pre
 @dataclass(frozen=True)
 class Asset:
     filename: str
-    url: str
+    url: str | None  # None: not published; it must already be in EDGEPRUNE_HOME
     sha256: str  # full digest, or a prefix where only the prefix is published (in the file name)
 
 
-# BSD-2-Clause, Copyright (c) 2018, Yerlan Idelbayev (github.com/akamaster/pytorch_resnet_cifar10).
-ASSETS: dict[str, Asset] = {
-    "cifar_resnet20": Asset("resnet20-12fca82f.th", _AKAMASTER + "resnet20-12fca82f.th",
-                            "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
-    "cifar_resnet32": Asset("resnet32-d509ac18.th", _AKAMASTER + "resnet32-d509ac18.th",
-                            "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
-    "cifar_resnet44": Asset("resnet44-014dd654.th", _AKAMASTER + "resnet44-014dd654.th",
-                            "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
-    "cifar_resnet56": Asset("resnet56-4bfd9763.th", _AKAMASTER + "resnet56-4bfd9763.th",
-                            "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
-    "cifar_resnet110": Asset("resnet110-1d1ed7c2.th", _AKAMASTER + "resnet110-1d1ed7c2.th",
-                             "1d1ed7c2"),
+def _akamaster(filename: str, sha256: str) -> Asset:
+    return Asset(filename, _AKAMASTER + filename, sha256)
+
+
+# {model: {weights tag: asset}}. "default" is what `--weights default` loads.
+# akamaster checkpoints: BSD-2-Clause, Copyright (c) 2018, Yerlan Idelbayev.
+# "cifar10-jpeg": the same checkpoints fine-tuned on the JPEG copy of CIFAR-10 (shared data README).
+ASSETS: dict[str, dict[str, Asset]] = {
+    "cifar_resnet20": {
+        "default": _akamaster("resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
+        "cifar10-jpeg": Asset("resnet20-cifar10jpeg.pth", None,
+                              "ab3d71bb5cc022e59044a98d2a39497fa8e2c4f84280cb35b9a0ea8ec593058a"),
+    },
+    "cifar_resnet32": {
+        "default": _akamaster("resnet32-d509ac18.th", "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
+    },
+    "cifar_resnet44": {
+        "default": _akamaster("resnet44-014dd654.th", "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
+    },
+    "cifar_resnet56": {
+        "default": _akamaster("resnet56-4bfd9763.th", "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
+        "cifar10-jpeg": Asset("resnet56-cifar10jpeg.pth", None,
+                              "e9328ee872642418f7333697c41c4c1ef54d77b8fffa6f79bd567d2088f53d8b"),
+    },
+    "cifar_resnet110": {"default": _akamaster("resnet110-1d1ed7c2.th", "1d1ed7c2")},
 }
 
 
@@ -47,16 +60,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_asset(name: str, download: bool = True) -> Path:
+def resolve_asset(name: str, tag: str = "default") -> Path:
     """Path of a known asset in EDGEPRUNE_HOME, downloading it (checked by sha256) when missing."""
-    asset = ASSETS.get(name)
+    asset = ASSETS.get(name, {}).get(tag)
     if asset is None:
-        raise EdgePruneError(f"no pretrained weights are known for {name!r}; pass --weights PATH or none")
+        known = ", ".join(ASSETS.get(name, {})) or "none"
+        raise EdgePruneError(f"no weights {tag!r} are known for {name} (known: {known}); pass --weights PATH or none")
     home = edgeprune_home()
     path = home / asset.filename
     if not path.exists():
-        if not download:
-            raise EdgePruneError(f"{asset.filename} is not in {home}; set EDGEPRUNE_HOME to a folder holding it")
+        if asset.url is None:
+            raise EdgePruneError(f"{asset.filename} is not in {home} and has no public download; set "
+                                 "EDGEPRUNE_HOME to the folder holding it")
         _download(asset, path)
     return path
 

@@ -24,6 +24,7 @@ ThreadsOpt = typer.Option(2, "--threads", help="CPU threads for PyTorch and ONNX
 WarmupOpt = typer.Option(5, "--warmup", help="untimed runs before timing")
 RepeatsOpt = typer.Option(30, "--repeats", help="timed runs; the median and p90 are reported")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output")
+ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted fine-tune from its last epoch checkpoint")
 
 
 def _latency(threads: int, warmup: int, repeats: int) -> dict:
@@ -75,13 +76,17 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: Optio
     out_console.print(table)
 
 
-def _finish(report: dict, out: Path, as_json: bool) -> None:
-    from .report import console_table
+def _finish(report: dict | None, out: Path, as_json: bool) -> None:
+    from .report import accuracy_rows, accuracy_table, console_table
 
+    if report is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     if as_json:
         print(json.dumps(report, indent=2))
         return
     out_console.print(console_table(report))
+    if accuracy_rows(report):
+        out_console.print(accuracy_table(report))
     parity = report["onnx_parity"]
     out_console.print(f"ONNX parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
                       f"{parity['top1_agreement']:.1%}", highlight=False)
@@ -108,16 +113,20 @@ def prune_cmd(
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="layer name or glob never pruned (repeatable)"),
     opset: int = typer.Option(17, "--opset", help="ONNX opset"),
     threads: int = ThreadsOpt, warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
+    data: Optional[str] = typer.Option(None, "--data", help="evaluate and recover on this dataset: cifar10 or an "
+                                       "ImageFolder root with train/ and val/"),
+    epochs: int = typer.Option(0, "--epochs", help="fine-tuning epochs with distillation (needs --data)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe the options above override"),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
+    resume: bool = ResumeOpt,
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     quiet: bool = QuietOpt,
 ):
     """Prune a model structurally, export it to ONNX with a parity check, and report before/after."""
     from .pipeline import run
-    from .recipe import load_recipe
+    from .recipe import Recipe, apply_overrides, load_recipe
 
-    overrides = {"model.name": model, "model.weights": weights, "model.num_classes": num_classes,
+    overrides = {"data.path": data, "recover.epochs": epochs, "model.name": model, "model.weights": weights, "model.num_classes": num_classes,
                  "prune.importance": importance, "prune.global_pruning": global_pruning,
                  "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
                  "prune.ignore": ignore or [], "export.opset": opset, **_latency(threads, warmup, repeats)}
@@ -127,7 +136,8 @@ def prune_cmd(
         overrides["prune.macs_reduction"] = macs_reduction
     else:
         overrides["prune.ratio"] = 0.5 if ratio is None else ratio
-    report = run(load_recipe(recipe, overrides), out, quiet=quiet, overwrite=overwrite)
+    base = load_recipe(recipe) if recipe else Recipe()
+    report = run(apply_overrides(base, overrides), out, quiet=quiet, overwrite=overwrite, resume=resume)
     _finish(report, out, as_json)
 
 
@@ -148,27 +158,73 @@ def export_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
 def run_cmd(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; none runs the built-in default "
                                                     "(CIFAR ResNet-56 to half its MACs)"),
             out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
+            epochs: Optional[int] = typer.Option(None, "--epochs", help="override the recipe's fine-tuning epochs"),
             overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
+            resume: bool = ResumeOpt,
             as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
             quiet: bool = QuietOpt):
-    """Run every stage from a YAML recipe (or the built-in default); re-running resumes."""
+    """Run every stage from a YAML recipe (or the built-in default: CIFAR ResNet-56 to half its MACs,
+    evaluated and recovered on CIFAR-10). Works under torchrun; re-running skips finished stages."""
     from .pipeline import run
     from .recipe import load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, {"recover.epochs": epochs} if epochs is not None else None)
     out = out or Path("runs") / loaded.model.name
-    _finish(run(loaded, out, quiet=quiet, overwrite=overwrite), out, as_json)
+    _finish(run(loaded, out, quiet=quiet, overwrite=overwrite, resume=resume), out, as_json)
+
+
+@app.command()
+def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, or a prune run folder"),
+             weights: str = WeightsOpt, num_classes: Optional[int] = ClassesOpt,
+             data: str = typer.Option(..., "--data", help="cifar10 or an ImageFolder root; its val/ (or test/) "
+                                      "split is used"),
+             onnx: bool = typer.Option(False, "--onnx", help="evaluate the run folder's model.onnx with ONNX Runtime"),
+             batch_size: int = typer.Option(500, "--batch-size"),
+             limit: Optional[int] = typer.Option(None, "--limit", help="evaluate an even subset of N images"),
+             threads: int = ThreadsOpt,
+             as_json: bool = typer.Option(False, "--json", help='print {"top1": .., "top5": ..} as JSON'),
+             quiet: bool = QuietOpt):
+    """Top-1 / top-5 accuracy of a model (or a pruned run folder, or its ONNX file) on a dataset."""
+    import torch
+
+    from .artifact import load
+    from .data import load_split, loader
+    from .distributed import runtime
+    from .evaluate import evaluate as evaluate_model, evaluate_onnx
+    from .models import create_model
+
+    torch.set_num_threads(threads)
+    folder = Path(model)
+    net = load(folder) if folder.is_dir() else create_model(model, weights, num_classes)
+    ds = load_split(data, net.edgeprune_spec, train=False, quiet=quiet)
+    batches = loader(ds, batch_size, limit=limit)
+    if onnx:
+        if not (folder / "model.onnx").is_file():
+            raise EdgePruneError(f"--onnx needs a run folder holding model.onnx, not {model}")
+        acc = evaluate_onnx(folder / "model.onnx", batches, threads, quiet)
+    else:
+        acc = evaluate_model(net, batches, runtime(), quiet)
+    if as_json:
+        print(json.dumps({"top1": acc["top1"], "top5": acc["top5"]}))
+    else:
+        out_console.print(f"{model}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}% on {acc['images']} images",
+                          highlight=False)
 
 
 def main() -> None:
+    from .distributed import shutdown
+
     try:
         app()
     except EdgePruneError as exc:
         err_console.print(f"edgeprune: error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("edgeprune: interrupted; run the same command again to resume", highlight=False)
+        err_console.print("edgeprune: interrupted; run the same command again (with --resume while "
+                          "fine-tuning) to continue", highlight=False)
         sys.exit(130)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -18,10 +18,14 @@ from . import artifact, report
 from .errors import EdgePruneError
 from .export import check_parity, export_onnx
 from .fsio import ensure_writable_dir, read_json, write_json, write_text
+from .data import even_subset, load_split, loader, shard
+from .distributed import Runtime, runtime, seed_everything
+from .evaluate import evaluate, evaluate_onnx
 from .measure import measure, onnx_bytes
 from .models import create_model
 from .prune import prune
 from .recipe import ExportOptions, Recipe
+from .recover import finetune, recalibrate_bn
 
 ONNX_NAME = "model.onnx"
 
@@ -58,9 +62,12 @@ def environment() -> dict:
 class RunFolder:
     """The run directory: resolved recipe, stage results, artifact, ONNX and report."""
 
-    def __init__(self, out: str | Path, recipe: Recipe, overwrite: bool = False):
-        self.root = ensure_writable_dir(out)
+    def __init__(self, out: str | Path, recipe: Recipe, overwrite: bool = False, write: bool = True):
+        self.root = Path(out)
         self.stages = self.root / "stages"
+        if not write:
+            return
+        ensure_writable_dir(self.root)
         for stale in [*self.root.glob(".export-*"), *self.root.rglob(".*.tmp")]:  # left by a killed run
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         resolved = recipe.model_dump(mode="json")
@@ -69,6 +76,8 @@ class RunFolder:
             if not overwrite:
                 raise EdgePruneError(f"{self.root} holds a run of a different recipe; choose another --out "
                                      "or pass --overwrite")
+            shutil.rmtree(self.stages, ignore_errors=True)
+        elif overwrite:
             shutil.rmtree(self.stages, ignore_errors=True)
         write_json(recipe_path, resolved)
 
@@ -94,38 +103,130 @@ def measure_models(models: dict, input_size, recipe: Recipe, quiet: bool = True)
         return {label: m.to_dict() for label, m in measure(ready, input_size, recipe.latency, quiet).items()}
 
 
-def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = False) -> dict:
-    """Run every stage of `recipe` in the folder `out`; returns the report (also in out/report.json)."""
-    log = _log_to_stderr(quiet)
-    folder = RunFolder(out, recipe, overwrite)
-    torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
-    input_size = model.edgeprune_spec.input_size
+class _Stages:
+    """Runs the stages of one recipe in one folder; only the main process writes."""
 
-    prune_result = folder.result("prune")
-    if prune_result is not None and (folder.root / artifact.META).exists():
-        pruned_model = artifact.load(folder.root)
-    else:
-        log("pruning with DepGraph")
-        pruned_model, result = prune(model, recipe.prune)
-        artifact.save(pruned_model, result.history, folder.root)
-        prune_result = folder.save("prune", result.to_dict(), invalidates=("export", "measure"))
+    def __init__(self, recipe: Recipe, folder: RunFolder, rt: Runtime, quiet: bool, resume: bool):
+        self.recipe, self.folder, self.rt, self.quiet, self.resume = recipe, folder, rt, quiet, resume
+        self.log = _log_to_stderr(quiet or not rt.is_main)
+        self.model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
+        self.spec = self.model.edgeprune_spec
+        self._splits: dict[bool, object] = {}
+
+    def split(self, train: bool):
+        if train not in self._splits:
+            self._splits[train] = load_split(self.recipe.data.path, self.spec, train, self.quiet or not self.rt.is_main)
+        return self._splits[train]
+
+    def stage(self, name: str, compute: Callable[[], dict], invalidates: tuple[str, ...] = ()) -> dict:
+        """The stage's saved result, or compute it (on every rank) and save it (on the main rank)."""
+        done = self.folder.result(name)
+        if done is not None:
+            return done
+        result = compute()
+        if self.rt.is_main:
+            self.folder.save(name, result, invalidates)
+        self.rt.barrier()
+        return result
+
+    def eval_set(self):
+        return even_subset(self.split(False), self.recipe.data.eval_images)
+
+    def accuracy(self, model, label: str) -> dict:
+        data = self.recipe.data
+        self.log(f"evaluating {label} on {data.path}")
+        ds = shard(self.eval_set(), self.rt.rank, self.rt.world_size)
+        return evaluate(model, loader(ds, data.eval_batch_size, workers=data.workers), self.rt,
+                        self.quiet or not self.rt.is_main, desc=f"evaluate {label}")
+
+    def save_model(self, model, history) -> None:
+        if self.rt.is_main:
+            artifact.save(model, history, self.folder.root)
+
+    def prune(self):
+        root = self.folder.root
+        if self.folder.result("prune") is None:
+            if self.rt.is_main:
+                self.log("pruning with DepGraph")
+                calibration = None
+                if self.recipe.data.path and self.recipe.prune.importance in ("taylor", "hessian"):
+                    calibration = loader(self.split(True), 32, limit=32 * self.recipe.prune.calibration_batches)
+                pruned, result = prune(self.model, self.recipe.prune, calibration=calibration)
+                artifact.save(pruned, result.history, root)
+                self.folder.save("prune", result.to_dict(), invalidates=LATER_STAGES)
+            self.rt.barrier()
+        return artifact.load(root), self.folder.result("prune")
+
+    def recover(self, pruned, history) -> dict[str, dict]:
+        recipe, opts, out = self.recipe, self.recipe.recover, {}
+        out["baseline"] = self.stage("accuracy_baseline", lambda: self.accuracy(self.model, "the baseline"))
+        out["pruned"] = self.stage("accuracy_pruned", lambda: self.accuracy(pruned, "the pruned model"))
+        if opts.recalibrate:
+            def recalibrate():
+                self.log(f"re-calibrating BatchNorm on {opts.calibration_images} training images")
+                layers = recalibrate_bn(pruned, self.split(True), opts.calibration_images, opts.batch_size,
+                                        self.rt.device, recipe.seed, self.quiet or not self.rt.is_main)
+                self.save_model(pruned, history)
+                return {**self.accuracy(pruned, "the re-calibrated model"), "bn_layers": layers}
+            out["recalibrated"] = self.stage("recalibrated", recalibrate, invalidates=("finetuned", *LATE_STAGES))
+        if opts.epochs > 0:
+            def tune():
+                teacher = self.model if opts.distill else None
+                self.log(f"fine-tuning {opts.epochs} epoch(s) on {self.rt.world_size} process(es), "
+                         f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
+                result = finetune(pruned, teacher, self.split(True), self.eval_set() if opts.eval_every_epoch else None, opts,
+                                  self.rt, self.folder.root / FINETUNE_CHECKPOINT, self.resume, recipe.seed,
+                                  self.quiet or not self.rt.is_main)
+                self.save_model(pruned, history)
+                return {**self.accuracy(pruned, "the fine-tuned model"), **result.to_dict()}
+            out["finetuned"] = self.stage("finetuned", tune, invalidates=LATE_STAGES)
+        return out
+
+
+LATE_STAGES = ("export", "accuracy_onnx", "measure")
+LATER_STAGES = ("accuracy_baseline", "accuracy_pruned", "recalibrated", "finetuned", *LATE_STAGES)
+FINETUNE_CHECKPOINT = "finetune-checkpoint.pt"
+
+
+def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = False,
+        resume: bool = False) -> dict | None:
+    """Run every stage of `recipe` in the folder `out`; returns the report (also in out/report.json).
+
+    Under torchrun every process joins evaluation and fine-tuning; only rank 0 prunes, writes files,
+    exports and measures, and only rank 0 returns the report.
+    """
+    rt = runtime()
+    seed_everything(recipe.seed)
+    folder = RunFolder(out, recipe, overwrite, write=rt.is_main)
+    if overwrite and rt.is_main:
+        (folder.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)
+    rt.barrier()
+    stages = _Stages(recipe, folder, rt, quiet, resume)
+    pruned_model, prune_result = stages.prune()
+    accuracy = stages.recover(pruned_model, prune_result["history"]) if recipe.data.path else {}
+    if not rt.is_main:
+        return None
+    log, input_size = stages.log, stages.spec.input_size
 
     parity = folder.result("export")
     if parity is None or not (folder.root / ONNX_NAME).exists():
         log("exporting to ONNX and checking parity")
         parity = folder.save("export", export_stage(pruned_model, folder.root, recipe.export),
-                             invalidates=("measure",))
+                             invalidates=("accuracy_onnx", "measure"))
+    if recipe.data.path:
+        accuracy["onnx"] = stages.stage("accuracy_onnx", lambda: evaluate_onnx(
+            folder.root / ONNX_NAME, loader(stages.eval_set(), recipe.data.eval_batch_size),
+            recipe.latency.threads, quiet))
 
     measured = folder.result("measure")
     if measured is None:
         log("measuring the baseline and the pruned model side by side")
         measured = folder.save("measure", measure_models(
-            {"baseline": (model, None), "pruned": (pruned_model, folder.root / ONNX_NAME)},
+            {"baseline": (stages.model, None), "pruned": (pruned_model, folder.root / ONNX_NAME)},
             input_size, recipe, quiet))
-    baseline, pruned = measured["baseline"], measured["pruned"]
 
-    final = report.build(baseline, pruned, parity, prune_result, recipe.model_dump(mode="json"), environment())
+    final = report.build(measured["baseline"], measured["pruned"], accuracy, parity, prune_result,
+                         recipe.model_dump(mode="json"), environment())
     write_json(folder.root / "report.json", final)
     write_text(folder.root / "report.md", report.markdown(final))
     return final

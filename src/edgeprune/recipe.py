@@ -69,11 +69,42 @@ class ExportOptions(_Strict):
     parity_rtol: float = Field(default=1e-4, ge=0)
 
 
+class DataOptions(_Strict):
+    path: Optional[str] = Field(default=None, description="cifar10, or an ImageFolder root with train/ and val/")
+    eval_images: Optional[int] = Field(default=None, ge=1, description="evaluate on an even subset (quick runs)")
+    eval_batch_size: int = Field(default=500, ge=1)
+    workers: int = Field(default=0, ge=0)
+
+
+class RecoverOptions(_Strict):
+    recalibrate: bool = True
+    calibration_images: int = Field(default=1024, ge=1, description="training images for BN re-calibration")
+    epochs: int = Field(default=1, ge=0, description="fine-tuning epochs (0: none)")
+    train_images: Optional[int] = Field(default=None, ge=1, description="images per epoch (default: all)")
+    batch_size: int = Field(default=128, ge=1, description="global batch, split across torchrun processes")
+    eval_batch_size: int = Field(default=500, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.02, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup: float = Field(default=0.15, ge=0, lt=1, description="fraction of steps warming up before cosine")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    distill: bool = Field(default=True, description="distil from the unpruned model")
+    distill_alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the distillation term")
+    temperature: float = Field(default=4.0, gt=0)
+    amp: bool = Field(default=True, description="mixed precision on CUDA")
+    eval_every_epoch: bool = Field(default=False, description="evaluate after every epoch, not only the last")
+    workers: int = Field(default=0, ge=0)
+
+
 class Recipe(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
-    prune: PruneOptions = Field(default_factory=lambda: PruneOptions(macs_reduction=0.5))
+    prune: PruneOptions = Field(default_factory=PruneOptions)
     export: ExportOptions = Field(default_factory=ExportOptions)
     latency: LatencyOptions = Field(default_factory=LatencyOptions)
+    data: DataOptions = Field(default_factory=DataOptions)
+    recover: RecoverOptions = Field(default_factory=RecoverOptions)
     seed: int = 0
 
 
@@ -91,28 +122,35 @@ def build(cls, data: dict):
         raise EdgePruneError(f"invalid {cls.__name__} option {_one_line(err)}") from None
 
 
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
+
+
 def load_recipe(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Recipe:
-    """The built-in default recipe, or a YAML file, with `overrides` ({"prune.ratio": 0.7}) applied."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise EdgePruneError(f"recipe {path} does not exist; pass a YAML file or no recipe for the default")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise EdgePruneError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise EdgePruneError(f"recipe {path} must be a mapping of sections (model, prune, export, latency)")
-    recipe = build(Recipe, data)
-    if overrides:
-        merged = recipe.model_dump()
-        for dotted, value in overrides.items():
-            section, _, key = dotted.partition(".")
-            merged[section][key] = value
-        if "prune.ratio" in overrides:
-            merged["prune"]["macs_reduction"] = None
-        if "prune.macs_reduction" in overrides:
-            merged["prune"]["ratio"] = None
-        recipe = build(Recipe, merged)
-    return recipe
+    """A YAML recipe (the built-in default when `path` is None), with `overrides` such as
+    {"prune.ratio": 0.7} applied on top."""
+    path = Path(path) if path is not None else DEFAULT_RECIPE
+    if not path.is_file():
+        raise EdgePruneError(f"recipe {path} does not exist; pass a YAML file or no recipe for the default")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EdgePruneError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise EdgePruneError(f"recipe {path} must be a mapping of sections (model, data, prune, recover, "
+                             "export, latency)")
+    return apply_overrides(build(Recipe, data), overrides or {})
+
+
+def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
+    """A new recipe with dotted overrides ({"prune.ratio": 0.7}) applied and validated."""
+    if not overrides:
+        return recipe
+    merged = recipe.model_dump()
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        merged[section][key] = value
+    if "prune.ratio" in overrides:
+        merged["prune"]["macs_reduction"] = None
+    if "prune.macs_reduction" in overrides:
+        merged["prune"]["ratio"] = None
+    return build(Recipe, merged)

@@ -14,7 +14,13 @@ ROWS = [
     ("GPU ms, PyTorch", ("latency_ms", "torch_cuda"), lambda v: f"{v:.2f}"),
     ("GPU ms, ONNX Runtime", ("latency_ms", "ort_cuda"), lambda v: f"{v:.2f}"),
     ("Top-1 (%)", ("top1",), lambda v: f"{v:.2f}"),
+    ("Top-5 (%)", ("top5",), lambda v: f"{v:.2f}"),
 ]
+# Stages of the pruned architecture, in pipeline order; the last one present is "after".
+ACCURACY_STAGES = ("pruned", "recalibrated", "finetuned")
+STAGE_LABELS = {"baseline": "baseline (unpruned)", "pruned": "right after pruning",
+                "recalibrated": "after BN re-calibration", "finetuned": "after fine-tuning",
+                "onnx": "exported ONNX (ONNX Runtime)"}
 
 
 def _get(stage: dict, path: tuple) -> Any:
@@ -28,13 +34,13 @@ def _get(stage: dict, path: tuple) -> Any:
 def comparison(report: dict) -> list[dict]:
     """One row per metric measured on both models, with the reduction (%) and the factor (x)."""
     rows = []
-    base, pruned = report["baseline"], report["pruned"]
+    base, pruned = report["baseline"], report[final_stage(report)]
     for label, path, fmt in ROWS:
         before, after = _get(base, path), _get(pruned, path)
         if before is None or after is None:
             continue
         row = {"metric": label, "before": fmt(before), "after": fmt(after), "change": "", "factor": ""}
-        if path == ("top1",):
+        if path in (("top1",), ("top5",)):
             row["change"] = f"{after - before:+.2f} pts"
         elif before:
             row["change"] = f"{(after - before) / before:+.1%}"
@@ -43,9 +49,26 @@ def comparison(report: dict) -> list[dict]:
     return rows
 
 
-def build(baseline: dict, pruned: dict, parity: dict, prune: dict, recipe: dict, environment: dict) -> dict:
-    report = {"baseline": baseline, "pruned": pruned, "onnx_parity": parity, "prune": prune,
-              "recipe": recipe, "environment": environment}
+def final_stage(report: dict) -> str:
+    return [s for s in ACCURACY_STAGES if s in report][-1]
+
+
+def build(baseline: dict, pruned: dict, accuracy: dict[str, dict], parity: dict, prune: dict, recipe: dict,
+          environment: dict) -> dict:
+    """The report: each stage's measurement and accuracy; the pruned, re-calibrated and fine-tuned
+    models share one architecture, so they share its one measurement."""
+    def acc(stage: str) -> dict:
+        return {k: v for k, v in accuracy.get(stage, {}).items() if k != "images"}
+
+    report = {"baseline": {**baseline, **acc("baseline")}, "pruned": {**pruned, **acc("pruned")}}
+    for stage in ("recalibrated", "finetuned"):
+        if stage in accuracy:
+            report[stage] = {**pruned, **acc(stage)}
+    if "onnx" in accuracy:
+        report["onnx"] = {"onnx_bytes": pruned["onnx_bytes"], **acc("onnx")}
+    if accuracy:
+        report["eval_images"] = accuracy["baseline"].get("images")
+    report.update({"onnx_parity": parity, "prune": prune, "recipe": recipe, "environment": environment})
     report["reduction_pct"] = {
         key: round(100 * (1 - pruned[key] / baseline[key]), 2)
         for key in ("macs", "params", "state_dict_bytes", "onnx_bytes") if baseline.get(key)
@@ -53,6 +76,11 @@ def build(baseline: dict, pruned: dict, parity: dict, prune: dict, recipe: dict,
     report["speedup"] = {k: round(v / pruned["latency_ms"][k], 3) for k, v in baseline["latency_ms"].items()
                          if pruned["latency_ms"].get(k)}
     return report
+
+
+def accuracy_rows(report: dict) -> list[tuple[str, float, float]]:
+    return [(STAGE_LABELS[s], report[s]["top1"], report[s]["top5"])
+            for s in ("baseline", *ACCURACY_STAGES, "onnx") if s in report and "top1" in report[s]]
 
 
 def _layers_changed(report: dict) -> list[dict]:
@@ -78,6 +106,15 @@ def markdown(report: dict) -> str:
     ]
     lines += [f"| {r['metric']} | {r['before']} | {r['after']} | {r['change']} | {r['factor']} |"
               for r in comparison(report)]
+    if accuracy_rows(report):
+        lines += ["", f"## Accuracy by stage ({report['recipe']['data']['path']}, {report['eval_images']} images)", "",
+                  "| stage | top-1 (%) | top-5 (%) |", "|---|---:|---:|"]
+        lines += [f"| {label} | {t1:.2f} | {t5:.2f} |" for label, t1, t5 in accuracy_rows(report)]
+        epochs = report.get("finetuned", {}).get("epochs", [])
+        if epochs:
+            lines += ["", "Fine-tuning: " + "; ".join(
+                f"epoch {e['epoch']} loss {e['loss']:.3f}" + (f" top-1 {e['top1']:.2f}" if e.get("top1") is not None
+                                                              else "") + f" ({e['seconds']:.0f} s)" for e in epochs)]
     parity = report["onnx_parity"]
     lines += ["", f"ONNX parity (ONNX Runtime vs PyTorch, batch {parity['batch']}): max abs diff "
               f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.1%}.", ""]
@@ -105,4 +142,15 @@ def console_table(report: dict):
         table.add_column(col, justify=justify)
     for row in comparison(report):
         table.add_row(row["metric"], row["before"], row["after"], row["change"], row["factor"])
+    return table
+
+
+def accuracy_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title=f"accuracy on {report['recipe']['data']['path']} ({report['eval_images']} images)")
+    for col, justify in (("stage", "left"), ("top-1 %", "right"), ("top-5 %", "right")):
+        table.add_column(col, justify=justify)
+    for label, t1, t5 in accuracy_rows(report):
+        table.add_row(label, f"{t1:.2f}", f"{t5:.2f}")
     return table

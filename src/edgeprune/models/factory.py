@@ -96,12 +96,15 @@ def _create_cifar(name: str, weights: str, num_classes: int | None):
     model = CifarResNet(CIFAR_MODELS[name], spec.num_classes)
     if weights.lower() == "none":
         return model, spec
-    if weights.lower() in ("default", "pretrained"):
-        path = resolve_asset(name)
+    tags = ASSETS.get(name, {})
+    if weights.lower() == "pretrained":
+        weights = "default"
+    if weights in tags:
+        path = resolve_asset(name, weights)
     elif _looks_like_path(weights):
         path = Path(weights)
     else:
-        raise EdgePruneError(f"weights {weights!r} for {name}: use none, default, or a checkpoint path")
+        raise EdgePruneError(f"weights {weights!r} for {name}: use none, {', '.join(tags)}, or a checkpoint path")
     load_checkpoint(model, path)
     spec.weights = str(path)
     return model, spec

@@ -1,0 +1,172 @@
+"""Datasets a user has: an ImageFolder tree (train/ + val/ or test/) or CIFAR-10, with the transforms
+the model expects (its input size and mean/std come from its ModelSpec).
+
+Small images (CIFAR-sized) are decoded once into memory and augmented as tensors: on two cores,
+decoding every JPEG every epoch would cost more than the fine-tuning step of a pruned model.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2 as T
+from tqdm.auto import tqdm
+
+from .assets import edgeprune_home
+from .errors import EdgePruneError
+from .models import ModelSpec
+
+EVAL_SPLITS = ("val", "test")
+SMALL_IMAGE = 64  # images up to this size are decoded once into memory
+
+
+@dataclass
+class DataSource:
+    kind: str  # "folder" or "cifar10"
+    root: Path
+
+
+def resolve(data: str | os.PathLike) -> DataSource:
+    """`cifar10` (the JPEG ImageFolder copy or torchvision's files in EDGEPRUNE_HOME, else a download)
+    or the path of an ImageFolder root."""
+    if str(data).lower() == "cifar10":
+        home = edgeprune_home()
+        if (home / "cifar10-jpeg" / "train").is_dir():
+            return DataSource("folder", home / "cifar10-jpeg")
+        return DataSource("cifar10", home / "cifar10")
+    root = Path(data)
+    if not root.is_dir():
+        raise EdgePruneError(f"dataset folder {root} does not exist; pass an ImageFolder root or cifar10")
+    return DataSource("folder", root)
+
+
+def _eval_dir(root: Path) -> Path:
+    for split in EVAL_SPLITS:
+        if (root / split).is_dir():
+            return root / split
+    raise EdgePruneError(f"{root} has no val/ or test/ folder; an ImageFolder root holds train/ and val/ (or test/)")
+
+
+def _folder(path: Path) -> torchvision.datasets.ImageFolder:
+    try:
+        return torchvision.datasets.ImageFolder(str(path))
+    except FileNotFoundError as exc:
+        raise EdgePruneError(f"{path} holds no images ({str(exc).splitlines()[0]}); it needs one sub-folder "
+                             "of images per class") from None
+
+
+class DecodedImages(Dataset):
+    """Every image decoded once into a uint8 tensor; transforms run on tensors."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str], transform):
+        self.images, self.targets, self.classes, self.transform = images, targets, classes, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), int(self.targets[i])
+
+
+_DECODED: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+
+
+def _decode_folder(folder: torchvision.datasets.ImageFolder, quiet: bool):
+    key = str(Path(folder.root).resolve())
+    if key not in _DECODED:
+        arrays = []
+        for path, _ in tqdm(folder.samples, desc=f"decoding {Path(folder.root).name}", disable=quiet, leave=False):
+            arrays.append(np.asarray(_open_rgb(path)))
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise EdgePruneError(f"images in {folder.root} have different sizes {sorted(shapes)[:3]}; resize them "
+                                 "to one size first")
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        _DECODED[key] = (images, torch.tensor(folder.targets), folder.classes)
+    return _DECODED[key]
+
+
+def _open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise EdgePruneError(f"cannot read image {path} ({exc}); remove or replace it") from None
+
+
+def _transforms(spec: ModelSpec, train: bool, decoded: bool):
+    size = spec.input_size[-1]
+    tail = [T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)]
+    head = [] if decoded else [T.PILToTensor()]
+    if size <= SMALL_IMAGE:  # CIFAR style: no resize; pad-and-crop + flip for training
+        aug = [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()] if train else []
+        return T.Compose([*head, *aug, *tail])
+    if train:  # ImageNet style
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *head, *tail])
+    return T.Compose([T.Resize(int(round(size / 0.875))), T.CenterCrop(size), *head, *tail])
+
+
+class _PILFolder(Dataset):
+    def __init__(self, folder: torchvision.datasets.ImageFolder, transform):
+        self.folder, self.transform, self.classes = folder, transform, folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, i):
+        path, target = self.folder.samples[i]
+        return self.transform(_open_rgb(path)), target
+
+
+def load_split(data: str | os.PathLike, spec: ModelSpec, train: bool, quiet: bool = True) -> Dataset:
+    """The train split (augmented) or the evaluation split (val/ or test/) for a model."""
+    source = resolve(data)
+    if source.kind == "cifar10":
+        try:
+            raw = torchvision.datasets.CIFAR10(str(source.root), train=train, download=True)
+        except (OSError, RuntimeError) as exc:
+            raise EdgePruneError(f"CIFAR-10 is not in {source.root} and could not be downloaded ({exc}); "
+                                 "set EDGEPRUNE_HOME to a folder holding it") from None
+        images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()
+        ds = DecodedImages(images, torch.tensor(raw.targets), raw.classes, _transforms(spec, train, True))
+    else:
+        folder = _folder(source.root / "train" if train else _eval_dir(source.root))
+        if len(folder.samples) == 0:
+            raise EdgePruneError(f"{folder.root} holds no images")
+        if spec.input_size[-1] <= SMALL_IMAGE:
+            images, targets, classes = _decode_folder(folder, quiet)
+            ds = DecodedImages(images, targets, classes, _transforms(spec, train, True))
+        else:
+            ds = _PILFolder(folder, _transforms(spec, train, False))
+    if len(ds.classes) != spec.num_classes:
+        raise EdgePruneError(f"the dataset has {len(ds.classes)} classes but {spec.name} outputs {spec.num_classes}; "
+                             "pass --num-classes or the matching dataset")
+    return ds
+
+
+def even_subset(ds: Dataset, limit: int | None) -> Dataset:
+    """`limit` samples spread evenly over `ds` (every class, for class-sorted folders)."""
+    if limit is None or limit >= len(ds):
+        return ds
+    return Subset(ds, np.linspace(0, len(ds) - 1, limit).round().astype(int).tolist())
+
+
+def shard(ds: Dataset, rank: int, world_size: int) -> Dataset:
+    """This process's share of `ds` under torchrun (every world_size-th sample, no padding)."""
+    return Subset(ds, list(range(rank, len(ds), world_size))) if world_size > 1 else ds
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0, limit: int | None = None,
+           seed: int = 0, sampler=None) -> DataLoader:
+    """A DataLoader; `limit` keeps an evenly spread subset (for calibration and quick runs)."""
+    ds = even_subset(ds, limit)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=workers,
+                      generator=generator, sampler=sampler, drop_last=False,
+                      persistent_workers=workers > 0)

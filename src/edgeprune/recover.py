@@ -1,0 +1,176 @@
+"""Recovering accuracy after pruning: BatchNorm re-calibration, then fine-tuning with knowledge
+distillation from the unpruned model, on one process or many (torchrun, DistributedDataParallel).
+
+Fine-tuning writes a checkpoint after every epoch; resuming from it ends where an uninterrupted run
+would, because each epoch's shuffling and augmentation are seeded from (seed, epoch).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
+
+from .data import loader, shard
+from .distributed import Runtime
+from .errors import EdgePruneError
+from .evaluate import evaluate
+from .fsio import atomic_path
+from .recipe import RecoverOptions
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, train_ds: Dataset, images: int, batch_size: int, device: str = "cpu",
+                   seed: int = 0, quiet: bool = True) -> int:
+    """Re-estimate every BatchNorm's running statistics on `images` training images (cumulative
+    average, not momentum); returns the number of BatchNorm layers reset."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    model.eval().to(device)
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    torch.manual_seed(seed)
+    try:
+        for x, _ in tqdm(loader(train_ds, batch_size, shuffle=True, limit=images, seed=seed),
+                         desc="BN re-calibration", disable=quiet, leave=False):
+            model(x.to(device))
+    finally:
+        for bn, momentum in zip(bns, saved):
+            bn.momentum = momentum
+        model.eval()
+    return len(bns)
+
+
+def distillation_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T) (Hinton et al. 2015)."""
+    ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
+    if teacher_logits is None or alpha == 0:
+        return ce
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * t * t * kl
+
+
+def _optimizer(params, opts: RecoverOptions) -> torch.optim.Optimizer:
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, nesterov=opts.nesterov,
+                           weight_decay=opts.weight_decay)
+
+
+def _warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
+    warm = max(1, int(total_steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    lr: float
+    seconds: float
+    top1: float | None = None
+    top5: float | None = None
+
+
+@dataclass
+class FinetuneResult:
+    epochs: list[EpochResult] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    world_size: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, eval_ds: Dataset | None,
+             opts: RecoverOptions, rt: Runtime, checkpoint: Path | None = None, resume: bool = False,
+             seed: int = 0, quiet: bool = True) -> FinetuneResult:
+    """Fine-tune `student` in place (distilling from `teacher` when given); returns per-epoch results."""
+    device = rt.device
+    student.to(device)
+    if teacher is not None:
+        teacher.eval().to(device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    model = student
+    if rt.distributed:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device != "cpu" else None)
+    per_rank_batch = max(1, opts.batch_size // rt.world_size)
+    train_images = min(opts.train_images or len(train_ds), len(train_ds))
+    steps_per_epoch = math.ceil(math.ceil(train_images / rt.world_size) / per_rank_batch)
+    optimizer = _optimizer(student.parameters(), opts)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(opts.epochs * steps_per_epoch,
+                                                                           opts.warmup))
+    result = FinetuneResult(world_size=rt.world_size)
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        if not resume:
+            raise EdgePruneError(f"{checkpoint} holds an interrupted fine-tune; pass --resume to continue it or "
+                                 "--overwrite to start again")
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = result.resumed_from_epoch = int(state["epoch"])
+        result.epochs = [EpochResult(**e) for e in state["epochs"]]
+    use_amp = device.startswith("cuda") and opts.amp
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    eval_loader = loader(shard(eval_ds, rt.rank, rt.world_size), opts.eval_batch_size) if eval_ds is not None else None
+
+    for epoch in range(start, opts.epochs):
+        torch.manual_seed(seed * 1_000_003 + epoch)  # augmentation: the same whether or not we resumed
+        subset = Subset(train_ds, torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
+            seed * 7919 + epoch))[:train_images].tolist())
+        train_loader = loader(shard(subset, rt.rank, rt.world_size), per_rank_batch, shuffle=False, workers=opts.workers)
+        model.train()
+        t0, total, seen = time.time(), 0.0, 0
+        for x, y in tqdm(train_loader, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext():
+                with torch.no_grad():
+                    t_logits = teacher(x) if teacher is not None else None
+                loss = distillation_loss(model(x), t_logits, y, opts.distill_alpha if teacher is not None else 0,
+                                         opts.temperature, opts.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        total, seen = rt.all_sum([total, seen])
+        epoch_result = EpochResult(epoch=epoch + 1, loss=total / seen, lr=scheduler.get_last_lr()[0],
+                                   seconds=round(time.time() - t0, 2))
+        if eval_loader is not None:
+            acc = evaluate(student, eval_loader, rt)
+            epoch_result.top1, epoch_result.top5 = acc["top1"], acc["top5"]
+        result.epochs.append(epoch_result)
+        if checkpoint is not None and rt.is_main:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                            "epochs": [asdict(e) for e in result.epochs]}, tmp)
+        rt.barrier()
+    student.eval()
+    return result
