@@ -48,13 +48,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=900)
     args = parser.parse_args()
     names = args.models or torchvision.models.list_models(module=torchvision.models)
-    rows = []
-    for name in names:
-        row = check(name, args.timeout)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    command = "python bench/torchvision_compat.py" + (f" --models {' '.join(args.models)}" if args.models else "")
     RESULTS.mkdir(exist_ok=True)
+    previous = RESULTS / "torchvision_compat.json"
+    by_model = {r["model"]: r for r in json.loads(previous.read_text())["rows"]} if previous.exists() else {}
+    for name in names:  # re-checked models replace their earlier rows
+        by_model[name] = check(name, args.timeout)
+        print(json.dumps(by_model[name]), flush=True)
+    rows = [by_model[n] for n in sorted(by_model)]
+    command = "python bench/torchvision_compat.py [--models M ...]; rows of models not re-checked are kept"
     (RESULTS / "torchvision_compat.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     lines = [f"# torchvision classifiers at channel ratio 0.5", "", f"Command: `{command}`", "",
              "| model | status | MACs -% | params -% | ONNX max abs diff | seconds | message |",

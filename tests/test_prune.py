@@ -56,7 +56,7 @@ def test_macs_target_is_met_within_one_percent(macs_reduction):
     target = count_macs(model, x) * (1 - macs_reduction)
     pruned, result = prune(model, PruneOptions(macs_reduction=macs_reduction))
     assert abs(count_macs(pruned, x) - target) / target <= 0.01
-    assert result.macs_target == int(target) and not result.notes
+    assert result.macs_target == int(target) and not any("not reachable" in n for n in result.notes)
 
 
 def test_global_ranking_round_to_and_layer_cap():

@@ -118,15 +118,18 @@ class _Stages:
             self._splits[train] = load_split(self.recipe.data.path, self.spec, train, self.quiet or not self.rt.is_main)
         return self._splits[train]
 
-    def stage(self, name: str, compute: Callable[[], dict], invalidates: tuple[str, ...] = ()) -> dict:
-        """The stage's saved result, or compute it (on every rank) and save it (on the main rank)."""
+    def stage(self, name: str, compute: Callable[[], dict], invalidates: tuple[str, ...] = (),
+              collective: bool = True) -> dict:
+        """The stage's saved result, or compute it and save it (on the main rank). A collective stage
+        runs on every rank and ends in a barrier; others run on the main rank alone."""
         done = self.folder.result(name)
         if done is not None:
             return done
         result = compute()
         if self.rt.is_main:
             self.folder.save(name, result, invalidates)
-        self.rt.barrier()
+        if collective:
+            self.rt.barrier()
         return result
 
     def eval_set(self):
@@ -216,7 +219,7 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
     if recipe.data.path:
         accuracy["onnx"] = stages.stage("accuracy_onnx", lambda: evaluate_onnx(
             folder.root / ONNX_NAME, loader(stages.eval_set(), recipe.data.eval_batch_size),
-            recipe.latency.threads, quiet))
+            recipe.latency.threads, quiet), collective=False)
 
     measured = folder.result("measure")
     if measured is None:

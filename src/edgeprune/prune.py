@@ -284,29 +284,53 @@ def _prune(model, example, expected_shape, opts: PruneOptions, calibration):
     return pruned, result
 
 
-def _search_ratio(model, example, opts: PruneOptions, unpruned, grads, target: int):
-    """Bisect the channel ratio until the pruned model's MACs are within `tolerance` of `target`."""
-    lo, hi = 0.0, opts.max_layer_ratio if not opts.global_pruning else 0.99
-    best = None  # (distance, ratio, model, history)
-    trials = 0
-    for _ in range(20):
+def _bisect(prune_at, count, target: int, hi: float, tolerance: float, steps: int = 20):
+    """Bisect a pruning ratio in (0, hi) for MACs near `target`; returns the closest trial above the
+    target, the closest below it, and the number of trials. A trial is (distance, ratio, model, history, macs)."""
+    lo, above, below, trials = 0.0, None, None, 0
+    for _ in range(steps):
         ratio = (lo + hi) / 2
-        pruned, history = _prune_copy(model, example, opts, ratio, unpruned, grads)
-        macs = count_macs(pruned, example)
+        pruned, history = prune_at(ratio)
+        macs = count(pruned)
         trials += 1
-        distance = abs(macs - target) / target
-        if best is None or distance < best[0]:
-            best = (distance, ratio, pruned, history, macs)
-        if distance <= opts.tolerance:
-            break
+        trial = (abs(macs - target) / target, ratio, pruned, history, macs)
         if macs > target:
-            lo = ratio
+            lo, above = ratio, min(above or trial, trial, key=lambda t: t[0])
         else:
-            hi = ratio
-        if hi - lo < 1e-4:
+            hi, below = ratio, min(below or trial, trial, key=lambda t: t[0])
+        if trial[0] <= tolerance or hi - lo < 1e-4:
             break
-    distance, ratio, pruned, history, macs = best
+    return above, below, trials
+
+
+def _search_ratio(model, example, opts: PruneOptions, unpruned, grads, target: int):
+    """Bisect the channel ratio until the pruned model's MACs are within `tolerance` of `target`.
+
+    A uniform (local) ratio moves in coarse steps: every layer loses a channel at once. When that
+    misses the target, the closest model above it is pruned further by a global ranking, which
+    removes single channels where they matter least, until the target is met.
+    """
+    def count(m):
+        return count_macs(m, example)
+
+    hi = opts.max_layer_ratio if not opts.global_pruning else 0.99
+    above, below, trials = _bisect(lambda r: _prune_copy(model, example, opts, r, unpruned, grads),
+                                   count, target, hi, opts.tolerance)
+    best = min((t for t in (above, below) if t), key=lambda t: t[0])
     note = None
+    if best[0] > opts.tolerance and above is not None and not opts.global_pruning:
+        first = above[2]
+        touch_up = opts.model_copy(update={"global_pruning": True, "importance": (
+            opts.importance if opts.importance not in ("taylor", "hessian") else "l2")})
+        more_above, more_below, more = _bisect(
+            lambda r: _prune_copy(first, example, touch_up, r, unpruned, {}), count, target, 0.5, opts.tolerance)
+        trials += more
+        refined = min((t for t in (more_above, more_below) if t), key=lambda t: t[0])
+        if refined[0] < best[0]:
+            best = (refined[0], above[1], refined[2], list(above[3]) + list(refined[3]), refined[4])
+            note = (f"a uniform ratio of {above[1]:.4f} left {above[4]:,} MACs; a global {touch_up.importance} "
+                    f"ranking removed channels down to {refined[4]:,}")
+    distance, ratio, pruned, history, macs = best
     if distance > opts.tolerance:
         note = (f"MACs target {target:,} not reachable within {opts.tolerance:.0%}; closest is {macs:,} "
                 f"(channel rounding or un-prunable layers limit the granularity)")

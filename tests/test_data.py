@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgeprune import EdgePruneError, create_model
+from edgeprune.data import even_subset, load_split, resolve, shard
+
+
+def make_folder(root, classes=3, per_class=4, size=32, split="val"):
+    for s in ("train", split):
+        for c in range(classes):
+            d = root / s / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((size, size, 3), (20 * c + i) % 256, np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_cifar10_resolves_to_the_jpeg_folder(data_dir):
+    source = resolve("cifar10")
+    assert source.kind == "folder" and source.root == data_dir / "cifar10-jpeg"
+    spec = create_model("cifar_resnet20").edgeprune_spec
+    test = load_split("cifar10", spec, train=False)
+    assert len(test) == 10_000 and test.classes[0] == "airplane"
+    x, y = test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
+
+
+def test_decoded_images_match_the_published_arrays(data_dir):
+    """The in-memory decode equals the shared data's own decode of the same files."""
+    spec = create_model("cifar_resnet20").edgeprune_spec
+    test = load_split("cifar10", spec, train=False)
+    arrays = np.load(data_dir / "cifar10_test_jpeg_uint8.npz")
+    assert torch.equal(test.images[123].permute(1, 2, 0), torch.from_numpy(arrays["x"][123]))
+    assert int(test.targets[9_999]) == int(arrays["y"][9_999])
+
+
+def test_training_split_is_augmented_but_eval_is_not(tmp_path):
+    make_folder(tmp_path, classes=10)
+    spec = create_model("cifar_resnet20").edgeprune_spec
+    train, val = load_split(tmp_path, spec, True), load_split(tmp_path, spec, False)
+    assert torch.equal(val[0][0], val[0][0])
+    torch.manual_seed(0)
+    crops = {tuple(train[5][0].flatten()[:200].tolist()) for _ in range(8)}
+    assert len(crops) > 1  # random crop with zero padding moves the image
+
+
+def test_imagenet_style_folders_resize_and_crop(tmp_path):
+    make_folder(tmp_path, classes=2, per_class=2, size=300, split="test")
+    spec = create_model("resnet18", num_classes=2).edgeprune_spec
+    x, _ = load_split(tmp_path, spec, train=False)[0]
+    assert x.shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda root: None, "does not exist"),
+    (lambda root: (root / "train").mkdir(parents=True), "no val/ or test/"),
+    (lambda root: [(root / s).mkdir(parents=True) for s in ("train", "val")], "holds no images"),
+    (lambda root: make_folder(root, classes=3), "has 3 classes but cifar_resnet20 outputs 10"),
+])
+def test_bad_datasets_are_clear_errors(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(EdgePruneError, match=message):
+        load_split(root, create_model("cifar_resnet20").edgeprune_spec, train=False)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    make_folder(tmp_path, classes=10)
+    (tmp_path / "val" / "class3" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(EdgePruneError, match=r"cannot read image .*class3/2.png"):
+        load_split(tmp_path, create_model("cifar_resnet20").edgeprune_spec, train=False)
+
+
+def test_subsets_and_shards_cover_the_data_once():
+    ds = list(range(100))
+    assert [ds[i] for i in even_subset(ds, 10).indices] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    parts = [list(shard(ds, r, 3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == ds

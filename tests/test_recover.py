@@ -1,0 +1,76 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeprune import EdgePruneError, create_model, prune
+from edgeprune.data import load_split, loader
+from edgeprune.distributed import Runtime
+from edgeprune.evaluate import evaluate
+from edgeprune.recipe import PruneOptions, RecoverOptions
+from edgeprune.recover import distillation_loss, finetune, recalibrate_bn
+
+
+def setup_pruned():
+    teacher = create_model("cifar_resnet20", weights="cifar10-jpeg")
+    student, _ = prune(teacher, PruneOptions(ratio=0.5))
+    spec = teacher.edgeprune_spec
+    return teacher, student, load_split("cifar10", spec, True), load_split("cifar10", spec, False)
+
+
+def test_bn_recalibration_recovers_accuracy():
+    _, student, train, val = setup_pruned()
+    data = loader(val, 500, limit=1000)
+    before = evaluate(student, data)["top1"]
+    assert recalibrate_bn(student, train, 512, 128) == 19
+    after = evaluate(student, data)["top1"]
+    assert after > before + 15, (before, after)
+
+
+def test_distillation_loss_terms():
+    s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    assert torch.allclose(distillation_loss(s, None, y, 0.7, 4.0), F.cross_entropy(s, y))
+    assert distillation_loss(t, t, y, 1.0, 4.0).abs() < 1e-6  # identical logits: KL is zero
+    assert distillation_loss(s, t, y, 0.5, 2.0) > 0.5 * F.cross_entropy(s, y)
+
+
+def test_finetune_improves_and_resumes_exactly(tmp_path):
+    teacher, student, train, val = setup_pruned()
+    recalibrate_bn(student, train, 256, 128)
+    opts = RecoverOptions(epochs=2, train_images=512, batch_size=64, lr=0.02)
+    eval_ds = torch.utils.data.Subset(val, range(0, 10_000, 20))
+    before = evaluate(student, loader(eval_ds, 500))["top1"]
+    ckpt = tmp_path / "ft.pt"
+    resumed = copy.deepcopy(student)
+    full = finetune(student, teacher, train, eval_ds, opts, Runtime(), ckpt, seed=3)
+    assert [e.epoch for e in full.epochs] == [1, 2] and full.epochs[-1].top1 > before
+
+    # Interrupt during epoch 2, then resume from the epoch-1 checkpoint: the result equals the
+    # uninterrupted run.
+    ckpt2 = tmp_path / "ft2.pt"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(resumed, teacher, InterruptAfter(train, 512 + 100), None, opts, Runtime(), ckpt2, seed=3)
+    assert torch.load(ckpt2, weights_only=True)["epoch"] == 1
+    with pytest.raises(EdgePruneError, match="--resume"):
+        finetune(resumed, teacher, train, None, opts, Runtime(), ckpt2, seed=3)
+    result = finetune(resumed, teacher, train, None, opts, Runtime(), ckpt2, resume=True, seed=3)
+    assert result.resumed_from_epoch == 1 and [e.epoch for e in result.epochs] == [1, 2]
+    for (name, a), b in zip(student.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class InterruptAfter(torch.utils.data.Dataset):
+    """A dataset that stops the process (as Ctrl-C would) after `n` samples."""
+
+    def __init__(self, ds, n):
+        self.ds, self.n, self.seen = ds, n, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.seen += 1
+        if self.seen > self.n:
+            raise KeyboardInterrupt
+        return self.ds[i]
