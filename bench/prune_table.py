@@ -47,7 +47,8 @@ def main() -> None:
                      "max_abs_diff": report["onnx_parity"]["max_abs_diff"], "environment": report["environment"]})
         print(json.dumps(rows[-1]), flush=True)
     command = "python bench/prune_table.py " + shlex.join(sys.argv[1:])
-    name = args.name or f"{args.model}-{'macs' + str(args.macs_reduction) if args.macs_reduction else 'ratio' + str(args.ratio)}"
+    target_name = f"macs{args.macs_reduction}" if args.macs_reduction else f"ratio{args.ratio}"
+    name = args.name or f"{args.model}-{target_name}"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=2))
     lines = [f"# {args.model}: before -> after", "", f"Command: `{command.strip()}`", "",

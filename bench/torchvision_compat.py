@@ -57,13 +57,13 @@ def main() -> None:
     rows = [by_model[n] for n in sorted(by_model)]
     command = "python bench/torchvision_compat.py [--models M ...]; rows of models not re-checked are kept"
     (RESULTS / "torchvision_compat.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
-    lines = [f"# torchvision classifiers at channel ratio 0.5", "", f"Command: `{command}`", "",
+    lines = ["# torchvision classifiers at channel ratio 0.5", "", f"Command: `{command}`", "",
              "| model | status | MACs -% | params -% | ONNX max abs diff | seconds | message |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['status']} | {r.get('macs_reduction_pct', '')} | "
                      f"{r.get('params_reduction_pct', '')} | "
-                     f"{'%.1e' % r['max_abs_diff'] if 'max_abs_diff' in r else ''} | {r['seconds']} | "
+                     f"{format(r['max_abs_diff'], '.1e') if 'max_abs_diff' in r else ''} | {r['seconds']} | "
                      f"{r.get('message', '').replace('|', '/')} |")
     (RESULTS / "torchvision_compat.md").write_text("\n".join(lines) + "\n")
 

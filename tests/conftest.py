@@ -20,7 +20,8 @@ REQUIRED = ["resnet20-12fca82f.th", "resnet56-4bfd9763.th", "resnet20-cifar10jpe
 
 missing = [f for f in REQUIRED if not (DATA / f).exists()]
 if missing:
-    raise pytest.UsageError(f"test data missing in {DATA}: {missing}; set EDGEPRUNE_TEST_DATA to the shared data folder")
+    raise pytest.UsageError(f"test data missing in {DATA}: {missing}; set EDGEPRUNE_TEST_DATA to the shared "
+                            "data folder")
 os.environ["EDGEPRUNE_HOME"] = str(DATA)
 torch.set_num_threads(2)
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 import edgeprune
-from conftest import assert_one_line_error, run_cli
 
 FAST = ("--warmup", "2", "--repeats", "5")
 CONTRACT = {"params": int, "macs": int, "onnx_bytes": int}
@@ -63,24 +63,110 @@ def test_cifar_resnet56_checkpoint_halves_macs_exports_and_reloads(tmp_path, dat
     assert abs(sess.run(None, {"input": x[:32].numpy()})[0] - ref).max() < 1e-4
 
 
-def test_default_run_and_resume(tmp_path):
+QUICK = ("--set", "recover.train_images=1024", "--set", "data.eval_images=1000", "--set", "latency.repeats=5",
+         "--set", "recover.calibration_images=256")
+ACCURACY_STAGES = ("baseline", "pruned", "recalibrated", "finetuned")
+
+
+def test_default_run_reports_every_accuracy_and_resumes(tmp_path):
+    """The built-in default recipe (CIFAR ResNet-56, half the MACs), on a subset to keep CI short."""
     out = tmp_path / "default"
-    proc = run_cli("run", "--out", str(out), "--quiet")
+    proc = run_cli("run", "--out", str(out), "--quiet", *QUICK)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     check_contract(report)
+    for stage in ACCURACY_STAGES:
+        assert 0 <= report[stage]["top1"] <= report[stage]["top5"] <= 100, stage
+        assert report[stage]["macs"] == (report["baseline"] if stage == "baseline" else report["pruned"])["macs"]
     assert report["recipe"]["model"]["name"] == "cifar_resnet56"
     assert 1.96 <= report["baseline"]["macs"] / report["pruned"]["macs"] <= 2.04
+    assert report["baseline"]["top1"] > 85  # the JPEG-adapted checkpoint: 90.01 on all 10,000 images
+    assert report["recalibrated"]["top1"] > report["pruned"]["top1"] + 10
+    assert abs(report["onnx"]["top1"] - report["finetuned"]["top1"]) <= 0.2
+    assert "Accuracy by stage" in (out / "report.md").read_text()
 
     prune_mtime = (out / "stages" / "prune.json").stat().st_mtime_ns
     (out / "stages" / "measure.json").unlink()  # as if the run stopped before its last measurement
-    proc = run_cli("run", "--out", str(out), "--quiet")
+    proc = run_cli("run", "--out", str(out), "--quiet", *QUICK)
     assert proc.returncode == 0, proc.stderr
     assert (out / "stages" / "prune.json").stat().st_mtime_ns == prune_mtime
     assert (out / "stages" / "measure.json").exists()
 
     other = run_cli("prune", "--model", "cifar_resnet20", "--out", str(out), *FAST)
     assert_one_line_error(other, "different recipe", "--overwrite")
+
+
+def test_prune_with_data_evaluates_and_recalibrates_without_finetuning(tmp_path):
+    out = tmp_path / "p"
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
+                   "--ratio", "0.3", "--out", str(out), "-q", "--set", "data.eval_images=500", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert {"baseline", "pruned", "recalibrated", "onnx"} <= set(report) and "finetuned" not in report
+    assert report["eval_images"] == 500 and "after BN re-calibration" in proc.stdout
+    assert_one_line_error(run_cli("run", "--set", "recover.epochz=1", "--out", str(tmp_path / "x")), "epochz")
+    assert_one_line_error(run_cli("run", "--set", "epochs", "--out", str(tmp_path / "x")), "section.field=value")
+
+
+def test_evaluate_reproduces_the_published_accuracy(data_dir):
+    proc = run_cli("evaluate", "--model", "cifar_resnet56", "--weights", str(data_dir / "resnet56-cifar10jpeg.pth"),
+                   "--data", str(data_dir / "cifar10-jpeg"), "--json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    acc = json.loads(proc.stdout)
+    assert abs(acc["top1"] - 90.01) <= 0.05 and abs(acc["top5"] - 99.70) <= 0.05  # shared data README
+
+
+def write_recipe(path, epochs=2):
+    path.write_text(f"""
+model: {{name: cifar_resnet20, weights: cifar10-jpeg}}
+data: {{path: cifar10, eval_images: 1000}}
+prune: {{ratio: 0.5}}
+recover: {{epochs: {epochs}, train_images: 2048, calibration_images: 256, batch_size: 64}}
+latency: {{warmup: 1, repeats: 3}}
+""")
+    return path
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", epochs=1)
+    one = run_cli("run", str(recipe), "--out", str(tmp_path / "one"), "-q")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "edgeprune",
+                          "run", str(recipe), "--out", str(tmp_path / "two"), "-q"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert r2["finetuned"]["world_size"] == 2 and r1["finetuned"]["world_size"] == 1
+    assert r2["finetuned"]["top1"] > r2["recalibrated"]["top1"]
+    assert abs(r1["finetuned"]["top1"] - r2["finetuned"]["top1"]) <= 3.0  # 1,000 images: +-1.4 points s.d.
+    assert r1["pruned"]["top1"] == r2["pruned"]["top1"]  # rank 0 pruned; sharded evaluation sums exactly
+
+
+def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "r.yaml", epochs=3)
+    whole = run_cli("run", str(recipe), "--out", str(tmp_path / "whole"), "-q")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeprune", "run", str(recipe), "--out", str(out), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "finetune-checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch = torch.load(out / "finetune-checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= epoch < 3 and not (out / "report.json").exists()
+    assert_one_line_error(run_cli("run", str(recipe), "--out", str(out), "-q"), "--resume")
+    resumed = run_cli("run", str(recipe), "--out", str(out), "-q", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetuned"]["resumed_from_epoch"] == epoch
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    uninterrupted = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["finetuned"]["top1"] == uninterrupted["finetuned"]["top1"]
 
 
 def test_killed_run_resumes_to_the_same_model(tmp_path):

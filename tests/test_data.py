@@ -56,6 +56,7 @@ def test_imagenet_style_folders_resize_and_crop(tmp_path):
 @pytest.mark.parametrize("setup,message", [
     (lambda root: None, "does not exist"),
     (lambda root: (root / "train").mkdir(parents=True), "no val/ or test/"),
+    (lambda root: (root / "val").mkdir(parents=True), "no train/"),
     (lambda root: [(root / s).mkdir(parents=True) for s in ("train", "val")], "holds no images"),
     (lambda root: make_folder(root, classes=3), "has 3 classes but cifar_resnet20 outputs 10"),
 ])
@@ -64,6 +65,13 @@ def test_bad_datasets_are_clear_errors(tmp_path, setup, message):
     setup(root)
     with pytest.raises(EdgePruneError, match=message):
         load_split(root, create_model("cifar_resnet20").edgeprune_spec, train=False)
+
+
+def test_train_and_val_must_name_the_same_classes(tmp_path):
+    make_folder(tmp_path, classes=10)
+    (tmp_path / "val" / "class3").rename(tmp_path / "val" / "kitten")
+    with pytest.raises(EdgePruneError, match="different class folders"):
+        load_split(tmp_path, create_model("cifar_resnet20").edgeprune_spec, train=False)
 
 
 def test_unreadable_image_is_named(tmp_path):

@@ -1,7 +1,6 @@
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from edgeprune import EdgePruneError, create_model, prune

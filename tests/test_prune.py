@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch_pruning as tp
 
 from edgeprune import EdgePruneError, create_model, prune
@@ -94,7 +93,9 @@ def test_magnitude_criteria_keep_the_strongest_channels():
     _, l2 = prune(model, PruneOptions(ratio=0.5, importance="l2"))
     _, rnd = prune(model, PruneOptions(ratio=0.5, importance="random"))
     kept_l2 = set(range(16)) - set(next(h[2] for h in l2.history if h[0] == "layer1.0.conv1"))
-    norms = model.layer1[0].conv1.weight.flatten(1).norm(dim=1) ** 2 + model.layer1[0].conv2.weight.transpose(0, 1).flatten(1).norm(dim=1) ** 2
+    block = model.layer1[0]
+    norms = (block.conv1.weight.flatten(1).norm(dim=1) ** 2
+             + block.conv2.weight.transpose(0, 1).flatten(1).norm(dim=1) ** 2)
     assert norms[list(kept_l2)].mean() > norms.mean()
     assert l2.history != rnd.history
 

@@ -56,7 +56,7 @@ def test_finetune_improves_and_resumes_exactly(tmp_path):
         finetune(resumed, teacher, train, None, opts, Runtime(), ckpt2, seed=3)
     result = finetune(resumed, teacher, train, None, opts, Runtime(), ckpt2, resume=True, seed=3)
     assert result.resumed_from_epoch == 1 and [e.epoch for e in result.epochs] == [1, 2]
-    for (name, a), b in zip(student.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(student.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

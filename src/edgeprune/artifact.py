@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torch_pruning as tp
 from safetensors import SafetensorError

@@ -29,22 +29,27 @@ def _akamaster(filename: str, sha256: str) -> Asset:
 # "cifar10-jpeg": the same checkpoints fine-tuned on the JPEG copy of CIFAR-10 (shared data README).
 ASSETS: dict[str, dict[str, Asset]] = {
     "cifar_resnet20": {
-        "default": _akamaster("resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
+        "default": _akamaster(
+            "resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
         "cifar10-jpeg": Asset("resnet20-cifar10jpeg.pth", None,
                               "ab3d71bb5cc022e59044a98d2a39497fa8e2c4f84280cb35b9a0ea8ec593058a"),
     },
     "cifar_resnet32": {
-        "default": _akamaster("resnet32-d509ac18.th", "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
+        "default": _akamaster(
+            "resnet32-d509ac18.th", "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
     },
     "cifar_resnet44": {
-        "default": _akamaster("resnet44-014dd654.th", "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
+        "default": _akamaster(
+            "resnet44-014dd654.th", "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
     },
     "cifar_resnet56": {
-        "default": _akamaster("resnet56-4bfd9763.th", "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
+        "default": _akamaster(
+            "resnet56-4bfd9763.th", "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
         "cifar10-jpeg": Asset("resnet56-cifar10jpeg.pth", None,
                               "e9328ee872642418f7333697c41c4c1ef54d77b8fffa6f79bd567d2088f53d8b"),
     },
-    "cifar_resnet110": {"default": _akamaster("resnet110-1d1ed7c2.th", "1d1ed7c2")},
+    "cifar_resnet110": {"default": _akamaster(
+            "resnet110-1d1ed7c2.th", "1d1ed7c2")},
 }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -18,13 +17,28 @@ err_console = Console(stderr=True)
 
 ModelOpt = typer.Option("cifar_resnet56", "--model", "-m", help="model name (see `edgeprune models`)")
 WeightsOpt = typer.Option("default", "--weights", "-w",
-                          help="none, default (known pretrained weights), a torchvision weight name, or a checkpoint path")
+                          help="none, default (known pretrained weights), a torchvision weight name, "
+                          "or a checkpoint path")
 ClassesOpt = typer.Option(None, "--num-classes", help="classes of the checkpoint (default: 10 CIFAR, 1000 ImageNet)")
 ThreadsOpt = typer.Option(2, "--threads", help="CPU threads for PyTorch and ONNX Runtime latency")
 WarmupOpt = typer.Option(5, "--warmup", help="untimed runs before timing")
 RepeatsOpt = typer.Option(30, "--repeats", help="timed runs; the median and p90 are reported")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output")
+SetOpt = typer.Option(None, "--set", help="override any recipe field: section.field=value (repeatable), "
+                      "e.g. recover.train_images=5000")
 ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted fine-tune from its last epoch checkpoint")
+
+
+def _parse_settings(settings: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise EdgePruneError(f"--set {item!r} must look like section.field=value, e.g. recover.epochs=3")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
 
 
 def _latency(threads: int, warmup: int, repeats: int) -> dict:
@@ -40,7 +54,7 @@ def models_cmd():
 
 
 @app.command()
-def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: Optional[int] = ClassesOpt,
+def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int | None = ClassesOpt,
             threads: int = ThreadsOpt, warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
             layers: bool = typer.Option(False, "--layers", help="also list conv/linear layers and widths"),
             as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
@@ -48,7 +62,7 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: Optio
     """Measure a model: params, MACs, sizes, CPU (and GPU) latency in PyTorch and ONNX Runtime."""
     from .models import create_model
     from .pipeline import measure_models
-    from .prune import _prunable_layers, _out_channels
+    from .prune import _out_channels, _prunable_layers
     from .recipe import load_recipe
 
     recipe = load_recipe(overrides={"model.name": model, "model.weights": weights,
@@ -100,23 +114,23 @@ def _finish(report: dict | None, out: Path, as_json: bool) -> None:
 @app.command("prune")
 def prune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="run folder for the report, model and ONNX"),
-    model: str = ModelOpt, weights: str = WeightsOpt, num_classes: Optional[int] = ClassesOpt,
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1)"),
-    macs_reduction: Optional[float] = typer.Option(None, "--macs-reduction",
+    model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int | None = ClassesOpt,
+    ratio: float | None = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1)"),
+    macs_reduction: float | None = typer.Option(None, "--macs-reduction",
                                                    help="fraction of MACs to remove, in (0, 1); 0.5 halves them"),
     importance: str = typer.Option("l2", "--importance",
                                    help="l1, l2, bn-scale, taylor, hessian, lamp, fpgm or random"),
     global_pruning: bool = typer.Option(False, "--global/--local", help="rank channels across layers or per layer"),
-    round_to: Optional[int] = typer.Option(None, "--round-to", help="keep channel counts multiples of N (8 or 16 "
+    round_to: int | None = typer.Option(None, "--round-to", help="keep channel counts multiples of N (8 or 16 "
                                            "often run faster)"),
     max_layer_ratio: float = typer.Option(1.0, "--max-layer-ratio", help="most any one layer may lose"),
-    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="layer name or glob never pruned (repeatable)"),
+    ignore: list[str] | None = typer.Option(None, "--ignore", help="layer name or glob never pruned (repeatable)"),
     opset: int = typer.Option(17, "--opset", help="ONNX opset"),
     threads: int = ThreadsOpt, warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
-    data: Optional[str] = typer.Option(None, "--data", help="evaluate and recover on this dataset: cifar10 or an "
+    data: str | None = typer.Option(None, "--data", help="evaluate and recover on this dataset: cifar10 or an "
                                        "ImageFolder root with train/ and val/"),
     epochs: int = typer.Option(0, "--epochs", help="fine-tuning epochs with distillation (needs --data)"),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe the options above override"),
+    recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe the options above override"),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
     resume: bool = ResumeOpt,
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -126,7 +140,8 @@ def prune_cmd(
     from .pipeline import run
     from .recipe import Recipe, apply_overrides, load_recipe
 
-    overrides = {"data.path": data, "recover.epochs": epochs, "model.name": model, "model.weights": weights, "model.num_classes": num_classes,
+    overrides = {"data.path": data, "recover.epochs": epochs,
+                 "model.name": model, "model.weights": weights, "model.num_classes": num_classes,
                  "prune.importance": importance, "prune.global_pruning": global_pruning,
                  "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
                  "prune.ignore": ignore or [], "export.opset": opset, **_latency(threads, warmup, repeats)}
@@ -136,6 +151,7 @@ def prune_cmd(
         overrides["prune.macs_reduction"] = macs_reduction
     else:
         overrides["prune.ratio"] = 0.5 if ratio is None else ratio
+    overrides.update(_parse_settings(settings or []))
     base = load_recipe(recipe) if recipe else Recipe()
     report = run(apply_overrides(base, overrides), out, quiet=quiet, overwrite=overwrite, resume=resume)
     _finish(report, out, as_json)
@@ -155,10 +171,13 @@ def export_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
 
 
 @app.command("run")
-def run_cmd(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; none runs the built-in default "
+def run_cmd(recipe: Path | None = typer.Argument(None, help="YAML recipe; none runs the built-in default "
                                                     "(CIFAR ResNet-56 to half its MACs)"),
-            out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
-            epochs: Optional[int] = typer.Option(None, "--epochs", help="override the recipe's fine-tuning epochs"),
+            out: Path | None = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
+            epochs: int | None = typer.Option(None, "--epochs", help="override the recipe's fine-tuning epochs"),
+            settings: list[str] | None = typer.Option(None, "--set", help="override any recipe field: "
+                                                         "section.field=value (repeatable), e.g. "
+                                                         "recover.train_images=5000"),
             overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
             resume: bool = ResumeOpt,
             as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -168,19 +187,22 @@ def run_cmd(recipe: Optional[Path] = typer.Argument(None, help="YAML recipe; non
     from .pipeline import run
     from .recipe import load_recipe
 
-    loaded = load_recipe(recipe, {"recover.epochs": epochs} if epochs is not None else None)
+    overrides = _parse_settings(settings or [])
+    if epochs is not None:
+        overrides["recover.epochs"] = epochs
+    loaded = load_recipe(recipe, overrides)
     out = out or Path("runs") / loaded.model.name
     _finish(run(loaded, out, quiet=quiet, overwrite=overwrite, resume=resume), out, as_json)
 
 
 @app.command()
 def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, or a prune run folder"),
-             weights: str = WeightsOpt, num_classes: Optional[int] = ClassesOpt,
+             weights: str = WeightsOpt, num_classes: int | None = ClassesOpt,
              data: str = typer.Option(..., "--data", help="cifar10 or an ImageFolder root; its val/ (or test/) "
                                       "split is used"),
              onnx: bool = typer.Option(False, "--onnx", help="evaluate the run folder's model.onnx with ONNX Runtime"),
              batch_size: int = typer.Option(500, "--batch-size"),
-             limit: Optional[int] = typer.Option(None, "--limit", help="evaluate an even subset of N images"),
+             limit: int | None = typer.Option(None, "--limit", help="evaluate an even subset of N images"),
              threads: int = ThreadsOpt,
              as_json: bool = typer.Option(False, "--json", help='print {"top1": .., "top5": ..} as JSON'),
              quiet: bool = QuietOpt):
@@ -190,7 +212,8 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, o
     from .artifact import load
     from .data import load_split, loader
     from .distributed import runtime
-    from .evaluate import evaluate as evaluate_model, evaluate_onnx
+    from .evaluate import evaluate as evaluate_model
+    from .evaluate import evaluate_onnx
     from .models import create_model
 
     torch.set_num_threads(threads)

@@ -61,6 +61,19 @@ def _folder(path: Path) -> torchvision.datasets.ImageFolder:
                              "of images per class") from None
 
 
+def _check_same_classes(root: Path) -> None:
+    """train/ and val/ must name the same classes, or labels would mean different things in each."""
+    if not (root / "train").is_dir():
+        raise EdgePruneError(f"{root} has no train/ folder; an ImageFolder root holds train/ and val/ (or test/)")
+    train = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    held_out = _eval_dir(root)
+    other = sorted(d.name for d in held_out.iterdir() if d.is_dir())
+    if train != other:
+        diff = sorted(set(train) ^ set(other))[:3]
+        raise EdgePruneError(f"{root}/train and {held_out} have different class folders (e.g. {diff}); labels "
+                             "would not match between them")
+
+
 class DecodedImages(Dataset):
     """Every image decoded once into a uint8 tensor; transforms run on tensors."""
 
@@ -136,6 +149,7 @@ def load_split(data: str | os.PathLike, spec: ModelSpec, train: bool, quiet: boo
         images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()
         ds = DecodedImages(images, torch.tensor(raw.targets), raw.classes, _transforms(spec, train, True))
     else:
+        _check_same_classes(source.root)
         folder = _folder(source.root / "train" if train else _eval_dir(source.root))
         if len(folder.samples) == 0:
             raise EdgePruneError(f"{folder.root} holds no images")

@@ -9,18 +9,18 @@ import importlib.metadata
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import artifact, report
-from .errors import EdgePruneError
-from .export import check_parity, export_onnx
-from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .data import even_subset, load_split, loader, shard
 from .distributed import Runtime, runtime, seed_everything
+from .errors import EdgePruneError
 from .evaluate import evaluate, evaluate_onnx
+from .export import check_parity, export_onnx
+from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import measure, onnx_bytes
 from .models import create_model
 from .prune import prune
@@ -76,10 +76,14 @@ class RunFolder:
             if not overwrite:
                 raise EdgePruneError(f"{self.root} holds a run of a different recipe; choose another --out "
                                      "or pass --overwrite")
-            shutil.rmtree(self.stages, ignore_errors=True)
+            self._discard()
         elif overwrite:
-            shutil.rmtree(self.stages, ignore_errors=True)
+            self._discard()
         write_json(recipe_path, resolved)
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.stages, ignore_errors=True)
+        (self.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)
 
     def result(self, stage: str) -> dict | None:
         path = self.stages / f"{stage}.json"
@@ -89,6 +93,8 @@ class RunFolder:
         """Record a stage result; results computed from the stage's old output are dropped first."""
         for later in invalidates:
             (self.stages / f"{later}.json").unlink(missing_ok=True)
+        if "finetuned" in invalidates:  # its checkpoint belongs to the weights being replaced
+            (self.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)
         write_json(self.stages / f"{stage}.json", data)
         return data
 
@@ -163,6 +169,10 @@ class _Stages:
     def recover(self, pruned, history) -> dict[str, dict]:
         recipe, opts, out = self.recipe, self.recipe.recover, {}
         out["baseline"] = self.stage("accuracy_baseline", lambda: self.accuracy(self.model, "the baseline"))
+        chance = 100 / self.spec.num_classes
+        if recipe.model.weights != "none" and out["baseline"]["top1"] < 2 * chance:
+            self.log(f"[bold red]warning:[/] the unpruned model scores {out['baseline']['top1']:.1f}% (chance is "
+                     f"{chance:.1f}%): do the dataset's class folders match the model's classes, in order?")
         out["pruned"] = self.stage("accuracy_pruned", lambda: self.accuracy(pruned, "the pruned model"))
         if opts.recalibrate:
             def recalibrate():
@@ -177,8 +187,9 @@ class _Stages:
                 teacher = self.model if opts.distill else None
                 self.log(f"fine-tuning {opts.epochs} epoch(s) on {self.rt.world_size} process(es), "
                          f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
-                result = finetune(pruned, teacher, self.split(True), self.eval_set() if opts.eval_every_epoch else None, opts,
-                                  self.rt, self.folder.root / FINETUNE_CHECKPOINT, self.resume, recipe.seed,
+                result = finetune(pruned, teacher, self.split(True),
+                                  self.eval_set() if opts.eval_every_epoch else None, opts, self.rt,
+                                  self.folder.root / FINETUNE_CHECKPOINT, self.resume, recipe.seed,
                                   self.quiet or not self.rt.is_main)
                 self.save_model(pruned, history)
                 return {**self.accuracy(pruned, "the fine-tuned model"), **result.to_dict()}
@@ -201,8 +212,6 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
     rt = runtime()
     seed_everything(recipe.seed)
     folder = RunFolder(out, recipe, overwrite, write=rt.is_main)
-    if overwrite and rt.is_main:
-        (folder.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)
     rt.barrier()
     stages = _Stages(recipe, folder, rt, quiet, resume)
     pruned_model, prune_result = stages.prune()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import torch
 import torch.nn as nn

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,7 +20,7 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name: str = "cifar_resnet56"
     weights: str = "default"
-    num_classes: Optional[int] = Field(default=None, gt=0)
+    num_classes: int | None = Field(default=None, gt=0)
 
 
 class LatencyOptions(_Strict):
@@ -33,12 +33,12 @@ class LatencyOptions(_Strict):
 
 
 class PruneOptions(_Strict):
-    ratio: Optional[float] = Field(default=None, description="channel ratio removed per layer, in (0, 1)")
-    macs_reduction: Optional[float] = Field(
+    ratio: float | None = Field(default=None, description="channel ratio removed per layer, in (0, 1)")
+    macs_reduction: float | None = Field(
         default=None, description="fraction of MACs to remove, in (0, 1); 0.5 halves the MACs")
     importance: Importance = "l2"
     global_pruning: bool = False
-    round_to: Optional[int] = Field(default=None, ge=1)
+    round_to: int | None = Field(default=None, ge=1)
     max_layer_ratio: float = Field(default=1.0, gt=0, le=1)
     ignore: list[str] = Field(default_factory=list, description="extra layer names (glob) never pruned")
     calibration_batches: int = Field(default=4, ge=1, description="batches for taylor/hessian gradients")
@@ -70,8 +70,8 @@ class ExportOptions(_Strict):
 
 
 class DataOptions(_Strict):
-    path: Optional[str] = Field(default=None, description="cifar10, or an ImageFolder root with train/ and val/")
-    eval_images: Optional[int] = Field(default=None, ge=1, description="evaluate on an even subset (quick runs)")
+    path: str | None = Field(default=None, description="cifar10, or an ImageFolder root with train/ and val/")
+    eval_images: int | None = Field(default=None, ge=1, description="evaluate on an even subset (quick runs)")
     eval_batch_size: int = Field(default=500, ge=1)
     workers: int = Field(default=0, ge=0)
 
@@ -80,7 +80,7 @@ class RecoverOptions(_Strict):
     recalibrate: bool = True
     calibration_images: int = Field(default=1024, ge=1, description="training images for BN re-calibration")
     epochs: int = Field(default=1, ge=0, description="fine-tuning epochs (0: none)")
-    train_images: Optional[int] = Field(default=None, ge=1, description="images per epoch (default: all)")
+    train_images: int | None = Field(default=None, ge=1, description="images per epoch (default: all)")
     batch_size: int = Field(default=128, ge=1, description="global batch, split across torchrun processes")
     eval_batch_size: int = Field(default=500, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -148,6 +148,9 @@ def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
     merged = recipe.model_dump()
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
+        if not isinstance(merged.get(section), dict):
+            raise EdgePruneError(f"unknown recipe section {section!r} in {dotted!r}; sections are "
+                                 f"{', '.join(k for k, v in merged.items() if isinstance(v, dict))}")
         merged[section][key] = value
     if "prune.ratio" in overrides:
         merged["prune"]["macs_reduction"] = None

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,7 @@ def recalibrate_bn(model: nn.Module, train_ds: Dataset, images: int, batch_size:
                          desc="BN re-calibration", disable=quiet, leave=False):
             model(x.to(device))
     finally:
-        for bn, momentum in zip(bns, saved):
+        for bn, momentum in zip(bns, saved, strict=True):
             bn.momentum = momentum
         model.eval()
     return len(bns)
@@ -143,7 +143,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
         torch.manual_seed(seed * 1_000_003 + epoch)  # augmentation: the same whether or not we resumed
         subset = Subset(train_ds, torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(
             seed * 7919 + epoch))[:train_images].tolist())
-        train_loader = loader(shard(subset, rt.rank, rt.world_size), per_rank_batch, shuffle=False, workers=opts.workers)
+        train_loader = loader(shard(subset, rt.rank, rt.world_size), per_rank_batch, workers=opts.workers)
         model.train()
         t0, total, seen = time.time(), 0.0, 0
         for x, y in tqdm(train_loader, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):

@@ -42,7 +42,7 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
+    def from_dict(cls, data: dict) -> ModelSpec:
         data = dict(data)
         for key in ("input_size", "mean", "std"):
             data[key] = tuple(data[key])
