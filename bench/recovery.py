@@ -60,14 +60,15 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "recovery.json").write_text(json.dumps({"command": command.strip(), "variants": rows}, indent=2))
     base = rows[0]
-    stages = list(dict.fromkeys(k for r in rows for k in r["top1"]))
+    stages = ["baseline", "pruned", "recalibrated", *[f"epoch{e}" for e in range(1, args.epochs + 1)], "onnx"]
     lines = ["# Recovery after pruning: plain CE fine-tuning vs BN re-calibration + distillation", "",
              f"Command: `{command.strip()}`", "",
              f"ResNet-56 (JPEG-adapted), MACs {base['macs'][0] / 1e6:.1f}M -> {base['macs'][1] / 1e6:.1f}M "
              f"({base['macs'][0] / base['macs'][1]:.2f}x), params {base['params'][0] / 1e3:.0f}K -> "
              f"{base['params'][1] / 1e3:.0f}K; top-1 on cifar10-jpeg/test (10,000 images); "
              f"{args.epochs} epochs, SGD nesterov, batch 128, warm-up + cosine, on {base['environment']['cpu']}.", "",
-             "| variant | " + " | ".join(stages) + " | fine-tune s |", "|---|" + "---:|" * (len(stages) + 1)]
+             "Columns: top-1 (%) at each stage; `onnx` is the exported model of the last epoch run by ONNX Runtime.",
+             "", "| variant | " + " | ".join(stages) + " | fine-tune s |", "|---|" + "---:|" * (len(stages) + 1)]
     for r in rows:
         lines.append(f"| {r['name']} | " + " | ".join(f"{r['top1'][s]:.2f}" if s in r["top1"] else "" for s in stages)
                      + f" | {r['finetune_seconds']:.0f} |")

@@ -63,10 +63,10 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int |
     from .models import create_model
     from .pipeline import measure_models
     from .prune import _out_channels, _prunable_layers
-    from .recipe import load_recipe
+    from .recipe import Recipe, apply_overrides
 
-    recipe = load_recipe(overrides={"model.name": model, "model.weights": weights,
-                                    "model.num_classes": num_classes, **_latency(threads, warmup, repeats)})
+    recipe = apply_overrides(Recipe(), {"model.name": model, "model.weights": weights,
+                                        "model.num_classes": num_classes, **_latency(threads, warmup, repeats)})
     net = create_model(model, weights, num_classes)
     result = measure_models({"model": (net, None)}, net.edgeprune_spec.input_size, recipe, quiet)["model"]
     if layers:
@@ -131,6 +131,7 @@ def prune_cmd(
                                        "ImageFolder root with train/ and val/"),
     epochs: int = typer.Option(0, "--epochs", help="fine-tuning epochs with distillation (needs --data)"),
     recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe the options above override"),
+    settings: list[str] | None = SetOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
     resume: bool = ResumeOpt,
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -175,9 +176,7 @@ def run_cmd(recipe: Path | None = typer.Argument(None, help="YAML recipe; none r
                                                     "(CIFAR ResNet-56 to half its MACs)"),
             out: Path | None = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
             epochs: int | None = typer.Option(None, "--epochs", help="override the recipe's fine-tuning epochs"),
-            settings: list[str] | None = typer.Option(None, "--set", help="override any recipe field: "
-                                                         "section.field=value (repeatable), e.g. "
-                                                         "recover.train_images=5000"),
+            settings: list[str] | None = SetOpt,
             overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
             resume: bool = ResumeOpt,
             as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
