@@ -13,7 +13,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from edgeprune import load_recipe
@@ -39,7 +38,6 @@ def main() -> None:
             "model.weights": "cifar10-jpeg", "prune.macs_reduction": args.macs_reduction,
             "recover.epochs": args.epochs, "recover.train_images": args.train_images,
             "recover.eval_every_epoch": True, **overrides})
-        t0 = time.time()
         report = run(recipe, Path(args.work) / name, quiet=True, resume=True)
         epochs = report["finetuned"]["epochs"]
         row = {
@@ -51,7 +49,6 @@ def main() -> None:
                      **{f"epoch{e['epoch']}": e["top1"] for e in epochs},
                      "finetuned": report["finetuned"]["top1"], "onnx": report["onnx"]["top1"]},
             "finetune_seconds": round(sum(e["seconds"] for e in epochs), 1),
-            "wall_seconds_this_invocation": round(time.time() - t0, 1),
             "recipe": report["recipe"]["recover"], "environment": report["environment"],
         }
         rows.append(row)
