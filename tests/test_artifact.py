@@ -47,3 +47,13 @@ def test_damaged_artifacts_are_clear_errors(saved, tmp_path):
     (tmp_path / "model.json").write_text("{not json")
     with pytest.raises(EdgePruneError, match="model.json is corrupt"):
         edgeprune.load(tmp_path)
+
+
+def test_modules_that_check_their_version_reload(tmp_path):
+    """MNASNet refuses a state dict without module versions, which safetensors does not store."""
+    model = create_model("mnasnet0_5")
+    pruned, result = prune(model, PruneOptions(ratio=0.5), example=torch.randn(1, 3, 64, 64))
+    edgeprune.save(pruned, result.history, tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(edgeprune.load(tmp_path)(x), pruned(x))

@@ -17,6 +17,7 @@ from .errors import EdgePruneError
 from .fsio import atomic_path, read_json, write_json
 from .measure import _quiet_stdout
 from .models import ModelSpec, create_model
+from .models.factory import with_module_metadata
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -61,7 +62,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     except (SafetensorError, OSError) as exc:
         raise EdgePruneError(f"{weights_path} is corrupt ({exc}); re-run edgeprune prune") from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_module_metadata(model, state), strict=True)
     except RuntimeError as exc:
         raise EdgePruneError(f"{weights_path} does not match its pruning history "
                              f"({str(exc).splitlines()[0]}); re-run edgeprune prune") from None

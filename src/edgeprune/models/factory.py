@@ -9,6 +9,7 @@ import difflib
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,7 +207,15 @@ def _load_state(model: nn.Module, state: dict, source: str) -> None:
             raise EdgePruneError(
                 f"{source} does not match the model: {key} has shape {tuple(state[key].shape)}, model expects "
                 f"{tuple(tensor.shape)}; check --model and --num-classes (a pruned model loads with edgeprune.load)")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(with_module_metadata(model, state), strict=True)
+
+
+def with_module_metadata(model: nn.Module, state: dict) -> OrderedDict:
+    """`state` carrying the module versions of `model` (safetensors files do not store them, and
+    some modules, such as torchvision's MNASNet, refuse to load without them)."""
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return state
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
