@@ -55,5 +55,5 @@ def test_modules_that_check_their_version_reload(tmp_path):
     pruned, result = prune(model, PruneOptions(ratio=0.5), example=torch.randn(1, 3, 64, 64))
     edgeprune.save(pruned, result.history, tmp_path)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad():  # loading inside no_grad works too, though DepGraph needs autograd
         assert torch.equal(edgeprune.load(tmp_path)(x), pruned(x))

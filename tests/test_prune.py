@@ -68,6 +68,12 @@ def test_global_ranking_round_to_and_layer_cap():
     assert len({round(la.channels_after / la.channels_before, 2) for la in result.layers if la.name != "fc"}) > 1
 
 
+def test_pruning_inside_no_grad_works():
+    with torch.no_grad():
+        pruned, _ = prune(create_model("cifar_resnet20"), PruneOptions(ratio=0.5))
+    assert pruned.layer1[0].conv1.out_channels == 8
+
+
 def test_ignored_layer_globs_and_typos():
     model = create_model("resnet18")
     _, result = prune(model, PruneOptions(ratio=0.5, ignore=["layer4.*"]), example=X224_SMALL)

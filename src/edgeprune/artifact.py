@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 import torch_pruning as tp
 from safetensors import SafetensorError
@@ -54,7 +55,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     if meta.get("format") != FORMAT:
         raise EdgePruneError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT}")
     model = create_model(spec.name, weights="none", num_classes=spec.num_classes)
-    with _quiet_stdout():
+    with _quiet_stdout(), torch.enable_grad():  # DepGraph traces autograd, even if the caller is in no_grad
         graph = tp.DependencyGraph().build_dependency(model, spec.example_input())
     graph.load_pruning_history([tuple(h) for h in history])
     try:

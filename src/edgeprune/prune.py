@@ -242,7 +242,7 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     model = model.eval()
     with torch.no_grad():
         expected_shape = model(example).shape
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, torch.enable_grad():  # DepGraph traces autograd
         warnings.simplefilter("always")
         pruned, result = _prune(model, example, expected_shape, opts, calibration)
     result.notes += list(dict.fromkeys(f"Torch-Pruning: {str(w.message).splitlines()[0]}" for w in caught
