@@ -57,7 +57,14 @@ def main() -> None:
     rows = [by_model[n] for n in sorted(by_model)]
     command = "python bench/torchvision_compat.py [--models M ...]; rows of models not re-checked are kept"
     (RESULTS / "torchvision_compat.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "refused", "timeout", "crash")}
+    unchecked = sorted(set(torchvision.models.list_models(module=torchvision.models)) - set(by_model))
     lines = ["# torchvision classifiers at channel ratio 0.5", "", f"Command: `{command}`", "",
+             "Each model: random init, `edgeprune prune --ratio 0.5` (prune, ONNX export, parity, measure) in its "
+             "own process on 2 CPU cores. ok: pruned, runs, exports with parity; refused: stopped with a one-line "
+             "reason; timeout: not finished within the time limit here.", "",
+             f"Counts: {counts['ok']} ok, {counts['refused']} refused, {counts['timeout']} timeout, "
+             f"{counts['crash']} crash; not checked yet: {', '.join(unchecked) or 'none'}.", "",
              "| model | status | MACs -% | params -% | ONNX max abs diff | seconds | message |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
