@@ -177,10 +177,10 @@ def shard(ds: Dataset, rank: int, world_size: int) -> Dataset:
 
 
 def loader(ds: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0, limit: int | None = None,
-           seed: int = 0, sampler=None) -> DataLoader:
+           seed: int = 0) -> DataLoader:
     """A DataLoader; `limit` keeps an evenly spread subset (for calibration and quick runs)."""
     ds = even_subset(ds, limit)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, num_workers=workers,
-                      generator=generator, sampler=sampler, drop_last=False,
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      generator=generator, drop_last=False,
                       persistent_workers=workers > 0)

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from .errors import EdgePruneError
-from .measure import _quiet_stdout, ort_session
+from .measure import ort_session
+from .quiet import quiet_stdout
 from .recipe import ExportOptions
 
 
@@ -35,7 +36,7 @@ _PROTOBUF_LIMIT = 2_000_000_000 - 50_000_000  # margin under protobuf's 2 GiB me
 def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opts: ExportOptions) -> None:
     """The TorchScript exporter (fast, one file), falling back to the dynamo exporter for the ops
     it lacks (such as adaptive pooling to a size that does not divide the input)."""
-    with warnings.catch_warnings(), _quiet_stdout():
+    with warnings.catch_warnings(), quiet_stdout():
         warnings.simplefilter("ignore")
         if not opts.dynamo:
             try:
@@ -68,7 +69,7 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
             if opts.simplify and not large:
                 import onnxslim
 
-                with _quiet_stdout():
+                with quiet_stdout():
                     proto = onnxslim.slim(proto)
             onnx.save(proto, str(final), save_as_external_data=large, all_tensors_to_one_file=True,
                       location=f"{path.name}.data")

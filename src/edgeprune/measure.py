@@ -20,6 +20,7 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 from .errors import EdgePruneError
+from .quiet import quiet_stdout
 from .recipe import LatencyOptions
 
 
@@ -29,16 +30,12 @@ class Latency:
     p90_ms: float
     runs: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    with _quiet_stdout():
+    with quiet_stdout():
         macs, _ = tp.utils.count_ops_and_params(model, example)
     return int(macs)
 
@@ -78,18 +75,6 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    import io
-    import sys
-
-    saved, sys.stdout = sys.stdout, io.StringIO()
-    try:
-        yield
-    finally:
-        sys.stdout = saved
 
 
 def torch_runner(model: nn.Module, input_size, batch_size: int, device: str = "cpu") -> Callable[[], None]:
@@ -149,10 +134,6 @@ def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOption
     return {key: _summarize(t) for key, t in times.items()}
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 @dataclass
 class Measurement:
     """Everything `measure` reports about one model. Latencies are medians (p90 alongside)."""
@@ -176,7 +157,7 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
     """
     runners: dict[str, Callable[[], None]] = {}
     cuda_runners: dict[str, Callable[[], None]] = {}
-    use_cuda = opts.cuda and cuda_available()
+    use_cuda = opts.cuda and torch.cuda.is_available()
     for label, (model, onnx_path) in models.items():
         runners[f"{label}/torch_cpu"] = torch_runner(model, input_size, opts.batch_size)
         runners[f"{label}/ort_cpu"] = ort_runner(onnx_path, input_size, opts.batch_size, opts.threads,

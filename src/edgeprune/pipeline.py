@@ -154,6 +154,7 @@ class _Stages:
 
     def prune(self):
         root = self.folder.root
+        pruned = None
         if self.folder.result("prune") is None:
             if self.rt.is_main:
                 self.log("pruning with DepGraph")
@@ -164,7 +165,8 @@ class _Stages:
                 artifact.save(pruned, result.history, root)
                 self.folder.save("prune", result.to_dict(), invalidates=LATER_STAGES)
             self.rt.barrier()
-        return artifact.load(root), self.folder.result("prune")
+        # Rebuild from the artifact only where the pruned model is not in memory (a resume, other ranks).
+        return pruned if pruned is not None else artifact.load(root), self.folder.result("prune")
 
     def recover(self, pruned, history) -> dict[str, dict]:
         recipe, opts, out = self.recipe, self.recipe.recover, {}

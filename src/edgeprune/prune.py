@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from .errors import EdgePruneError
-from .measure import _quiet_stdout, count_macs
+from .measure import count_macs
+from .quiet import quiet_stdout
 from .recipe import PruneOptions
 
 PAD_REASON = ("output channels are coupled through a zero-padding op (F.pad), whose channel offset "
@@ -121,7 +122,7 @@ def find_heads(model: nn.Module, example: torch.Tensor) -> list[str]:
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph; a graph it cannot trace is a clear error, not a traceback."""
     try:
-        with _quiet_stdout():
+        with quiet_stdout():
             return tp.DependencyGraph().build_dependency(model, example)
     except Exception as exc:
         raise _unsupported(model, exc) from None
@@ -200,7 +201,7 @@ def _prune_copy(model, example, opts: PruneOptions, ratio: float, unpruned, grad
     if isinstance(importance, HessianImportance):
         importance = tp.importance.GroupHessianImportance()  # squared grads are already in .grad
     try:
-        with _quiet_stdout():
+        with quiet_stdout():
             pruner = tp.pruner.BasePruner(
                 pruned, example, importance=importance, pruning_ratio=ratio,
                 global_pruning=opts.global_pruning, round_to=opts.round_to,
