@@ -91,7 +91,7 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int |
 
 
 def _finish(report: dict | None, out: Path, as_json: bool) -> None:
-    from .report import accuracy_rows, accuracy_table, console_table
+    from .report import accuracy_rows, accuracy_table, console_table, int8_table
 
     if report is None:  # a torchrun worker other than rank 0: rank 0 reports
         return
@@ -101,6 +101,8 @@ def _finish(report: dict | None, out: Path, as_json: bool) -> None:
     out_console.print(console_table(report))
     if accuracy_rows(report):
         out_console.print(accuracy_table(report))
+    if report.get("int8"):
+        out_console.print(int8_table(report))
     parity = report["onnx_parity"]
     out_console.print(f"ONNX parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
                       f"{parity['top1_agreement']:.1%}", highlight=False)
@@ -130,6 +132,7 @@ def prune_cmd(
     data: str | None = typer.Option(None, "--data", help="evaluate and recover on this dataset: cifar10 or an "
                                        "ImageFolder root with train/ and val/"),
     epochs: int = typer.Option(0, "--epochs", help="fine-tuning epochs with distillation (needs --data)"),
+    int8: bool = typer.Option(False, "--int8", help="also quantize to INT8 with ONNX Runtime (needs --data)"),
     recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe the options above override"),
     settings: list[str] | None = SetOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
@@ -141,7 +144,7 @@ def prune_cmd(
     from .pipeline import run
     from .recipe import Recipe, apply_overrides, load_recipe
 
-    overrides = {"data.path": data, "recover.epochs": epochs,
+    overrides = {"data.path": data, "recover.epochs": epochs, **({"int8.enabled": True} if int8 else {}),
                  "model.name": model, "model.weights": weights, "model.num_classes": num_classes,
                  "prune.importance": importance, "prune.global_pruning": global_pruning,
                  "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
@@ -161,14 +164,26 @@ def prune_cmd(
 @app.command("export")
 def export_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
                opset: int = typer.Option(17, "--opset", help="ONNX opset"),
-               simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="simplify with onnxslim")):
-    """Re-export the pruned model of a run folder to ONNX and check parity with PyTorch."""
+               simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="simplify with onnxslim"),
+               int8: bool = typer.Option(False, "--int8", help="also write model.int8.onnx (ONNX Runtime static "
+                                         "quantization) and add its accuracy, size and latency to the report"),
+               data: str | None = typer.Option(None, "--data", help="dataset for INT8 calibration and evaluation "
+                                               "(default: the run's)"),
+               quiet: bool = QuietOpt):
+    """Re-export the pruned model of a run folder to ONNX and check parity with PyTorch; --int8 adds
+    an INT8 model."""
     from .pipeline import export_run
     from .recipe import ExportOptions, build
 
-    parity = export_run(out, build(ExportOptions, {"opset": opset, "simplify": simplify}))
+    result = export_run(out, build(ExportOptions, {"opset": opset, "simplify": simplify}), int8=int8, data=data,
+                        quiet=quiet)
+    parity = result["onnx_parity"]
     out_console.print(f"{out / 'model.onnx'}: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
                       f"{parity['top1_agreement']:.1%}", highlight=False)
+    if "int8" in result:
+        from .report import int8_table
+
+        out_console.print(int8_table({"int8": result["int8"]}))
 
 
 @app.command("run")

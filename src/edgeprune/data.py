@@ -164,6 +164,13 @@ def load_split(data: str | os.PathLike, spec: ModelSpec, train: bool, quiet: boo
     return ds
 
 
+def unaugmented(ds: Dataset, spec: ModelSpec) -> Dataset:
+    """The same images with the evaluation transforms (INT8 calibration on training images)."""
+    if isinstance(ds, DecodedImages):
+        return DecodedImages(ds.images, ds.targets, ds.classes, _transforms(spec, False, True))
+    return _PILFolder(ds.folder, _transforms(spec, False, False))
+
+
 def even_subset(ds: Dataset, limit: int | None) -> Dataset:
     """`limit` samples spread evenly over `ds` (every class, for class-sorted folders)."""
     if limit is None or limit >= len(ds):

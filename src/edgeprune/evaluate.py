@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,15 +36,23 @@ def evaluate(model: nn.Module, data: DataLoader, rt: Runtime | None = None, quie
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n)}
 
 
-def evaluate_onnx(path: str | os.PathLike, data: DataLoader, threads: int = 2, quiet: bool = True) -> dict:
-    """The same accuracy, computed by ONNX Runtime on the exported file."""
+def evaluate_onnx(path: str | os.PathLike, data: DataLoader, threads: int = 2, quiet: bool = True,
+                  keep_predictions: bool = False) -> dict:
+    """The same accuracy, computed by ONNX Runtime on the exported file (with every image's top-1
+    class under "predictions" when `keep_predictions`)."""
     from .measure import ort_session
 
     sess = ort_session(path, threads)
     name = sess.get_inputs()[0].name
     top1 = top5 = n = 0
-    for x, y in tqdm(data, desc="evaluate onnx", disable=quiet, leave=False):
+    predictions = []
+    for x, y in tqdm(data, desc=f"evaluate {Path(path).name}", disable=quiet, leave=False):
         logits = torch.from_numpy(np.asarray(sess.run(None, {name: x.numpy()})[0]))
         c1, c5 = _topk_correct(logits, y, 5)
         top1, top5, n = top1 + c1, top5 + c5, n + len(y)
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n)}
+        if keep_predictions:
+            predictions.append(logits.argmax(1).numpy())
+    result = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n)}
+    if keep_predictions:
+        result["predictions"] = np.concatenate(predictions)
+    return result

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import artifact, report
-from .data import even_subset, load_split, loader, shard
+from .data import even_subset, load_split, loader, shard, unaugmented
 from .distributed import Runtime, runtime, seed_everything
 from .errors import EdgePruneError
 from .evaluate import evaluate, evaluate_onnx
@@ -24,6 +24,7 @@ from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import measure, onnx_bytes
 from .models import create_model
 from .prune import prune
+from .quantize import INT8_NAME, compare_int8, quantize_int8
 from .recipe import ExportOptions, Recipe
 from .recover import finetune, recalibrate_bn
 
@@ -199,7 +200,7 @@ class _Stages:
         return out
 
 
-LATE_STAGES = ("export", "accuracy_onnx", "measure")
+LATE_STAGES = ("export", "accuracy_onnx", "int8", "measure")
 LATER_STAGES = ("accuracy_baseline", "accuracy_pruned", "recalibrated", "finetuned", *LATE_STAGES)
 FINETUNE_CHECKPOINT = "finetune-checkpoint.pt"
 
@@ -226,11 +227,14 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
     if parity is None or not (folder.root / ONNX_NAME).exists():
         log("exporting to ONNX and checking parity")
         parity = folder.save("export", export_stage(pruned_model, folder.root, recipe.export),
-                             invalidates=("accuracy_onnx", "measure"))
+                             invalidates=("accuracy_onnx", "int8", "measure"))
     if recipe.data.path:
         accuracy["onnx"] = stages.stage("accuracy_onnx", lambda: evaluate_onnx(
             folder.root / ONNX_NAME, loader(stages.eval_set(), recipe.data.eval_batch_size),
             recipe.latency.threads, quiet), collective=False)
+    if recipe.int8.enabled and (folder.result("int8") is None or not (folder.root / INT8_NAME).exists()):
+        log(f"quantizing to INT8 (calibration on {recipe.int8.calibration_images} training images)")
+        folder.save("int8", int8_stage(folder.root, recipe, stages.spec, stages.split(True), stages.eval_set(), quiet))
 
     measured = folder.result("measure")
     if measured is None:
@@ -240,10 +244,15 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
             input_size, recipe, quiet))
 
     final = report.build(measured["baseline"], measured["pruned"], accuracy, parity, prune_result,
-                         recipe.model_dump(mode="json"), environment())
-    write_json(folder.root / "report.json", final)
-    write_text(folder.root / "report.md", report.markdown(final))
+                         recipe.model_dump(mode="json"), environment(), int8=folder.result("int8"))
+    write_report(folder.root, final)
     return final
+
+
+def write_report(root: Path, final: dict) -> None:
+    """report.json, report.md and the self-contained report.html of a run folder."""
+    write_json(root / "report.json", final)
+    write_text(root / "report.md", report.markdown(final))
 
 
 def export_stage(model, root: Path, opts: ExportOptions) -> dict:
@@ -252,18 +261,46 @@ def export_stage(model, root: Path, opts: ExportOptions) -> dict:
     return check_parity(model, path, input_size, opts).to_dict()
 
 
-def export_run(out: str | Path, opts: ExportOptions) -> dict:
-    """Re-export the pruned model of a finished run (for example at another opset) and re-check parity."""
+def int8_stage(root: Path, recipe: Recipe, spec, train_ds, eval_ds, quiet: bool) -> dict:
+    """Quantize root/model.onnx to root/model.int8.onnx and compare the two on `eval_ds`."""
+    opts = recipe.int8
+    calibration = loader(unaugmented(train_ds, spec), 32, limit=opts.calibration_images)
+    quantize_int8(root / ONNX_NAME, root / INT8_NAME, calibration, opts)
+    result = compare_int8(root / ONNX_NAME, root / INT8_NAME, loader(eval_ds, recipe.data.eval_batch_size),
+                          spec.input_size, recipe.latency, quiet)
+    return {**result, "calibration_images": min(opts.calibration_images, len(train_ds)), "method": opts.method,
+            "per_channel": opts.per_channel}
+
+
+def export_run(out: str | Path, opts: ExportOptions, int8: bool = False, data: str | None = None,
+               quiet: bool = True) -> dict:
+    """Re-export the pruned model of a finished run (for example at another opset) and re-check parity;
+    with `int8`, also quantize it (calibrated on `data`) and add the `int8` stage to the report."""
     root = Path(out)
     model = artifact.load(root)
     ensure_writable_dir(root)
     parity = export_stage(model, root, opts)
     write_json(root / "stages" / "export.json", parity)
+    result = {"onnx_parity": parity}
+    if int8:
+        recipe = Recipe.model_validate(read_json(root / "recipe.json")) if (root / "recipe.json").exists() \
+            else Recipe()
+        data = data or recipe.data.path
+        if not data:
+            raise EdgePruneError("--int8 needs --data: INT8 calibration reads a few hundred training images")
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": data}),
+                                           "int8": recipe.int8.model_copy(update={"enabled": True})})
+        spec = model.edgeprune_spec
+        train = load_split(data, spec, True, quiet)
+        evaluation = even_subset(load_split(data, spec, False, quiet), recipe.data.eval_images)
+        result["int8"] = int8_stage(root, recipe, spec, train, evaluation, quiet)
+        write_json(root / "stages" / "int8.json", result["int8"])
     report_path = root / "report.json"
     if report_path.exists():
         final = read_json(report_path)
         final["onnx_parity"] = parity
         final["pruned"]["onnx_bytes"] = onnx_bytes(root / ONNX_NAME)
-        write_json(report_path, final)
-        write_text(root / "report.md", report.markdown(final))
-    return parity
+        if "int8" in result:
+            final["int8"] = result["int8"]
+        write_report(root, final)
+    return result

@@ -69,6 +69,13 @@ class ExportOptions(_Strict):
     parity_rtol: float = Field(default=1e-4, ge=0)
 
 
+class Int8Options(_Strict):
+    enabled: bool = Field(default=False, description="also write model.int8.onnx (needs data for calibration)")
+    calibration_images: int = Field(default=256, ge=1, description="training images the activation ranges come from")
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = Field(default=True, description="one weight scale per output channel")
+
+
 class DataOptions(_Strict):
     path: str | None = Field(default=None, description="cifar10, or an ImageFolder root with train/ and val/")
     eval_images: int | None = Field(default=None, ge=1, description="evaluate on an even subset (quick runs)")
@@ -102,10 +109,17 @@ class Recipe(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     prune: PruneOptions = Field(default_factory=PruneOptions)
     export: ExportOptions = Field(default_factory=ExportOptions)
+    int8: Int8Options = Field(default_factory=Int8Options)
     latency: LatencyOptions = Field(default_factory=LatencyOptions)
     data: DataOptions = Field(default_factory=DataOptions)
     recover: RecoverOptions = Field(default_factory=RecoverOptions)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _int8_needs_data(self):
+        if self.int8.enabled and not self.data.path:
+            raise ValueError("INT8 calibration needs a dataset: set data.path (--data)")
+        return self
 
 
 def _one_line(err: ValidationError) -> str:
@@ -137,7 +151,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | None = 
         raise EdgePruneError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise EdgePruneError(f"recipe {path} must be a mapping of sections (model, data, prune, recover, "
-                             "export, latency)")
+                             "export, int8, latency)")
     return apply_overrides(build(Recipe, data), overrides or {})
 
 

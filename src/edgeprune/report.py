@@ -54,7 +54,7 @@ def final_stage(report: dict) -> str:
 
 
 def build(baseline: dict, pruned: dict, accuracy: dict[str, dict], parity: dict, prune: dict, recipe: dict,
-          environment: dict) -> dict:
+          environment: dict, int8: dict | None = None) -> dict:
     """The report: each stage's measurement and accuracy; the pruned, re-calibrated and fine-tuned
     models share one architecture, so they share its one measurement."""
     def acc(stage: str) -> dict:
@@ -68,6 +68,8 @@ def build(baseline: dict, pruned: dict, accuracy: dict[str, dict], parity: dict,
         report["onnx"] = {"onnx_bytes": pruned["onnx_bytes"], **acc("onnx")}
     if accuracy:
         report["eval_images"] = accuracy["baseline"].get("images")
+    if int8:
+        report["int8"] = int8
     report.update({"onnx_parity": parity, "prune": prune, "recipe": recipe, "environment": environment})
     report["reduction_pct"] = {
         key: round(100 * (1 - pruned[key] / baseline[key]), 2)
@@ -81,6 +83,23 @@ def build(baseline: dict, pruned: dict, accuracy: dict[str, dict], parity: dict,
 def accuracy_rows(report: dict) -> list[tuple[str, float, float]]:
     return [(STAGE_LABELS[s], report[s]["top1"], report[s]["top5"])
             for s in ("baseline", *ACCURACY_STAGES, "onnx") if s in report and "top1" in report[s]]
+
+
+def int8_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(metric, FP32 ONNX, INT8 ONNX, factor) for the INT8 stage, measured side by side."""
+    q = report.get("int8")
+    if not q:
+        return []
+    f = q["fp32"]
+    rows = [("Size, ONNX (MB)", f"{f['onnx_bytes'] / 1e6:.2f}", f"{q['onnx_bytes'] / 1e6:.2f}",
+             f"{q['size_reduction_x']:.2f}x smaller"),
+            ("CPU ms, ONNX Runtime", f"{f['latency_ms']['ort_cpu']:.2f}", f"{q['latency_ms']['ort_cpu']:.2f}",
+             f"{q['speedup_vs_fp32']:.2f}x faster")]
+    if q.get("top1") is not None:
+        rows += [("Top-1 (%)", f"{f['top1']:.2f}", f"{q['top1']:.2f}", f"{q['top1'] - f['top1']:+.2f} pts"),
+                 ("Top-5 (%)", f"{f['top5']:.2f}", f"{q['top5']:.2f}", f"{q['top5'] - f['top5']:+.2f} pts"),
+                 ("Top-1 agreement with FP32", "", f"{q['top1_agreement']:.2%}", "")]
+    return rows
 
 
 def _layers_changed(report: dict) -> list[dict]:
@@ -115,6 +134,13 @@ def markdown(report: dict) -> str:
             lines += ["", "Fine-tuning: " + "; ".join(
                 f"epoch {e['epoch']} loss {e['loss']:.3f}" + (f" top-1 {e['top1']:.2f}" if e.get("top1") is not None
                                                               else "") + f" ({e['seconds']:.0f} s)" for e in epochs)]
+    if report.get("int8"):
+        q = report["int8"]
+        scales = "per-channel" if q["per_channel"] else "per-tensor"
+        lines += ["", f"## INT8 (ONNX Runtime static quantization, QDQ, {scales} weights, {q['method']} "
+                  f"calibration on {q['calibration_images']} training images)", "",
+                  "| metric | FP32 ONNX | INT8 ONNX | change |", "|---|---:|---:|---:|"]
+        lines += [f"| {m} | {a} | {b} | {c} |" for m, a, b, c in int8_rows(report)]
     parity = report["onnx_parity"]
     lines += ["", f"ONNX parity (ONNX Runtime vs PyTorch, batch {parity['batch']}): max abs diff "
               f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.1%}.", ""]
@@ -142,6 +168,17 @@ def console_table(report: dict):
         table.add_column(col, justify=justify)
     for row in comparison(report):
         table.add_row(row["metric"], row["before"], row["after"], row["change"], row["factor"])
+    return table
+
+
+def int8_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title="INT8 (ONNX Runtime), next to the FP32 ONNX model")
+    for col, justify in (("metric", "left"), ("FP32", "right"), ("INT8", "right"), ("change", "right")):
+        table.add_column(col, justify=justify)
+    for row in int8_rows(report):
+        table.add_row(*row)
     return table
 
 

@@ -1,0 +1,98 @@
+"""INT8: static post-training quantization of an exported ONNX model with ONNX Runtime.
+
+QDQ format, per-channel INT8 weights, UINT8 activations whose ranges come from a few hundred
+training images (evaluation transforms, no augmentation). `quant_pre_process` (shape inference and
+graph optimization) runs first, as ONNX Runtime recommends: without it Conv+BN are quantized apart.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from .errors import EdgePruneError
+from .evaluate import evaluate_onnx
+from .measure import onnx_bytes, ort_runner, time_interleaved
+from .quiet import quiet_stdout
+from .recipe import Int8Options, LatencyOptions
+
+INT8_NAME = "model.int8.onnx"
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over a DataLoader of (images, labels)."""
+
+    def __init__(self, input_name: str, data: DataLoader):
+        self.input_name, self.data, self._it = input_name, data, None
+
+    def get_next(self):
+        if self._it is None:
+            self._it = iter(self.data)
+        batch = next(self._it, None)
+        return None if batch is None else {self.input_name: batch[0].numpy().astype(np.float32)}
+
+    def rewind(self):
+        self._it = None
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: DataLoader,
+                  opts: Int8Options) -> Path:
+    """Write the INT8 (QDQ) version of `fp32_path` to `out_path`; the file appears only whole."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if len(calibration.dataset) == 0:
+        raise EdgePruneError("INT8 calibration has no images; check the dataset's train/ split")
+    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[opts.method]
+    ort_logger = logging.getLogger("onnxruntime")  # the quantizer logs a note per un-quantized op
+    previous = ort_logger.level
+    ort_logger.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".export-int8-", dir=out_path.parent) as tmp, quiet_stdout():
+            pre, quantized = Path(tmp) / "pre.onnx", Path(tmp) / out_path.name
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+            quantize_static(str(pre), str(quantized), _Calibration(input_name, calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=method)
+            os.replace(quantized, out_path)
+    except EdgePruneError:
+        raise
+    except Exception as exc:  # the quantizer raises assorted types on graphs it cannot handle
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EdgePruneError(f"INT8 quantization of {fp32_path} failed ({type(exc).__name__}: {first})") from None
+    finally:
+        ort_logger.setLevel(previous)
+    return out_path
+
+
+def compare_int8(fp32_path: Path, int8_path: Path, eval_data: DataLoader, input_size, latency: LatencyOptions,
+                 quiet: bool = True) -> dict:
+    """Accuracy, agreement, size and ONNX Runtime CPU latency of the INT8 model next to its FP32 source,
+    timed side by side in one call."""
+    fp32 = evaluate_onnx(fp32_path, eval_data, latency.threads, quiet, keep_predictions=True)
+    int8 = evaluate_onnx(int8_path, eval_data, latency.threads, quiet, keep_predictions=True)
+    agreement = float(np.mean(fp32.pop("predictions") == int8.pop("predictions")))
+    runners = {name: ort_runner(path, input_size, latency.batch_size, latency.threads, spinning=latency.ort_spinning)
+               for name, path in (("fp32", fp32_path), ("int8", int8_path))}
+    timed = time_interleaved(runners, latency, quiet, "INT8 latency")
+    sizes = {"fp32": onnx_bytes(fp32_path), "int8": onnx_bytes(int8_path)}
+    return {
+        "top1": int8["top1"], "top5": int8["top5"], "images": int8["images"], "top1_agreement": agreement,
+        "onnx_bytes": sizes["int8"],
+        "latency_ms": {"ort_cpu": timed["int8"].median_ms}, "latency_p90_ms": {"ort_cpu": timed["int8"].p90_ms},
+        "fp32": {"top1": fp32["top1"], "top5": fp32["top5"], "onnx_bytes": sizes["fp32"],
+                 "latency_ms": {"ort_cpu": timed["fp32"].median_ms},
+                 "latency_p90_ms": {"ort_cpu": timed["fp32"].p90_ms}},
+        "speedup_vs_fp32": round(timed["fp32"].median_ms / timed["int8"].median_ms, 3),
+        "size_reduction_x": round(sizes["fp32"] / sizes["int8"], 3),
+        "top1_drop_pts": round(fp32["top1"] - int8["top1"], 3),
+    }
