@@ -106,6 +106,8 @@ def _finish(report: dict | None, out: Path, as_json: bool) -> None:
     parity = report["onnx_parity"]
     out_console.print(f"ONNX parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
                       f"{parity['top1_agreement']:.1%}", highlight=False)
+    for finding in report.get("diagnostics", {}).get("findings", []):
+        out_console.print(f"- {finding}", highlight=False)
     unpruned = report["prune"]["unpruned"]
     if len(unpruned) > 1:
         out_console.print(f"{len(unpruned)} layers left unpruned (see report.md for why)", highlight=False)

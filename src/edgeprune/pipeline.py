@@ -16,6 +16,7 @@ import torch
 
 from . import artifact, report
 from .data import even_subset, load_split, loader, shard, unaugmented
+from .diagnose import diagnose
 from .distributed import Runtime, runtime, seed_everything
 from .errors import EdgePruneError
 from .evaluate import evaluate, evaluate_onnx
@@ -200,7 +201,7 @@ class _Stages:
         return out
 
 
-LATE_STAGES = ("export", "accuracy_onnx", "int8", "measure")
+LATE_STAGES = ("export", "accuracy_onnx", "int8", "measure", "diagnose")
 LATER_STAGES = ("accuracy_baseline", "accuracy_pruned", "recalibrated", "finetuned", *LATE_STAGES)
 FINETUNE_CHECKPOINT = "finetune-checkpoint.pt"
 
@@ -227,7 +228,7 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
     if parity is None or not (folder.root / ONNX_NAME).exists():
         log("exporting to ONNX and checking parity")
         parity = folder.save("export", export_stage(pruned_model, folder.root, recipe.export),
-                             invalidates=("accuracy_onnx", "int8", "measure"))
+                             invalidates=("accuracy_onnx", "int8", "measure", "diagnose"))
     if recipe.data.path:
         accuracy["onnx"] = stages.stage("accuracy_onnx", lambda: evaluate_onnx(
             folder.root / ONNX_NAME, loader(stages.eval_set(), recipe.data.eval_batch_size),
@@ -241,10 +242,23 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
         log("measuring the baseline and the pruned model side by side")
         measured = folder.save("measure", measure_models(
             {"baseline": (stages.model, None), "pruned": (pruned_model, folder.root / ONNX_NAME)},
-            input_size, recipe, quiet))
+            input_size, recipe, quiet), invalidates=("diagnose",))
+
+    diagnostics = None
+    if recipe.latency.per_layer:
+        def profile_layers():
+            log("profiling every layer of both models (ONNX Runtime and PyTorch)")
+            speedup = {k: v / measured["pruned"]["latency_ms"][k] for k, v in measured["baseline"]["latency_ms"].items()
+                       if measured["pruned"]["latency_ms"].get(k)}
+            with tempfile.TemporaryDirectory(prefix="edgeprune-") as tmp:
+                baseline_onnx = export_onnx(stages.model, input_size, Path(tmp) / "baseline.onnx", recipe.export)
+                return diagnose(stages.model, baseline_onnx, pruned_model, folder.root / ONNX_NAME, recipe.latency,
+                                speedup)
+        diagnostics = stages.stage("diagnose", profile_layers, collective=False)
 
     final = report.build(measured["baseline"], measured["pruned"], accuracy, parity, prune_result,
-                         recipe.model_dump(mode="json"), environment(), int8=folder.result("int8"))
+                         recipe.model_dump(mode="json"), environment(), int8=folder.result("int8"),
+                         diagnostics=diagnostics)
     write_report(folder.root, final)
     return final
 

@@ -30,6 +30,8 @@ class LatencyOptions(_Strict):
     batch_size: int = Field(default=1, ge=1)
     cuda: bool = True  # also measure on a GPU when one exists
     ort_spinning: bool = False  # ONNX Runtime workers busy-wait between runs (faster only on idle cores)
+    per_layer: bool = Field(default=True, description="profile every layer (ONNX Runtime and PyTorch) for the "
+                            "'why isn't it faster?' diagnostics")
 
 
 class PruneOptions(_Strict):

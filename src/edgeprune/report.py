@@ -54,7 +54,7 @@ def final_stage(report: dict) -> str:
 
 
 def build(baseline: dict, pruned: dict, accuracy: dict[str, dict], parity: dict, prune: dict, recipe: dict,
-          environment: dict, int8: dict | None = None) -> dict:
+          environment: dict, int8: dict | None = None, diagnostics: dict | None = None) -> dict:
     """The report: each stage's measurement and accuracy; the pruned, re-calibrated and fine-tuned
     models share one architecture, so they share its one measurement."""
     def acc(stage: str) -> dict:
@@ -70,6 +70,8 @@ def build(baseline: dict, pruned: dict, accuracy: dict[str, dict], parity: dict,
         report["eval_images"] = accuracy["baseline"].get("images")
     if int8:
         report["int8"] = int8
+    if diagnostics:
+        report["diagnostics"] = diagnostics
     report.update({"onnx_parity": parity, "prune": prune, "recipe": recipe, "environment": environment})
     report["reduction_pct"] = {
         key: round(100 * (1 - pruned[key] / baseline[key]), 2)
@@ -150,13 +152,40 @@ def markdown(report: dict) -> str:
         lines.append("")
     changed = _layers_changed(report)
     lines += ["## Channel widths", "", f"{len(changed)} of {len(report['prune']['layers'])} conv/linear "
-              "layers were narrowed.", "", "| layer | type | before | after |", "|---|---|---:|---:|"]
-    lines += [f"| `{la['name']}` | {la['kind']} | {la['channels_before']} | {la['channels_after']} |"
-              for la in report["prune"]["layers"]]
+              "layers were narrowed" + (" (per-layer widths, MACs and times below)." if report.get("diagnostics")
+                                        else ".")]
+    if not report.get("diagnostics"):
+        lines += ["", "| layer | type | before | after |", "|---|---|---:|---:|"]
+        lines += [f"| `{la['name']}` | {la['kind']} | {la['channels_before']} | {la['channels_after']} |"
+                  for la in report["prune"]["layers"]]
+    if report.get("diagnostics"):
+        lines += diagnostics_markdown(report["diagnostics"])
     for note in report["prune"].get("notes", []):
         lines += ["", f"Note: {note}"]
     lines += ["", f"Environment: {', '.join(f'{k} {v}' for k, v in env.items())}.", ""]
     return "\n".join(lines)
+
+
+def diagnostics_markdown(diag: dict) -> list[str]:
+    lines = ["", "## Why isn't it faster? (per-layer profile)", "",
+             f"Per-layer medians of {diag['runs']} runs, batch {diag['batch_size']}, {diag['threads']} threads: "
+             "ONNX Runtime's profiler (fused Conv+BN+activation kernels traced back to their layer) and PyTorch "
+             "forward hooks.", ""]
+    lines += [f"- {f}" for f in diag["findings"]]
+    lines += ["", f"| layer | channels | MACs before | MACs after | ORT ms before | ORT ms after | "
+              f"PyTorch ms before | PyTorch ms after | multiple of {diag['align']} |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for la in diag["layers"]:
+        lines.append(f"| `{la['name']}` | {la['channels_before']} -> {la['channels_after']} | "
+                     f"{la['macs_before'] / 1e6:.2f}M | {la['macs_after'] / 1e6:.2f}M | {la['ort_ms_before']:.3f} | "
+                     f"{la['ort_ms_after']:.3f} | {la['torch_ms_before']:.3f} | {la['torch_ms_after']:.3f} | "
+                     f"{'yes' if la['aligned'] else '**no**'} |")
+    other = diag["ort_other_ms"]
+    ops = sorted(set(other["before"]) | set(other["after"]))
+    if ops:
+        lines += ["", "| other ONNX Runtime ops | ms before | ms after |", "|---|---:|---:|"]
+        lines += [f"| {op} | {other['before'].get(op, 0):.3f} | {other['after'].get(op, 0):.3f} |" for op in ops]
+    return lines
 
 
 def console_table(report: dict):

@@ -1,0 +1,268 @@
+"""Why isn't it faster? Per-layer MACs and measured time for the baseline and the pruned model.
+
+ONNX Runtime's own profiler times every kernel of the optimized graph; fused nodes (Conv+BN+ReLU,
+NCHWc layout) are traced back to the conv/linear layer they came from through the exported
+graph's node scopes (`/layer1/layer1.0/conv1/Conv` -> `layer1.0.conv1`). PyTorch is timed per
+layer with forward hooks (eager CPU execution is synchronous). Everything else (pooling, adds,
+layout reorders) is summed per operator type.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .measure import torch_threads
+from .recipe import LatencyOptions
+
+ALIGN = 8  # channel multiple that vectorized CPU kernels (AVX-512: 16 floats, NCHWc blocks of 8/16) like
+_PASS_THROUGH = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "BatchNormalization",
+                 "Mul", "Add", "Identity"}
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates of each conv/linear layer for one input of `example`'s batch."""
+    macs: dict[str, int] = {}
+    names = {m: n for n, m in _layers(model).items()}
+
+    def hook(mod, inputs, out):
+        if isinstance(mod, nn.Linear):
+            per_out = mod.in_features
+        else:
+            per_out = (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
+        macs[names[mod]] = macs.get(names[mod], 0) + int(out[0].numel()) * per_out
+
+    hooks = [m.register_forward_hook(hook) for m in names]
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def torch_layer_ms(model: nn.Module, example: torch.Tensor, opts: LatencyOptions) -> dict[str, float]:
+    """Median eager PyTorch time (ms) of each conv/linear layer over `opts.repeats` forward passes."""
+    names = {m: n for n, m in _layers(model).items()}
+    starts: dict[str, float] = {}
+    runs: dict[str, list[float]] = defaultdict(list)
+    current: dict[str, float] = defaultdict(float)
+
+    def pre(mod, inputs):
+        starts[names[mod]] = time.perf_counter()
+
+    def post(mod, inputs, out):
+        current[names[mod]] += time.perf_counter() - starts[names[mod]]
+
+    model = model.eval()
+    x = torch.randn(opts.batch_size, *example.shape[1:])
+    hooks = [h for m in names for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        with torch_threads(opts.threads), torch.inference_mode():
+            for _ in range(opts.warmup):
+                model(x)
+            for _ in range(opts.repeats):
+                current.clear()
+                model(x)
+                for name, seconds in current.items():
+                    runs[name].append(seconds)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: float(np.median(t)) * 1e3 for name, t in runs.items()}
+
+
+def _scope_to_module(node_name: str, modules: set[str]) -> str | None:
+    """`/layer1/layer1.0/conv1/Conv` -> `layer1.0.conv1` when that module exists."""
+    parts = [p for p in node_name.split("/") if p][:-1]
+    path = last = ""
+    for part in parts:  # a Sequential's children are scoped "<its local name>.<index>"
+        if last and part.startswith(last + "."):
+            path = path[: len(path) - len(last)] + part
+        else:
+            path = f"{path}.{part}" if path else part
+        last = part
+    return path if path in modules else None
+
+
+def _origin_map(onnx_path: Path, modules: set[str]) -> dict[str, str]:
+    """Name of each node or tensor in the exported graph -> the conv/linear module it belongs to."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    origin: dict[str, str] = {}
+
+    def source(node, depth=0):
+        if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+            return _scope_to_module(node.name, modules)
+        if node.op_type not in _PASS_THROUGH or depth > 4:
+            return None
+        for name in node.input:  # an activation or a residual add fused into the conv before it
+            if name in producer:
+                found = source(producer[name], depth + 1)
+                if found:
+                    return found
+        return None
+
+    for node in graph.node:
+        module = source(node)
+        if module:
+            origin[node.name] = module
+            for out in node.output:
+                origin[out] = module
+    return origin
+
+
+def ort_layer_ms(onnx_path: Path, modules: set[str], input_size, opts: LatencyOptions) -> tuple[dict, dict]:
+    """ONNX Runtime's profiler: (median ms per conv/linear module, median ms per other op type)."""
+    import onnxruntime as ort
+
+    origin = _origin_map(onnx_path, modules)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-profile-") as tmp:
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        so.intra_op_num_threads = opts.threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.ort_spinning else "0")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
+            (opts.batch_size, *input_size)).astype(np.float32)}
+        for _ in range(opts.warmup):
+            sess.run(None, feed)
+        for _ in range(opts.repeats):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    # Event timestamps are microseconds since the session started; keep the timed runs only.
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    runs = runs[-opts.repeats:]
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_layer: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(runs))
+    per_op: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(runs))
+    for event in nodes:
+        run = next((i for i, r in enumerate(runs) if r["ts"] <= event["ts"] <= r["ts"] + r["dur"]), None)
+        if run is None:
+            continue
+        node = event["name"][: -len("_kernel_time")]
+        key = node[: -len("_nchwc")] if node.endswith("_nchwc") else node
+        module = origin.get(key)
+        if module:
+            per_layer[module][run] += event["dur"] / 1e3
+        else:
+            per_op[event["args"].get("op_name", "other")][run] += event["dur"] / 1e3
+    return ({m: float(np.median(t)) for m, t in per_layer.items()},
+            {op: float(np.median(t)) for op, t in per_op.items()})
+
+
+def _profile(model: nn.Module, onnx_path: Path, opts: LatencyOptions) -> dict:
+    spec = model.edgeprune_spec
+    example = spec.example_input()
+    modules = set(_layers(model))
+    ort_ms, ort_other = ort_layer_ms(onnx_path, modules, spec.input_size, opts)
+    return {"macs": layer_macs(model, example), "torch_ms": torch_layer_ms(model, example, opts),
+            "ort_ms": ort_ms, "ort_other_ms": ort_other}
+
+
+def diagnose(baseline: nn.Module, baseline_onnx: Path, pruned: nn.Module, pruned_onnx: Path,
+             opts: LatencyOptions, speedup: dict[str, float] | None = None, top: int = 5) -> dict:
+    """Per-layer table (MACs, measured ms in ONNX Runtime and PyTorch, widths, alignment) for both
+    models, and findings: how close each runtime's speed-up comes to the MACs reduction, and which
+    layers and operators hold the remaining time. `speedup` (whole-model, from `measure`) is used
+    for the findings when given; otherwise the per-layer sums stand in."""
+    before, after = _profile(baseline, baseline_onnx, opts), _profile(pruned, pruned_onnx, opts)
+    widths_before = {n: _width(m) for n, m in _layers(baseline).items()}
+    widths_after = {n: _width(m) for n, m in _layers(pruned).items()}
+    layers = []
+    for name in widths_before:
+        after_width = widths_after.get(name, widths_before[name])
+        layers.append({
+            "name": name, "kind": type(_layers(baseline)[name]).__name__,
+            "channels_before": widths_before[name], "channels_after": after_width,
+            "aligned": after_width % ALIGN == 0 or after_width == widths_before[name],
+            "macs_before": before["macs"].get(name, 0), "macs_after": after["macs"].get(name, 0),
+            "ort_ms_before": before["ort_ms"].get(name, 0.0), "ort_ms_after": after["ort_ms"].get(name, 0.0),
+            "torch_ms_before": before["torch_ms"].get(name, 0.0), "torch_ms_after": after["torch_ms"].get(name, 0.0),
+        })
+    totals = {
+        "macs_before": sum(before["macs"].values()), "macs_after": sum(after["macs"].values()),
+        "ort_layers_ms_before": sum(before["ort_ms"].values()), "ort_layers_ms_after": sum(after["ort_ms"].values()),
+        "ort_other_ms_before": sum(before["ort_other_ms"].values()),
+        "ort_other_ms_after": sum(after["ort_other_ms"].values()),
+        "torch_layers_ms_before": sum(before["torch_ms"].values()),
+        "torch_layers_ms_after": sum(after["torch_ms"].values()),
+    }
+    result = {"runs": opts.repeats, "threads": opts.threads, "batch_size": opts.batch_size, "align": ALIGN,
+              "layers": layers, "totals": totals,
+              "ort_other_ms": {"before": before["ort_other_ms"], "after": after["ort_other_ms"]}}
+    result["findings"] = findings(result, speedup, top)
+    return result
+
+
+def _width(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+
+
+def findings(diag: dict, speedup: dict[str, float] | None, top: int = 5) -> list[str]:
+    """Plain sentences: speed-up against MACs reduction per runtime, where the time went, misalignment."""
+    t = diag["totals"]
+    macs_x = t["macs_before"] / max(t["macs_after"], 1)
+    ort_total_before = t["ort_layers_ms_before"] + t["ort_other_ms_before"]
+    ort_total_after = t["ort_layers_ms_after"] + t["ort_other_ms_after"]
+    measured = {"ort_cpu": ort_total_before / max(ort_total_after, 1e-9),
+                "torch_cpu": t["torch_layers_ms_before"] / max(t["torch_layers_ms_after"], 1e-9)}
+    measured.update({k: v for k, v in (speedup or {}).items() if k in measured})
+    out = []
+    for key, label in (("ort_cpu", "ONNX Runtime"), ("torch_cpu", "PyTorch")):
+        x = measured[key]
+        out.append(f"{label}: {x:.2f}x faster against {macs_x:.2f}x fewer conv/linear MACs, "
+                   f"{x / macs_x:.0%} of what the MACs reduction promises.")
+    layers = sorted(diag["layers"], key=lambda la: la["ort_ms_after"], reverse=True)
+    if ort_total_after > 0:
+        named = [f"{la['name']} {la['ort_ms_after'] / ort_total_after:.0%}"
+                 + (f" (MACs {la['macs_before'] / max(la['macs_after'], 1):.1f}x fewer, time "
+                    f"{la['ort_ms_before'] / max(la['ort_ms_after'], 1e-9):.1f}x less)"
+                    if la["channels_before"] != la["channels_after"] or la["macs_before"] != la["macs_after"]
+                    else " (not pruned)") for la in layers[:top]]
+        out.append("Layers holding most of the pruned model's ONNX Runtime time: " + ", ".join(named) + ".")
+        other = diag["ort_other_ms"]["after"]
+        if other:
+            ops = sorted(other.items(), key=lambda kv: kv[1], reverse=True)[:3]
+            out.append(f"Outside conv/linear layers: {t['ort_other_ms_after'] / ort_total_after:.0%} of the pruned "
+                       f"model's time ({', '.join(f'{op} {ms:.2f} ms' for op, ms in ops)}); "
+                       f"{t['ort_other_ms_before']:.2f} ms before pruning, {t['ort_other_ms_after']:.2f} ms after"
+                       + ("; layout reorders appear when widths stop fitting ONNX Runtime's NCHWc blocks."
+                          if any(op.startswith("Reorder") for op, _ in ops) else "."))
+        groups: dict[str, float] = defaultdict(float)
+        for la in diag["layers"]:
+            groups[la["name"].split(".")[0]] += la["ort_ms_after"]
+        if len(groups) > 2:
+            ranked = sorted(groups.items(), key=lambda kv: kv[1], reverse=True)[:4]
+            out.append("By top-level block: " + ", ".join(f"{g} {ms / ort_total_after:.0%}" for g, ms in ranked) + ".")
+        unpruned = [la for la in diag["layers"] if la["channels_before"] == la["channels_after"]]
+        share = sum(la["ort_ms_after"] for la in unpruned) / ort_total_after
+        if unpruned and share > 0.1:
+            out.append(f"{len(unpruned)} layers keep their full width and take {share:.0%} of the pruned model's "
+                       "time (the classifier head, ignored layers, and layers coupled to an unprunable one).")
+    misaligned = [la for la in diag["layers"] if not la["aligned"]]
+    if misaligned:
+        ms = sum(la["ort_ms_after"] for la in misaligned)
+        out.append(f"{len(misaligned)} pruned layers have widths that are not multiples of {diag['align']} "
+                   f"({ms:.2f} ms in ONNX Runtime), e.g. "
+                   + ", ".join(f"{la['name']} = {la['channels_after']}" for la in misaligned[:3])
+                   + f"; --round-to {diag['align']} or 16 keeps vector lanes full.")
+    return out
