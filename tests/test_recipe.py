@@ -19,7 +19,7 @@ def test_yaml_recipe_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("prune: {ratio: 1.5}", "prune.ratio: Value error, must be between 0 and 1"),
-    ("prune: {ratio: 0.5, macs_reduction: 0.5}", "either ratio or macs_reduction"),
+    ("prune: {ratio: 0.5, macs_reduction: 0.5}", "give one of ratio, macs_reduction, target_latency_ms"),
     ("prune: {importance: magic}", "prune.importance"),
     ("prnue: {ratio: 0.5}", "prnue: Extra inputs are not permitted"),
     ("- just\n- a list", "must be a mapping"),

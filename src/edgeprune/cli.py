@@ -106,12 +106,17 @@ def _finish(report: dict | None, out: Path, as_json: bool) -> None:
     parity = report["onnx_parity"]
     out_console.print(f"ONNX parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
                       f"{parity['top1_agreement']:.1%}", highlight=False)
+    t = report.get("target", {})
+    if t.get("kind") == "latency":
+        out_console.print(f"Latency target {t['latency_ms']:g} ms on {t['runtime']}: "
+                          f"{'met' if t['met'] else 'MISSED'} ({t['measured_ms']:.2f} ms measured on the final model)",
+                          highlight=False)
     for finding in report.get("diagnostics", {}).get("findings", []):
         out_console.print(f"- {finding}", highlight=False)
     unpruned = report["prune"]["unpruned"]
     if len(unpruned) > 1:
         out_console.print(f"{len(unpruned)} layers left unpruned (see report.md for why)", highlight=False)
-    out_console.print(f"Report: {out / 'report.md'}, {out / 'report.json'}; pruned model: {out} "
+    out_console.print(f"Report: {out / 'report.html'} (also .md, .json); pruned model: {out} "
                       "(edgeprune.load)", highlight=False)
 
 
@@ -122,6 +127,10 @@ def prune_cmd(
     ratio: float | None = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1)"),
     macs_reduction: float | None = typer.Option(None, "--macs-reduction",
                                                    help="fraction of MACs to remove, in (0, 1); 0.5 halves them"),
+    target_latency_ms: float | None = typer.Option(
+        None, "--target-latency-ms", help="prune until the exported model runs in at most X ms (measured on "
+        "--latency-runtime with --threads); round_to is chosen among 1, 8, 16 unless --round-to is given"),
+    latency_runtime: str = typer.Option("ort_cpu", "--latency-runtime", help="ort_cpu (ONNX Runtime) or torch_cpu"),
     importance: str = typer.Option("l2", "--importance",
                                    help="l1, l2, bn-scale, taylor, hessian, lamp, fpgm or random"),
     global_pruning: bool = typer.Option(False, "--global/--local", help="rank channels across layers or per layer"),
@@ -142,7 +151,8 @@ def prune_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     quiet: bool = QuietOpt,
 ):
-    """Prune a model structurally, export it to ONNX with a parity check, and report before/after."""
+    """Prune a model structurally (to a channel ratio, a MACs reduction or a measured latency), export it
+    to ONNX with a parity check, and report before/after with a per-layer profile."""
     from .pipeline import run
     from .recipe import Recipe, apply_overrides, load_recipe
 
@@ -151,10 +161,15 @@ def prune_cmd(
                  "prune.importance": importance, "prune.global_pruning": global_pruning,
                  "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
                  "prune.ignore": ignore or [], "export.opset": opset, **_latency(threads, warmup, repeats)}
-    if ratio is not None and macs_reduction is not None:
-        raise EdgePruneError("give either --ratio or --macs-reduction, not both")
+    targets = {"--ratio": ratio, "--macs-reduction": macs_reduction, "--target-latency-ms": target_latency_ms}
+    given = [flag for flag, v in targets.items() if v is not None]
+    if len(given) > 1:
+        raise EdgePruneError(f"give one of --ratio, --macs-reduction, --target-latency-ms, not {' and '.join(given)}")
+    overrides["prune.latency_runtime"] = latency_runtime
     if macs_reduction is not None:
         overrides["prune.macs_reduction"] = macs_reduction
+    elif target_latency_ms is not None:
+        overrides["prune.target_latency_ms"] = target_latency_ms
     else:
         overrides["prune.ratio"] = 0.5 if ratio is None else ratio
     overrides.update(_parse_settings(settings or []))

@@ -163,7 +163,19 @@ class _Stages:
                 calibration = None
                 if self.recipe.data.path and self.recipe.prune.importance in ("taylor", "hessian"):
                     calibration = loader(self.split(True), 32, limit=32 * self.recipe.prune.calibration_batches)
-                pruned, result = prune(self.model, self.recipe.prune, calibration=calibration)
+                opts = self.recipe.prune
+                if opts.target_latency_ms is not None:
+                    from .target import OnnxLatencyProbe
+
+                    with tempfile.TemporaryDirectory(prefix="edgeprune-target-") as tmp:
+                        probe = OnnxLatencyProbe(self.model, opts.latency_runtime, self.recipe.latency,
+                                                 self.recipe.export, tmp)
+                        self.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; searching for "
+                                 f"<= {opts.target_latency_ms:g} ms")
+                        pruned, result = prune(self.model, opts, calibration=calibration, latency_probe=probe,
+                                               log=self.log)
+                else:
+                    pruned, result = prune(self.model, opts, calibration=calibration)
                 artifact.save(pruned, result.history, root)
                 self.folder.save("prune", result.to_dict(), invalidates=LATER_STAGES)
             self.rt.barrier()
@@ -265,8 +277,11 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
 
 def write_report(root: Path, final: dict) -> None:
     """report.json, report.md and the self-contained report.html of a run folder."""
+    from .report_html import page
+
     write_json(root / "report.json", final)
     write_text(root / "report.md", report.markdown(final))
+    write_text(root / "report.html", page(final))
 
 
 def export_stage(model, root: Path, opts: ExportOptions) -> dict:

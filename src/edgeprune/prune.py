@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,6 +20,16 @@ from .recipe import PruneOptions
 PAD_REASON = ("output channels are coupled through a zero-padding op (F.pad), whose channel offset "
               "DepGraph cannot index; pruning them would break the residual stream")
 HEAD_REASON = "classifier head: its outputs are the classes"
+
+
+class LatencyProbe:
+    """Measures a candidate model's latency (ms) on the target runtime; knows the baseline's."""
+
+    runtime: str
+    baseline_ms: float
+
+    def __call__(self, model: nn.Module) -> float:
+        raise NotImplementedError
 
 
 class HessianImportance(tp.importance.GroupHessianImportance):
@@ -85,6 +95,7 @@ class PruneResult:
     layers: list[LayerWidth] = field(default_factory=list)
     unpruned: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    latency_search: dict | None = None  # with a latency target: the baseline and every measured trial
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -233,8 +244,15 @@ def _check_runs(model: nn.Module, example: torch.Tensor, expected_shape) -> None
 
 
 def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = None,
-          calibration: Iterable | None = None) -> tuple[nn.Module, PruneResult]:
-    """Return a pruned copy of `model` (the original is untouched) and what was done to it."""
+          calibration: Iterable | None = None, latency_probe: LatencyProbe | None = None,
+          log: Callable[[str], None] | None = None) -> tuple[nn.Module, PruneResult]:
+    """Return a pruned copy of `model` (the original is untouched) and what was done to it.
+
+    A latency target (`opts.target_latency_ms`) needs `latency_probe`, which measures a candidate
+    model on the target runtime (see `edgeprune.target.OnnxLatencyProbe`).
+    """
+    if opts.target_latency_ms is not None and latency_probe is None:
+        raise EdgePruneError("a latency target needs a latency probe (edgeprune.target.OnnxLatencyProbe)")
     spec = getattr(model, "edgeprune_spec", None)
     if example is None:
         if spec is None:
@@ -245,7 +263,8 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
         expected_shape = model(example).shape
     with warnings.catch_warnings(record=True) as caught, torch.enable_grad():  # DepGraph traces autograd
         warnings.simplefilter("always")
-        pruned, result = _prune(model, example, expected_shape, opts, calibration)
+        pruned, result = _prune(model, example, expected_shape, opts, calibration, latency_probe,
+                                log or (lambda msg: None))
     result.notes += list(dict.fromkeys(f"Torch-Pruning: {str(w.message).splitlines()[0]}" for w in caught
                                        if issubclass(w.category, UserWarning)))
     if spec is not None:
@@ -253,7 +272,7 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     return pruned.eval(), result
 
 
-def _prune(model, example, expected_shape, opts: PruneOptions, calibration):
+def _prune(model, example, expected_shape, opts: PruneOptions, calibration, probe, log):
     unpruned = _resolve_ignored(model, example, opts)
     grads, synthetic = ({}, False)
     if opts.importance in ("taylor", "hessian"):
@@ -265,10 +284,15 @@ def _prune(model, example, expected_shape, opts: PruneOptions, calibration):
 
     trials = 0
     macs_target = None
+    search = None
+    round_to = opts.round_to
     if opts.ratio is not None:
         ratio = opts.ratio
         pruned, history = _prune_copy(model, example, opts, ratio, unpruned, grads)
         trials = 1
+    elif opts.target_latency_ms is not None:
+        ratio, round_to, pruned, history, search = _search_latency(model, example, opts, unpruned, grads, probe, log)
+        trials = len(search["trials"])
     else:
         base = count_macs(model, example)
         macs_target = int(base * (1 - opts.macs_reduction))
@@ -280,8 +304,9 @@ def _prune(model, example, expected_shape, opts: PruneOptions, calibration):
     after = _prunable_layers(pruned)
     layers = [LayerWidth(n, type(m).__name__, _out_channels(m), _out_channels(after[n])) for n, m in before.items()]
     result = PruneResult(ratio=ratio, importance=opts.importance, global_pruning=opts.global_pruning,
-                         round_to=opts.round_to, macs_target=macs_target, search_trials=trials,
-                         history=[list(h) for h in history], layers=layers, unpruned=unpruned, notes=notes)
+                         round_to=round_to, macs_target=macs_target, search_trials=trials,
+                         history=[list(h) for h in history], layers=layers, unpruned=unpruned, notes=notes,
+                         latency_search=search)
     return pruned, result
 
 
@@ -336,3 +361,71 @@ def _search_ratio(model, example, opts: PruneOptions, unpruned, grads, target: i
         note = (f"MACs target {target:,} not reachable within {opts.tolerance:.0%}; closest is {macs:,} "
                 f"(channel rounding or un-prunable layers limit the granularity)")
     return ratio, pruned, history, trials, note
+
+
+def _search_latency(model, example, opts: PruneOptions, unpruned, grads, probe: LatencyProbe, log):
+    """The least-pruned model whose measured latency is within the target.
+
+    For each channel multiple (`round_to`, or each of `round_to_candidates`), the most pruned model
+    (ratio `max_layer_ratio`, at most 0.9) is measured first, so an unreachable target fails fast;
+    then the ratio is narrowed by regula falsi on measured milliseconds to 0.02. The candidate keeping
+    the most MACs wins; it is measured once more and pruned a little further while it misses the target.
+    """
+    target = opts.target_latency_ms
+    goal = target * (1 - opts.latency_margin)
+    base = probe.baseline_ms
+    runtime = probe.runtime
+    if base <= target:
+        raise EdgePruneError(f"the unpruned model already runs in {base:.2f} ms <= {target:g} ms on {runtime}; "
+                             "nothing to prune (set a lower --target-latency-ms)")
+    far_ratio = min(opts.max_layer_ratio, 0.9)
+    multiples = [opts.round_to] if opts.round_to else opts.round_to_candidates
+    trials: list[dict] = []
+
+    def at(ratio: float, multiple: int):
+        trial_opts = opts.model_copy(update={"round_to": None if multiple == 1 else multiple})
+        pruned, history = _prune_copy(model, example, trial_opts, ratio, unpruned, grads)
+        ms = probe(pruned)
+        macs = count_macs(pruned, example)
+        trials.append({"ratio": round(ratio, 4), "round_to": multiple, "latency_ms": ms, "macs": macs,
+                       "within_goal": ms <= goal})
+        log(f"ratio {ratio:.3f}, round_to {multiple}: {ms:.2f} ms on {runtime} (aim {goal:.2f} ms), {macs:,} MACs")
+        return {"ratio": ratio, "ms": ms, "model": pruned, "history": history, "macs": macs, "round_to": multiple}
+
+    best = None
+    for multiple in multiples:
+        hi = at(far_ratio, multiple)
+        if hi["ms"] > goal:
+            continue
+        lo = {"ratio": 0.0, "ms": base}
+        for _ in range(8):
+            if hi["ratio"] - lo["ratio"] <= 0.02:
+                break
+            span = hi["ratio"] - lo["ratio"]
+            guess = lo["ratio"] + span * (lo["ms"] - goal) / max(lo["ms"] - hi["ms"], 1e-9)
+            trial = at(min(max(guess, lo["ratio"] + 0.15 * span), hi["ratio"] - 0.15 * span), multiple)
+            if trial["ms"] <= goal:
+                hi = trial
+            else:
+                lo = trial
+        if best is None or hi["macs"] > best["macs"]:
+            best = hi
+    if best is None:
+        fastest = min(trials, key=lambda t: t["latency_ms"])
+        raise EdgePruneError(
+            f"cannot reach {target:g} ms on {runtime}: the most pruned model tried (ratio {far_ratio:.2f}, "
+            f"round_to {fastest['round_to']}) still takes {fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); "
+            "layers that are never pruned and per-run overhead set the floor. Raise the target, or let more "
+            "layers be pruned (prune.max_layer_ratio, prune.ignore)")
+    for _ in range(5):  # re-measure the winner; a noisy first reading must not hand in a model over the target
+        check = probe(best["model"])
+        trials.append({"ratio": round(best["ratio"], 4), "round_to": best["round_to"], "latency_ms": check,
+                       "macs": best["macs"], "within_goal": check <= goal, "recheck": True})
+        if check <= target or best["ratio"] >= far_ratio:
+            break
+        best = at(min(best["ratio"] + 0.02, far_ratio), best["round_to"])
+    search = {"target_ms": target, "goal_ms": goal, "runtime": runtime, "baseline_ms": base,
+              "chosen": {"ratio": best["ratio"], "round_to": best["round_to"], "latency_ms": best["ms"],
+                         "macs": best["macs"]},
+              "trials": trials}
+    return best["ratio"], (None if best["round_to"] == 1 else best["round_to"]), best["model"], best["history"], search

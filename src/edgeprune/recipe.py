@@ -34,10 +34,22 @@ class LatencyOptions(_Strict):
                             "'why isn't it faster?' diagnostics")
 
 
+TARGETS = ("ratio", "macs_reduction", "target_latency_ms")
+
+
 class PruneOptions(_Strict):
     ratio: float | None = Field(default=None, description="channel ratio removed per layer, in (0, 1)")
     macs_reduction: float | None = Field(
         default=None, description="fraction of MACs to remove, in (0, 1); 0.5 halves the MACs")
+    target_latency_ms: float | None = Field(
+        default=None, gt=0, description="prune until the exported model runs in at most this many ms on "
+        "latency_runtime (measured, with latency.threads)")
+    latency_runtime: Literal["ort_cpu", "torch_cpu"] = "ort_cpu"
+    latency_margin: float = Field(default=0.1, ge=0, lt=0.5, description="the search aims this fraction below "
+                                  "the target, so that re-measuring on a noisy machine stays under it")
+    round_to_candidates: list[int] = Field(
+        default_factory=lambda: [1, 8, 16], description="with a latency target and no round_to: the channel "
+        "multiples tried (1: none); the one keeping the most MACs within the target wins")
     importance: Importance = "l2"
     global_pruning: bool = False
     round_to: int | None = Field(default=None, ge=1)
@@ -55,9 +67,10 @@ class PruneOptions(_Strict):
 
     @model_validator(mode="after")
     def _one_target(self):
-        if self.ratio is not None and self.macs_reduction is not None:
-            raise ValueError("give either ratio or macs_reduction, not both")
-        if self.ratio is None and self.macs_reduction is None:
+        given = [k for k in TARGETS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of ratio, macs_reduction, target_latency_ms, not {' and '.join(given)}")
+        if not given:
             self.ratio = 0.5
         return self
 
@@ -168,8 +181,7 @@ def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
             raise EdgePruneError(f"unknown recipe section {section!r} in {dotted!r}; sections are "
                                  f"{', '.join(k for k, v in merged.items() if isinstance(v, dict))}")
         merged[section][key] = value
-    if "prune.ratio" in overrides:
-        merged["prune"]["macs_reduction"] = None
-    if "prune.macs_reduction" in overrides:
-        merged["prune"]["ratio"] = None
+    chosen = [t for t in TARGETS if overrides.get(f"prune.{t}") is not None]
+    if len(chosen) == 1:  # a target given on top of a recipe replaces the recipe's target
+        merged["prune"].update({t: None for t in TARGETS if t != chosen[0]})
     return build(Recipe, merged)

@@ -79,7 +79,24 @@ def build(baseline: dict, pruned: dict, accuracy: dict[str, dict], parity: dict,
     }
     report["speedup"] = {k: round(v / pruned["latency_ms"][k], 3) for k, v in baseline["latency_ms"].items()
                          if pruned["latency_ms"].get(k)}
+    report["target"] = target(prune, recipe, pruned)
     return report
+
+
+def target(prune: dict, recipe: dict, pruned: dict) -> dict:
+    """What the pruning aimed at and whether the final measurement meets it."""
+    opts = recipe["prune"]
+    if opts.get("target_latency_ms") is not None:
+        runtime = opts["latency_runtime"]
+        measured = pruned["latency_ms"].get(runtime)
+        return {"kind": "latency", "latency_ms": opts["target_latency_ms"], "runtime": runtime,
+                "threads": recipe["latency"]["threads"], "batch_size": recipe["latency"]["batch_size"],
+                "measured_ms": measured, "met": measured is not None and measured <= opts["target_latency_ms"],
+                "round_to": prune["round_to"], "ratio": prune["ratio"],
+                "baseline_ms_in_search": (prune.get("latency_search") or {}).get("baseline_ms")}
+    if opts.get("macs_reduction") is not None:
+        return {"kind": "macs", "macs_reduction": opts["macs_reduction"], "macs": prune["macs_target"]}
+    return {"kind": "ratio", "ratio": opts["ratio"]}
 
 
 def accuracy_rows(report: dict) -> list[tuple[str, float, float]]:
@@ -108,6 +125,16 @@ def _layers_changed(report: dict) -> list[dict]:
     return [layer for layer in report["prune"]["layers"] if layer["channels_before"] != layer["channels_after"]]
 
 
+def _target_line(report: dict) -> list[str]:
+    t = report.get("target") or {}
+    if t.get("kind") != "latency":
+        return []
+    verdict = "met" if t["met"] else "**missed**"
+    return [f"Target: at most {t['latency_ms']:g} ms on {t['runtime']} ({t['threads']} threads, batch "
+            f"{t['batch_size']}): {verdict}, {t['measured_ms']:.2f} ms measured on the final model "
+            f"(search: {report['prune']['search_trials']} measured trials, round_to {t['round_to']} kept).", ""]
+
+
 def markdown(report: dict) -> str:
     spec = report["recipe"]["model"]
     env = report["environment"]
@@ -115,6 +142,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# edgeprune report: {spec['name']}",
         "",
+        *_target_line(report),
         f"Pruned with `{report['prune']['importance']}` importance, "
         f"{'global' if report['prune']['global_pruning'] else 'local'} ranking, channel ratio "
         f"{report['prune']['ratio']:.4f}, round_to {report['prune']['round_to']}.",

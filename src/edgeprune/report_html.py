@@ -1,0 +1,208 @@
+"""The visual report: one self-contained HTML file (plots embedded as PNG data URIs, no external assets).
+
+`page(report)` renders a run: before/after table, accuracy by stage, INT8, the trade-off plot,
+per-layer channel widths and the per-layer time breakdown. `sweep_page(sweep)` renders a sweep's
+table and Pareto plots.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+from . import report as rep
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; } th { background: #f3f5f8; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.front td { background: #eef7ee; font-weight: 600; }
+img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.muted { color: #666; font-size: 0.9em; } .bad { color: #b00020; font-weight: 600; } .ok { color: #1b7f3b; }
+"""
+# Counts the plots that decoded; a browser test reads it back from the DOM.
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.querySelectorAll('img.plot'));
+  document.body.setAttribute('data-plots', String(imgs.length));
+  document.body.setAttribute('data-plots-loaded',
+      String(imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length));
+});
+"""
+BLUE, ORANGE, GREEN, GREY = "#3b6fb6", "#e07b39", "#2e9d5b", "#9a9a9a"
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(fig, alt: str) -> str:
+    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def _table(header: list[str], rows: list[list], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cells = "".join(f'<td class="num">{html.escape(str(c))}</td>' if i_c else f"<td>{html.escape(str(c))}</td>"
+                        for i_c, c in enumerate(row))
+        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _layer_bars(names: list[str], before: list[float], after: list[float], ylabel: str, title: str, alt: str) -> str:
+    import numpy as np
+
+    fig, ax = _figure(max(8.0, 0.16 * len(names) + 2), 4.2)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, before, 0.4, label="before", color=GREY)
+    ax.bar(x + 0.2, after, 0.4, label="after", color=BLUE)
+    ax.set_xticks(x, names, rotation=90, fontsize=6 if len(names) > 30 else 8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.margins(x=0.005)
+    return _img(fig, alt)
+
+
+def tradeoff_points(report: dict) -> list[dict]:
+    """The models of one run as trade-off points: name, ORT CPU ms, MACs, bytes, top-1 (when known)."""
+    final = rep.final_stage(report)
+    points = [{"label": "baseline", "ms": report["baseline"]["latency_ms"].get("ort_cpu"),
+               "macs": report["baseline"]["macs"], "bytes": report["baseline"]["onnx_bytes"],
+               "top1": report["baseline"].get("top1")},
+              {"label": "pruned" if final == "pruned" else f"pruned, {final}",
+               "ms": report[final]["latency_ms"].get("ort_cpu"),
+               "macs": report[final]["macs"], "bytes": report[final]["onnx_bytes"],
+               "top1": report.get("onnx", report[final]).get("top1")}]
+    if report.get("int8"):
+        q = report["int8"]
+        # INT8 was timed next to its FP32 source; scale to the pruned model's main measurement.
+        scale = points[1]["ms"] / q["fp32"]["latency_ms"]["ort_cpu"] if points[1]["ms"] else 1.0
+        points.append({"label": "pruned INT8", "ms": q["latency_ms"]["ort_cpu"] * scale, "macs": report[final]["macs"],
+                       "bytes": q["onnx_bytes"], "top1": q.get("top1")})
+    return points
+
+
+def _tradeoff_plots(points: list[dict], front: set[str] | None = None, title: str = "") -> str:
+    """Top-1 against latency and against MACs (or MACs against latency without accuracy)."""
+    have_acc = all(p.get("top1") is not None for p in points)
+    pairs = ([("ms", "ONNX Runtime CPU latency (ms)"), ("macs", "MACs (G)")] if have_acc
+             else [("ms", "ONNX Runtime CPU latency (ms)")])
+    out = []
+    for key, xlabel in pairs:
+        fig, ax = _figure(6.4, 4.2)
+        xs = [p[key] / (1e9 if key == "macs" else 1) for p in points]
+        ys = [p["top1"] if have_acc else p["macs"] / 1e9 for p in points]
+        on = [front is not None and p["label"] in front for p in points]
+        ax.scatter(xs, ys, s=60, color=[GREEN if f else BLUE for f in on], zorder=3)
+        for x, y, p in zip(xs, ys, points, strict=True):
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if front:
+            line = sorted((x, y) for x, y, f in zip(xs, ys, on, strict=True) if f)
+            ax.plot([x for x, _ in line], [y for _, y in line], color=GREEN, linestyle="--", label="Pareto front")
+            ax.legend(loc="lower right")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 (%)" if have_acc else "MACs (G)")
+        ax.grid(alpha=0.3)
+        quantity = "top-1" if have_acc else "MACs"
+        ax.set_title(title or f"{quantity} against {'latency' if key == 'ms' else 'MACs'}")
+        out.append(_img(fig, f"trade-off: {'top-1' if have_acc else 'MACs'} against {xlabel}"))
+    return "".join(out)
+
+
+def _doc(title: str, body: list[str]) -> str:
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}<script>{_SCRIPT}</script></body></html>")
+
+
+def page(report: dict) -> str:
+    """The run report as one self-contained HTML document."""
+    name = report["recipe"]["model"]["name"]
+    body = [f"<h1>edgeprune report: {html.escape(name)}</h1>"]
+    t = report.get("target") or {}
+    if t.get("kind") == "latency":
+        verdict = '<span class="ok">met</span>' if t["met"] else '<span class="bad">missed</span>'
+        body.append(f"<p>Target: at most {t['latency_ms']:g} ms on {t['runtime']} ({t['threads']} threads): "
+                    f"{verdict}, {t['measured_ms']:.2f} ms measured on the final model.</p>")
+    body.append("<h2>Before and after</h2>")
+    rows = [[r["metric"], r["before"], r["after"], r["change"], r["factor"]] for r in rep.comparison(report)]
+    body.append(_table(["metric", "before", "after", "change", "factor"], rows))
+    env, lat = report["environment"], report["recipe"]["latency"]
+    body.append(f"<p class='muted'>Latency: median of {lat['repeats']} runs, batch {lat['batch_size']}, "
+                f"{lat['threads']} threads, on {html.escape(env['cpu'])}"
+                f"{' and ' + html.escape(env['gpu']) if env.get('gpu') else ''}.</p>")
+    if rep.accuracy_rows(report):
+        body.append(f"<h2>Accuracy by stage ({report['eval_images']} images)</h2>")
+        body.append(_table(["stage", "top-1 (%)", "top-5 (%)"],
+                           [[label, f"{t1:.2f}", f"{t5:.2f}"] for label, t1, t5 in rep.accuracy_rows(report)]))
+    if report.get("int8"):
+        body.append("<h2>INT8 (ONNX Runtime static quantization)</h2>")
+        body.append(_table(["metric", "FP32 ONNX", "INT8 ONNX", "change"], [list(r) for r in rep.int8_rows(report)]))
+    body.append("<h2>Trade-off</h2>")
+    body.append(_tradeoff_plots(tradeoff_points(report)))
+    diag = report.get("diagnostics")
+    if diag:
+        body.append("<h2>Why isn't it faster?</h2><ul>")
+        body += [f"<li>{html.escape(f)}</li>" for f in diag["findings"]]
+        body.append("</ul>")
+    layers = report["prune"]["layers"]
+    body.append("<h2>Channel widths per layer</h2>")
+    body.append(_layer_bars([la["name"] for la in layers], [la["channels_before"] for la in layers],
+                            [la["channels_after"] for la in layers], "output channels",
+                            "output channels of every conv/linear layer", "per-layer channel widths"))
+    if diag:
+        dl = diag["layers"]
+        body.append("<h2>Time per layer (ONNX Runtime profiler)</h2>")
+        other = diag["ort_other_ms"]
+        names = [la["name"] for la in dl] + ["(other ops)"]
+        body.append(_layer_bars(names, [la["ort_ms_before"] for la in dl] + [sum(other["before"].values())],
+                                [la["ort_ms_after"] for la in dl] + [sum(other["after"].values())], "ms",
+                                f"median ms per layer over {diag['runs']} runs", "per-layer time breakdown"))
+        rows = [[la["name"], f"{la['channels_before']} -> {la['channels_after']}",
+                 f"{la['macs_before'] / 1e6:.2f}M", f"{la['macs_after'] / 1e6:.2f}M",
+                 f"{la['ort_ms_before']:.3f}", f"{la['ort_ms_after']:.3f}",
+                 f"{la['torch_ms_before']:.3f}", f"{la['torch_ms_after']:.3f}", "yes" if la["aligned"] else "no"]
+                for la in dl]
+        body.append(_table(["layer", "channels", "MACs before", "MACs after", "ORT ms before", "ORT ms after",
+                            "PyTorch ms before", "PyTorch ms after", f"multiple of {diag['align']}"], rows))
+    parity = report["onnx_parity"]
+    body.append(f"<p class='muted'>ONNX parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
+                f"{parity['top1_agreement']:.1%}. Environment: "
+                f"{html.escape(', '.join(f'{k} {v}' for k, v in env.items()))}.</p>")
+    return _doc(f"edgeprune report: {name}", body)
+
+
+def sweep_page(sweep: dict) -> str:
+    """A sweep: every point's figures, the Pareto front marked, and the trade-off plots."""
+    points = sweep["points"]
+    front = {p["label"] for p in points if p["pareto"]}
+    body = [f"<h1>edgeprune sweep: {html.escape(sweep['model'])}</h1>",
+            f"<p>{len(points)} models; the Pareto front (no other model is both faster and more accurate) is "
+            f"marked{' by ' + html.escape(sweep['front_by']) if sweep.get('front_by') else ''}.</p>",
+            _tradeoff_plots(points, front)]
+    header = ["model", "ORT CPU ms", "MACs", "params", "ONNX MB", "top-1 (%)", "Pareto"]
+    rows = [[p["label"], f"{p['ms']:.2f}", f"{p['macs'] / 1e6:.1f}M", f"{p['params'] / 1e6:.3f}M",
+             f"{p['bytes'] / 1e6:.2f}", "" if p.get("top1") is None else f"{p['top1']:.2f}",
+             "yes" if p["pareto"] else ""] for p in points]
+    body.append(_table(header, rows, ["front" if p["pareto"] else "" for p in points]))
+    body.append(f"<p class='muted'>Reproduce: <code>{html.escape(sweep['command'])}</code></p>")
+    return _doc(f"edgeprune sweep: {sweep['model']}", body)

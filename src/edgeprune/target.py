@@ -1,0 +1,47 @@
+"""Measuring candidate models for a latency target: the real exported model on the real runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from .export import export_onnx
+from .measure import ort_runner, time_interleaved, torch_runner
+from .prune import LatencyProbe
+from .recipe import ExportOptions, LatencyOptions
+
+
+class OnnxLatencyProbe(LatencyProbe):
+    """Exports each candidate to ONNX (as the pipeline will) and times it on `runtime`
+    (`ort_cpu` or `torch_cpu`) next to the unpruned model.
+
+    Each reading is scaled by how the baseline measured in that same call compares with its first
+    reading, so load on a shared machine that slows both does not move the candidate's figure.
+    """
+
+    def __init__(self, baseline: nn.Module, runtime: str, latency: LatencyOptions, export: ExportOptions,
+                 workdir: str | Path):
+        self.runtime, self.latency, self.export = runtime, latency, export
+        self.workdir = Path(workdir)
+        self.input_size = baseline.edgeprune_spec.input_size
+        self.calls = 0
+        self._baseline = self._runner(baseline, "baseline")
+        first = time_interleaved({"baseline": self._baseline}, self._more_repeats())
+        self.baseline_ms = first["baseline"].median_ms
+
+    def _more_repeats(self) -> LatencyOptions:
+        return self.latency.model_copy(update={"repeats": max(self.latency.repeats, 50)})
+
+    def _runner(self, model: nn.Module, name: str):
+        if self.runtime == "torch_cpu":
+            return torch_runner(model, self.input_size, self.latency.batch_size)
+        path = export_onnx(model, self.input_size, self.workdir / f"{name}.onnx", self.export)
+        return ort_runner(path, self.input_size, self.latency.batch_size, self.latency.threads,
+                          spinning=self.latency.ort_spinning)
+
+    def __call__(self, model: nn.Module) -> float:
+        self.calls += 1
+        timed = time_interleaved({"baseline": self._baseline, "candidate": self._runner(model, "candidate")},
+                                 self.latency)
+        drift = self.baseline_ms / timed["baseline"].median_ms
+        return timed["candidate"].median_ms * drift
