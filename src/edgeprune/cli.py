@@ -226,6 +226,64 @@ def run_cmd(recipe: Path | None = typer.Argument(None, help="YAML recipe; none r
     _finish(run(loaded, out, quiet=quiet, overwrite=overwrite, resume=resume), out, as_json)
 
 
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EdgePruneError(f"{flag} takes comma-separated numbers, e.g. {flag} 0.3,0.5,0.7; got {text!r}") from None
+
+
+@app.command("sweep")
+def sweep_cmd(
+    recipe: Path | None = typer.Argument(None, help="YAML recipe; none uses the built-in default"),
+    out: Path = typer.Option(..., "--out", "-o", help="sweep folder: points/<point>/ run folders and "
+                             "sweep.html/.md/.json"),
+    ratios: str | None = typer.Option(None, "--ratios", help="channel ratios, e.g. 0.3,0.5,0.7"),
+    macs_reductions: str | None = typer.Option(None, "--macs-reductions", help="MACs reductions, e.g. 0.3,0.5,0.7"),
+    latencies: str | None = typer.Option(None, "--target-latency-ms", help="latency targets in ms, e.g. 20,10,5"),
+    model: str | None = typer.Option(None, "--model", "-m", help="override the recipe's model"),
+    weights: str | None = typer.Option(None, "--weights", "-w", help="override the recipe's weights"),
+    data: str | None = typer.Option(None, "--data", help="override the recipe's dataset (accuracy per point)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="override the recipe's fine-tuning epochs"),
+    settings: list[str] | None = SetOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="discard different runs already in the point folders"),
+    as_json: bool = typer.Option(False, "--json", help="print the sweep as JSON"),
+    quiet: bool = QuietOpt,
+):
+    """Prune at several ratios, MACs reductions or latency targets and chart the accuracy / latency /
+    MACs / size trade-off with its Pareto front (sweep.html). Each point is a resumable run folder."""
+    from .pipeline import _log_to_stderr
+    from .recipe import load_recipe
+    from .sweep import sweep
+
+    given = {k: v for k, v in (("ratio", _floats(ratios, "--ratios")),
+                               ("macs_reduction", _floats(macs_reductions, "--macs-reductions")),
+                               ("target_latency_ms", _floats(latencies, "--target-latency-ms"))) if v is not None}
+    if len(given) != 1:
+        raise EdgePruneError("give exactly one of --ratios, --macs-reductions, --target-latency-ms")
+    (kind, values), = given.items()
+    overrides = {k: v for k, v in (("model.name", model), ("model.weights", weights), ("data.path", data),
+                                   ("recover.epochs", epochs)) if v is not None}
+    overrides.update(_parse_settings(settings or []))
+    base = load_recipe(recipe, overrides)
+    result = sweep(base, kind, values, out, quiet=quiet, overwrite=overwrite, log=_log_to_stderr(quiet))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"sweep: {result['model']} (Pareto front by {result['front_by']})")
+    for col in ("model", "ORT CPU ms", "MACs", "ONNX MB", "top-1 %", "Pareto"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for p in result["points"]:
+        table.add_row(p["label"], f"{p['ms']:.2f}", f"{p['macs'] / 1e6:.1f}M", f"{p['bytes'] / 1e6:.2f}",
+                      "" if p["top1"] is None else f"{p['top1']:.2f}", "yes" if p["pareto"] else "")
+    out_console.print(table)
+    out_console.print(f"Sweep report: {out / 'sweep.html'} (also .md, .json)", highlight=False)
+
+
 @app.command()
 def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, or a prune run folder"),
              weights: str = WeightsOpt, num_classes: int | None = ClassesOpt,

@@ -102,31 +102,40 @@ def tradeoff_points(report: dict) -> list[dict]:
     return points
 
 
-def _tradeoff_plots(points: list[dict], front: set[str] | None = None, title: str = "") -> str:
-    """Top-1 against latency and against MACs (or MACs against latency without accuracy)."""
-    have_acc = all(p.get("top1") is not None for p in points)
-    pairs = ([("ms", "ONNX Runtime CPU latency (ms)"), ("macs", "MACs (G)")] if have_acc
-             else [("ms", "ONNX Runtime CPU latency (ms)")])
-    out = []
-    for key, xlabel in pairs:
-        fig, ax = _figure(6.4, 4.2)
-        xs = [p[key] / (1e9 if key == "macs" else 1) for p in points]
-        ys = [p["top1"] if have_acc else p["macs"] / 1e9 for p in points]
-        on = [front is not None and p["label"] in front for p in points]
-        ax.scatter(xs, ys, s=60, color=[GREEN if f else BLUE for f in on], zorder=3)
-        for x, y, p in zip(xs, ys, points, strict=True):
-            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-        if front:
-            line = sorted((x, y) for x, y, f in zip(xs, ys, on, strict=True) if f)
-            ax.plot([x for x, _ in line], [y for _, y in line], color=GREEN, linestyle="--", label="Pareto front")
-            ax.legend(loc="lower right")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("top-1 (%)" if have_acc else "MACs (G)")
-        ax.grid(alpha=0.3)
-        quantity = "top-1" if have_acc else "MACs"
-        ax.set_title(title or f"{quantity} against {'latency' if key == 'ms' else 'MACs'}")
-        out.append(_img(fig, f"trade-off: {'top-1' if have_acc else 'MACs'} against {xlabel}"))
-    return "".join(out)
+def _scatter(points: list[dict], xkey: str, ykey: str, front: list[bool] | None, xlabel: str, ylabel: str,
+             title: str) -> str:
+    fig, ax = _figure(6.4, 4.2)
+    xscale = 1e9 if xkey == "macs" and max(p[xkey] for p in points) >= 1e9 else 1e6 if xkey == "macs" else 1
+    yscale = 1e9 if ykey == "macs" and max(p[ykey] for p in points) >= 1e9 else 1e6 if ykey == "macs" else 1
+    xs = [p[xkey] / xscale for p in points]
+    ys = [p[ykey] / yscale for p in points]
+    on = front or [False] * len(points)
+    ax.scatter(xs, ys, s=60, color=[GREEN if f else BLUE for f in on], zorder=3)
+    for x, y, p in zip(xs, ys, points, strict=True):
+        ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if any(on):
+        line = sorted((x, y) for x, y, f in zip(xs, ys, on, strict=True) if f)
+        ax.plot([x for x, _ in line], [y for _, y in line], color=GREEN, linestyle="--", label="Pareto front")
+        ax.legend(loc="lower right")
+    unit = {1e9: " (G)", 1e6: " (M)", 1: ""}
+    ax.set_xlabel(xlabel + (unit[xscale] if xkey == "macs" else ""))
+    ax.set_ylabel(ylabel + (unit[yscale] if ykey == "macs" else ""))
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    return _img(fig, title)
+
+
+def _tradeoff_plots(points: list[dict], front: list[bool] | None = None,
+                    front_macs: list[bool] | None = None) -> str:
+    """Top-1 against latency and against MACs (MACs against latency when there is no accuracy)."""
+    ms_label = "ONNX Runtime CPU latency (ms)"
+    if not all(p.get("top1") is not None for p in points):
+        return _scatter(points, "ms", "macs", front, ms_label, "MACs", "MACs against latency")
+    plots = _scatter(points, "ms", "top1", front, ms_label, "top-1 (%)", "top-1 against latency")
+    fp32 = [(p, f) for p, f in zip(points, front_macs or [False] * len(points), strict=True)
+            if not p["label"].endswith("INT8")]  # INT8 keeps the FP32 model's MACs
+    return plots + _scatter([p for p, _ in fp32], "macs", "top1", [f for _, f in fp32] if front_macs else None,
+                            "MACs", "top-1 (%)", "top-1 against MACs")
 
 
 def _doc(title: str, body: list[str]) -> str:
@@ -194,11 +203,10 @@ def page(report: dict) -> str:
 def sweep_page(sweep: dict) -> str:
     """A sweep: every point's figures, the Pareto front marked, and the trade-off plots."""
     points = sweep["points"]
-    front = {p["label"] for p in points if p["pareto"]}
     body = [f"<h1>edgeprune sweep: {html.escape(sweep['model'])}</h1>",
             f"<p>{len(points)} models; the Pareto front (no other model is both faster and more accurate) is "
             f"marked{' by ' + html.escape(sweep['front_by']) if sweep.get('front_by') else ''}.</p>",
-            _tradeoff_plots(points, front)]
+            _tradeoff_plots(points, [p["pareto"] for p in points], [bool(p.get("pareto_macs")) for p in points])]
     header = ["model", "ORT CPU ms", "MACs", "params", "ONNX MB", "top-1 (%)", "Pareto"]
     rows = [[p["label"], f"{p['ms']:.2f}", f"{p['macs'] / 1e6:.1f}M", f"{p['params'] / 1e6:.3f}M",
              f"{p['bytes'] / 1e6:.2f}", "" if p.get("top1") is None else f"{p['top1']:.2f}",

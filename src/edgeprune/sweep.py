@@ -1,0 +1,127 @@
+"""`edgeprune sweep`: one run per ratio / MACs reduction / latency target, then the trade-off.
+
+Every point is an ordinary run folder under `out/points/` (so an interrupted sweep resumes point by
+point). When all points are done, the baseline and every point's ONNX model (and INT8 model) are
+timed again side by side in one call, so their latencies compare fairly, and the Pareto front is
+marked: no other model is both faster and more accurate (or, without data, keeps more MACs).
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import EdgePruneError
+from .export import export_onnx
+from .fsio import ensure_writable_dir, write_json, write_text
+from .measure import ort_runner, time_interleaved
+from .models import create_model
+from .pipeline import INT8_NAME, ONNX_NAME, run
+from .recipe import Recipe, apply_overrides
+from .report import final_stage
+
+KINDS = {"ratio": ("prune.ratio", "ratio {v:g}", "ratio-{v:g}"),
+         "macs_reduction": ("prune.macs_reduction", "MACs -{p:g}%", "macs-{v:g}"),
+         "target_latency_ms": ("prune.target_latency_ms", "<= {v:g} ms", "latency-{v:g}ms")}
+
+
+def plan(kind: str, values: list[float]) -> list[tuple[str, str, dict]]:
+    """(label, folder name, recipe overrides) for each sweep value."""
+    if kind not in KINDS:
+        raise EdgePruneError(f"unknown sweep kind {kind!r}; use one of {', '.join(KINDS)}")
+    if not values:
+        raise EdgePruneError("a sweep needs at least one value, e.g. --ratios 0.3,0.5,0.7")
+    key, label, folder = KINDS[kind]
+    return [(label.format(v=v, p=round(100 * v, 1)), folder.format(v=v), {key: v}) for v in values]
+
+
+def pareto(points: list[dict], cost: str, score: str) -> list[bool]:
+    """For each point: is it on the Pareto front, i.e. no other point has at most its `cost` and at
+    least its `score`, one of them strictly?"""
+    return [not any(q is not p and q[cost] <= p[cost] and q[score] >= p[score]
+                    and (q[cost] < p[cost] or q[score] > p[score]) for q in points) for p in points]
+
+
+def _top1(report: dict, stage: str) -> float | None:
+    return report.get("onnx", report[stage]).get("top1")
+
+
+def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet: bool = False,
+          overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Run every point of the sweep in `out/points/`, re-time all models together, write
+    sweep.json, sweep.md and sweep.html; returns the sweep."""
+    out = Path(out)
+    ensure_writable_dir(out)
+    log = log or (lambda msg: None)
+    reports = {}
+    for label, folder, overrides in plan(kind, values):
+        log(f"sweep point {label}")
+        reports[label] = (run(apply_overrides(recipe, overrides), out / "points" / folder, quiet=quiet,
+                              overwrite=overwrite), out / "points" / folder)
+    first = next(iter(reports.values()))[0]
+    base = first["baseline"]
+    points = [{"label": "baseline", "folder": None, "macs": base["macs"], "params": base["params"],
+               "bytes": base["onnx_bytes"], "top1": base.get("top1")}]
+    for label, (report, folder) in reports.items():
+        stage = final_stage(report)
+        points.append({"label": label, "folder": str(folder), "macs": report[stage]["macs"],
+                       "params": report[stage]["params"], "bytes": report[stage]["onnx_bytes"],
+                       "top1": _top1(report, stage), "onnx": str(folder / ONNX_NAME)})
+        if report.get("int8"):
+            q = report["int8"]
+            points.append({"label": f"{label} INT8", "folder": str(folder), "macs": report[stage]["macs"],
+                           "params": report[stage]["params"], "bytes": q["onnx_bytes"], "top1": q.get("top1"),
+                           "onnx": str(folder / INT8_NAME)})
+    log(f"timing the baseline and {len(points) - 1} models side by side on ONNX Runtime")
+    model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
+    size = model.edgeprune_spec.input_size
+    lat = recipe.latency
+    with tempfile.TemporaryDirectory(prefix="edgeprune-sweep-") as tmp:
+        points[0]["onnx"] = str(export_onnx(model, size, Path(tmp) / "baseline.onnx", recipe.export))
+        runners = {p["label"]: ort_runner(p["onnx"], size, lat.batch_size, lat.threads, spinning=lat.ort_spinning)
+                   for p in points}
+        timed = time_interleaved(runners, lat, quiet, "sweep latency")
+    points[0]["onnx"] = None
+    for p in points:
+        p["ms"] = timed[p["label"]].median_ms
+        p["p90_ms"] = timed[p["label"]].p90_ms
+    have_acc = all(p["top1"] is not None for p in points)
+    for p, on in zip(points, pareto(points, "ms", "top1" if have_acc else "macs"), strict=True):
+        p["pareto"] = on
+    fp32 = [p for p in points if not p["label"].endswith("INT8")]  # INT8 keeps the FP32 model's MACs
+    for p in points:
+        p["pareto_macs"] = None
+    if have_acc:
+        for p, on in zip(fp32, pareto(fp32, "macs", "top1"), strict=True):
+            p["pareto_macs"] = on
+    result = {"model": recipe.model.name, "kind": kind, "values": values, "points": points,
+              "front_by": "top-1 against ONNX Runtime CPU latency" if have_acc
+              else "MACs kept against ONNX Runtime CPU latency (no --data: no accuracy)",
+              "latency": {"threads": lat.threads, "batch_size": lat.batch_size, "repeats": lat.repeats},
+              "environment": first["environment"], "recipe": recipe.model_dump(mode="json"),
+              "command": " ".join(shlex.quote(a) for a in ["edgeprune", *sys.argv[1:]]) if sys.argv[1:]
+              else "edgeprune sweep"}
+    from .report_html import sweep_page
+
+    write_json(out / "sweep.json", result)
+    write_text(out / "sweep.md", markdown(result))
+    write_text(out / "sweep.html", sweep_page(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    lat = result["latency"]
+    lines = [f"# edgeprune sweep: {result['model']}", "",
+             f"ONNX Runtime CPU latency: median of {lat['repeats']} runs, batch {lat['batch_size']}, "
+             f"{lat['threads']} threads, every model timed side by side in one call. Pareto front by "
+             f"{result['front_by']}.", "",
+             "| model | ORT CPU ms | MACs | params | ONNX MB | top-1 (%) | Pareto |",
+             "|---|---:|---:|---:|---:|---:|:---:|"]
+    for p in result["points"]:
+        top1 = "" if p["top1"] is None else f"{p['top1']:.2f}"
+        lines.append(f"| {p['label']} | {p['ms']:.2f} | {p['macs'] / 1e6:.1f}M | {p['params'] / 1e6:.3f}M | "
+                     f"{p['bytes'] / 1e6:.2f} | {top1} | {'**yes**' if p['pareto'] else ''} |")
+    lines += ["", f"Reproduce: `{result['command']}`", ""]
+    return "\n".join(lines)
