@@ -1,6 +1,7 @@
 """The `edgeprune` command end to end, in real subprocesses, on real models and checkpoints."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,23 @@ def test_resnet50_at_ratio_07_is_ten_times_smaller_and_four_times_faster(tmp_pat
     assert base["latency_ms"]["ort_cpu"] >= 4 * pruned["latency_ms"]["ort_cpu"]
     model = edgeprune.load(out)
     assert model.fc.out_features == 1000
-    assert "| MACs |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| MACs |" in md
+    # Diagnostics: each runtime's speed-up against the MACs reduction, and the layers holding the time.
+    diag = report["diagnostics"]
+    findings = diag["findings"]
+    for runtime in ("ONNX Runtime", "PyTorch"):
+        line = next(f for f in findings if f.startswith(runtime + ":"))
+        assert "x faster against" in line and "fewer conv/linear MACs" in line and line in md
+    holders = next(f for f in findings if f.startswith("Layers holding most"))
+    layer_names = {name for name, _ in model.named_modules()}
+    named = re.findall(r"([\w.]+) \d+% \(", holders)
+    assert named and all(name in layer_names for name in named), holders
+    # Every conv/linear layer's ONNX Runtime kernels were found in the profile, before and after.
+    assert all(la["ort_ms_before"] > 0 and la["ort_ms_after"] > 0 for la in diag["layers"])
+    totals = diag["totals"]
+    assert totals["ort_layers_ms_after"] > 0.6 * (totals["ort_layers_ms_after"] + totals["ort_other_ms_after"])
+    assert any(not la["aligned"] for la in diag["layers"])  # ratio 0.7 without round_to leaves odd widths
 
 
 def test_cifar_resnet56_checkpoint_halves_macs_exports_and_reloads(tmp_path, data_dir, cifar_test_subset):

@@ -367,7 +367,8 @@ def _search_latency(model, example, opts: PruneOptions, unpruned, grads, probe: 
     """The least-pruned model whose measured latency is within the target.
 
     For each channel multiple (`round_to`, or each of `round_to_candidates`), the most pruned model
-    (ratio `max_layer_ratio`, at most 0.9) is measured first, so an unreachable target fails fast;
+    (ratio `max_layer_ratio`, at most 0.9, or less where rounding undoes it) is measured first, so an
+    unreachable target fails fast;
     then the ratio is narrowed by regula falsi on measured milliseconds to 0.02. The candidate keeping
     the most MACs wins; it is measured once more and pruned a little further while it misses the target.
     """
@@ -392,9 +393,19 @@ def _search_latency(model, example, opts: PruneOptions, unpruned, grads, probe: 
         log(f"ratio {ratio:.3f}, round_to {multiple}: {ms:.2f} ms on {runtime} (aim {goal:.2f} ms), {macs:,} MACs")
         return {"ratio": ratio, "ms": ms, "model": pruned, "history": history, "macs": macs, "round_to": multiple}
 
+    def most_pruned(multiple: int) -> float:
+        """The ratio with the fewest MACs near the top: with channel rounding, a very high ratio can
+        round some layers' remaining width to zero, which Torch-Pruning answers by not pruning them."""
+        if multiple == 1:
+            return far_ratio
+        trial_opts = opts.model_copy(update={"round_to": multiple})
+        grid = [r for r in (far_ratio, far_ratio - 0.1, far_ratio - 0.2) if r > 0]
+        return min(grid, key=lambda r: count_macs(_prune_copy(model, example, trial_opts, r, unpruned, grads)[0],
+                                                  example))
+
     best = None
     for multiple in multiples:
-        hi = at(far_ratio, multiple)
+        hi = at(most_pruned(multiple), multiple)
         if hi["ms"] > goal:
             continue
         lo = {"ratio": 0.0, "ms": base}
@@ -413,7 +424,7 @@ def _search_latency(model, example, opts: PruneOptions, unpruned, grads, probe: 
     if best is None:
         fastest = min(trials, key=lambda t: t["latency_ms"])
         raise EdgePruneError(
-            f"cannot reach {target:g} ms on {runtime}: the most pruned model tried (ratio {far_ratio:.2f}, "
+            f"cannot reach {target:g} ms on {runtime}: the fastest model tried (ratio {fastest['ratio']:.2f}, "
             f"round_to {fastest['round_to']}) still takes {fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); "
             "layers that are never pruned and per-run overhead set the floor. Raise the target, or let more "
             "layers be pruned (prune.max_layer_ratio, prune.ignore)")

@@ -1,0 +1,228 @@
+"""Deployment: INT8, pruning to a measured latency, per-layer diagnostics, sweeps and the HTML report."""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+import edgeprune
+from edgeprune.data import load_split, loader, unaugmented
+from edgeprune.export import export_onnx
+from edgeprune.models import create_model
+from edgeprune.prune import LatencyProbe, prune
+from edgeprune.quantize import compare_int8, quantize_int8
+from edgeprune.recipe import ExportOptions, Int8Options, LatencyOptions, PruneOptions
+from edgeprune.sweep import pareto
+
+FAST = ("--warmup", "2", "--repeats", "10")
+
+
+def chromium() -> str:
+    """Debian's headless Chromium; its absence fails the test (.ci/run installs it)."""
+    for name in (os.environ.get("EDGEPRUNE_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("Chromium is not installed: `apt-get install chromium` (or set EDGEPRUNE_CHROMIUM)")
+
+
+def render(html_path, tmp_path, height: int = 2400):
+    """Open the page in headless Chromium: (screenshot pixels, the <body> tag after scripts ran)."""
+    import matplotlib.image as mpimg
+
+    browser = chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+             "--disable-background-networking", f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    shot = tmp_path / "shot.png"
+    url = html_path.resolve().as_uri()
+    subprocess.run([browser, *flags, f"--window-size=1200,{height}", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    body = dom[dom.index("<body"):dom.index(">", dom.index("<body")) + 1]
+    return mpimg.imread(shot)[..., :3], body
+
+
+def assert_plots_visible(pixels: np.ndarray, body: str, plots: int) -> None:
+    assert f'data-plots="{plots}"' in body and f'data-plots-loaded="{plots}"' in body, body
+    assert pixels.std() > 0.05  # not a blank page
+    ink = (pixels < 0.9).any(axis=-1).mean()
+    assert ink > 0.03, f"only {ink:.1%} of the page is drawn"
+    colour = (pixels.max(axis=-1) - pixels.min(axis=-1)) > 0.25  # plot markers and bars are coloured
+    assert colour.mean() > 0.0005, f"no coloured plot pixels ({colour.mean():.3%})"
+
+
+# --- INT8 -----------------------------------------------------------------------------------------
+
+def test_int8_of_the_jpeg_resnet56_keeps_accuracy_is_3x_smaller_and_faster(tmp_path):
+    model = create_model("cifar_resnet56", "cifar10-jpeg")
+    spec = model.edgeprune_spec
+    fp32 = export_onnx(model, spec.input_size, tmp_path / "model.onnx", ExportOptions())
+    train = load_split("cifar10", spec, train=True)
+    int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx", loader(unaugmented(train, spec), 32, limit=256),
+                         Int8Options())
+    result = compare_int8(fp32, int8, loader(load_split("cifar10", spec, train=False), 500), spec.input_size,
+                          LatencyOptions(warmup=5, repeats=40))
+    assert result["images"] == 10000
+    assert result["fp32"]["top1"] - result["top1"] <= 0.5, result
+    assert result["size_reduction_x"] >= 3, result
+    assert result["latency_ms"]["ort_cpu"] < result["fp32"]["latency_ms"]["ort_cpu"], result
+    assert 0.97 <= result["top1_agreement"] <= 1
+
+
+def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path):
+    out = tmp_path / "r56"
+    proc = run_cli("prune", "--model", "cifar_resnet56", "--weights", "cifar10-jpeg", "--macs-reduction", "0.5",
+                   "--data", "cifar10", "--epochs", "1", "--set", "recover.train_images=2560",
+                   "--set", "latency.per_layer=false", "--out", str(out), *FAST, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "model.int8.onnx").exists()
+    proc = run_cli("export", str(out), "--int8", "--data", "cifar10", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "INT8" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    q = report["int8"]
+    assert {"top1", "onnx_bytes", "latency_ms", "top1_agreement"} <= set(q)
+    assert 0 <= q["top1_agreement"] <= 1 and q["images"] == 10000
+    assert report["finetuned"]["top1"] > 80  # recovered, not just pruned
+    assert q["fp32"]["top1"] - q["top1"] <= 0.5, q
+    assert q["fp32"]["onnx_bytes"] >= 3 * q["onnx_bytes"], q
+    assert q["latency_ms"]["ort_cpu"] < q["fp32"]["latency_ms"]["ort_cpu"], q
+    assert json.loads((out / "stages" / "int8.json").read_text())["onnx_bytes"] == q["onnx_bytes"]
+    assert "## INT8" in (out / "report.md").read_text() and (out / "report.html").exists()
+
+
+def test_int8_needs_data(tmp_path):
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--ratio", "0.3", "--int8", "--out", str(tmp_path / "x"))
+    assert_one_line_error(proc, "INT8 calibration needs a dataset")
+
+
+# --- latency target -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resnet50_pruned_to_half_its_measured_latency(tmp_path):
+    proc = run_cli("profile", "--model", "resnet50", "--weights", "none", "--json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    target = json.loads(proc.stdout)["latency_ms"]["ort_cpu"] / 2
+    out = tmp_path / "r50"
+    proc = run_cli("prune", "--model", "resnet50", "--weights", "none", "--target-latency-ms", f"{target:.3f}",
+                   "--round-to", "16", "--set", "latency.per_layer=false", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"]["kind"] == "latency" and report["target"]["latency_ms"] == pytest.approx(target, 1e-3)
+    assert report["pruned"]["latency_ms"]["ort_cpu"] <= target  # the final model, measured again in this run
+    assert report["target"]["met"]
+    search = report["prune"]["latency_search"]
+    assert len(search["trials"]) >= 2 and search["chosen"]["round_to"] == 16
+    assert report["pruned"]["macs"] < report["baseline"]["macs"]
+    assert edgeprune.load(out).fc.out_features == 1000
+    assert "Target: at most" in (out / "report.md").read_text()
+
+
+class MacsProbe(LatencyProbe):
+    """A latency model where milliseconds follow MACs exactly, so the search itself can be checked
+    deterministically on real pruned models (the real probe times ONNX Runtime and is checked above)."""
+
+    runtime = "macs-model"
+
+    def __init__(self, example):
+        from edgeprune.measure import count_macs
+
+        self.count, self.example = count_macs, example
+        self.calls = 0
+
+    def ms(self, model) -> float:
+        return self.count(model, self.example) / 1e7
+
+    def __call__(self, model) -> float:
+        self.calls += 1
+        return self.ms(model)
+
+
+def test_latency_search_keeps_the_most_macs_within_the_target_across_round_to():
+    model = create_model("cifar_resnet20", "none")
+    probe = MacsProbe(model.edgeprune_spec.example_input())
+    probe.baseline_ms = probe.ms(model)
+    target = 0.7 * probe.baseline_ms
+    pruned, result = prune(model, PruneOptions(target_latency_ms=target, latency_margin=0.0), latency_probe=probe)
+    search = result.latency_search
+    assert probe.ms(pruned) <= target
+    tried = {t["round_to"] for t in search["trials"]}
+    assert tried == {1, 8, 16}
+    within = [t for t in search["trials"] if t["latency_ms"] <= target]
+    assert search["chosen"]["macs"] == max(t["macs"] for t in within)
+    assert result.round_to == (None if search["chosen"]["round_to"] == 1 else search["chosen"]["round_to"])
+    # Not over-pruned: within the search's 0.02 ratio resolution of the target.
+    assert probe.ms(pruned) >= 0.9 * target
+
+
+def test_unreachable_and_already_met_latency_targets_are_one_line_errors(tmp_path):
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "0.001", "--round-to", "8",
+                   "--out", str(tmp_path / "a"), *FAST, "--quiet")
+    assert_one_line_error(proc, "cannot reach 0.001 ms on ort_cpu")
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "10000", "--out", str(tmp_path / "b"),
+                   "--quiet", *FAST)
+    assert_one_line_error(proc, "already runs in")
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "5", "--ratio", "0.3",
+                   "--out", str(tmp_path / "c"))
+    assert_one_line_error(proc, "not --ratio and --target-latency-ms")
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+
+
+# --- sweep, Pareto front and the HTML reports ------------------------------------------------------
+
+def test_pareto_front_marks_exactly_the_undominated_points():
+    points = [{"ms": 10, "top1": 90}, {"ms": 5, "top1": 85}, {"ms": 6, "top1": 80}, {"ms": 2, "top1": 60},
+              {"ms": 5, "top1": 85}]
+    assert pareto(points, "ms", "top1") == [True, True, False, True, True]
+
+
+def test_sweep_and_run_reports_render_with_visible_plots(tmp_path):
+    out = tmp_path / "sweep"
+    args = ("sweep", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10", "--epochs", "0",
+            "--ratios", "0.3,0.6", "--set", "data.eval_images=1000", "--set", "recover.calibration_images=256",
+            "--set", "int8.enabled=true", "--set", "int8.calibration_images=64", "--set", "latency.repeats=10",
+            "--out", str(out), "--quiet")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    labels = [p["label"] for p in sweep["points"]]
+    assert labels == ["baseline", "ratio 0.3", "ratio 0.3 INT8", "ratio 0.6", "ratio 0.6 INT8"]
+    for p in sweep["points"]:
+        assert p["ms"] > 0 and p["macs"] > 0 and p["top1"] is not None
+        dominated = any(q["ms"] <= p["ms"] and q["top1"] >= p["top1"] and (q["ms"] < p["ms"] or q["top1"] > p["top1"])
+                        for q in sweep["points"])
+        assert p["pareto"] == (not dominated)
+    assert sweep["points"][0]["pareto"]  # the most accurate model is always on the front
+    macs = [p["macs"] for p in sweep["points"] if not p["label"].endswith("INT8")]
+    assert macs == sorted(macs, reverse=True)
+    assert "ratio 0.3" in (out / "sweep.md").read_text()
+
+    # Re-running resumes every point: nothing is pruned or evaluated again.
+    point = out / "points" / "ratio-0.3"
+    stamp = (point / "stages" / "prune.json").stat().st_mtime_ns
+    assert run_cli(*args).returncode == 0
+    assert (point / "stages" / "prune.json").stat().st_mtime_ns == stamp
+
+    # The sweep page: two trade-off plots (top-1 against latency and against MACs).
+    html = (out / "sweep.html").read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained
+    pixels, body = render(out / "sweep.html", tmp_path, height=1400)
+    assert_plots_visible(pixels, body, plots=2)
+
+    # A run page: trade-off (2), channel widths and per-layer time.
+    report = json.loads((point / "report.json").read_text())
+    assert report["diagnostics"]["layers"] and report["int8"]["top1_agreement"] > 0.9
+    pixels, body = render(point / "report.html", tmp_path)
+    assert_plots_visible(pixels, body, plots=4)
+
+
+def test_sweep_rejects_bad_values(tmp_path):
+    assert_one_line_error(run_cli("sweep", "--ratios", "0.3,abc", "--out", str(tmp_path / "s")),
+                          "--ratios takes comma-separated numbers")
+    assert_one_line_error(run_cli("sweep", "--ratios", "0.3", "--macs-reductions", "0.5", "--out",
+                                  str(tmp_path / "s")), "exactly one of")
+    assert_one_line_error(run_cli("sweep", "--ratios", "1.5", "--model", "cifar_resnet20", "--out",
+                                  str(tmp_path / "s")), "must be between 0 and 1")
