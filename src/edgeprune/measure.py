@@ -144,6 +144,7 @@ class Measurement:
     onnx_bytes: int
     latency_ms: dict[str, float]
     latency_p90_ms: dict[str, float]
+    latency_runs: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,6 +188,6 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
             params=count_params(model), macs=count_macs(model, example),
             state_dict_bytes=state_dict_bytes(model), onnx_bytes=onnx_bytes(onnx_path),
             latency_ms={k: v.median_ms for k, v in mine.items()},
-            latency_p90_ms={k: v.p90_ms for k, v in mine.items()},
+            latency_p90_ms={k: v.p90_ms for k, v in mine.items()}, latency_runs=opts.repeats,
         )
     return results

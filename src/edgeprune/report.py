@@ -125,6 +125,11 @@ def _layers_changed(report: dict) -> list[dict]:
     return [layer for layer in report["prune"]["layers"] if layer["channels_before"] != layer["channels_after"]]
 
 
+def runs(report: dict) -> int:
+    """Timed runs behind each latency figure (more than the recipe's when a latency target was judged)."""
+    return report["pruned"].get("latency_runs") or report["recipe"]["latency"]["repeats"]
+
+
 def _target_line(report: dict) -> list[str]:
     t = report.get("target") or {}
     if t.get("kind") != "latency":
@@ -146,7 +151,7 @@ def markdown(report: dict) -> str:
         f"Pruned with `{report['prune']['importance']}` importance, "
         f"{'global' if report['prune']['global_pruning'] else 'local'} ranking, channel ratio "
         f"{report['prune']['ratio']:.4f}, round_to {report['prune']['round_to']}.",
-        f"Latency: median of {lat['repeats']} runs after {lat['warmup']} warm-ups, batch {lat['batch_size']}, "
+        f"Latency: median of {runs(report)} runs after {lat['warmup']} warm-ups, batch {lat['batch_size']}, "
         f"{lat['threads']} threads, on {env['cpu']}"
         + (f" and {env['gpu']}" if env.get("gpu") else "") + ".",
         "",

@@ -156,7 +156,7 @@ def page(report: dict) -> str:
     rows = [[r["metric"], r["before"], r["after"], r["change"], r["factor"]] for r in rep.comparison(report)]
     body.append(_table(["metric", "before", "after", "change", "factor"], rows))
     env, lat = report["environment"], report["recipe"]["latency"]
-    body.append(f"<p class='muted'>Latency: median of {lat['repeats']} runs, batch {lat['batch_size']}, "
+    body.append(f"<p class='muted'>Latency: median of {rep.runs(report)} runs, batch {lat['batch_size']}, "
                 f"{lat['threads']} threads, on {html.escape(env['cpu'])}"
                 f"{' and ' + html.escape(env['gpu']) if env.get('gpu') else ''}.</p>")
     if rep.accuracy_rows(report):
