@@ -14,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgeprune import load_recipe, run
+from edgeprune import run
+from edgeprune.recipe import Recipe, apply_overrides
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,9 +34,9 @@ def main() -> None:
               else {"prune.ratio": args.ratio})
     rows = []
     for round_to in args.round_to:
-        recipe = load_recipe(overrides={"model.name": args.model, "model.weights": args.weights, **target,
-                                        "prune.round_to": None if round_to == "none" else int(round_to),
-                                        "latency.repeats": args.repeats})
+        recipe = apply_overrides(Recipe(), {"model.name": args.model, "model.weights": args.weights, **target,
+                                            "prune.round_to": None if round_to == "none" else int(round_to),
+                                            "latency.repeats": args.repeats})
         with tempfile.TemporaryDirectory() as out:
             report = run(recipe, out, quiet=True)
         b, p = report["baseline"], report["pruned"]

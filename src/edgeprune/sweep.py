@@ -53,13 +53,15 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
     """Run every point of the sweep in `out/points/`, re-time all models together, write
     sweep.json, sweep.md and sweep.html; returns the sweep."""
     out = Path(out)
-    ensure_writable_dir(out)
     log = log or (lambda msg: None)
+    planned = [(label, folder, apply_overrides(recipe, overrides))  # every point validated before any runs
+               for label, folder, overrides in plan(kind, values)]
+    ensure_writable_dir(out)
     reports = {}
-    for label, folder, overrides in plan(kind, values):
+    for label, folder, point in planned:
         log(f"sweep point {label}")
-        reports[label] = (run(apply_overrides(recipe, overrides), out / "points" / folder, quiet=quiet,
-                              overwrite=overwrite), out / "points" / folder)
+        where = out / "points" / folder
+        reports[label] = (run(point, where, quiet=quiet, overwrite=overwrite), where)
     first = next(iter(reports.values()))[0]
     base = first["baseline"]
     points = [{"label": "baseline", "folder": None, "macs": base["macs"], "params": base["params"],
