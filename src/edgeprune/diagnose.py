@@ -185,13 +185,14 @@ def diagnose(baseline: nn.Module, baseline_onnx: Path, pruned: nn.Module, pruned
     layers and operators hold the remaining time. `speedup` (whole-model, from `measure`) is used
     for the findings when given; otherwise the per-layer sums stand in."""
     before, after = _profile(baseline, baseline_onnx, opts), _profile(pruned, pruned_onnx, opts)
-    widths_before = {n: _width(m) for n, m in _layers(baseline).items()}
+    modules = _layers(baseline)
+    widths_before = {n: _width(m) for n, m in modules.items()}
     widths_after = {n: _width(m) for n, m in _layers(pruned).items()}
     layers = []
     for name in widths_before:
         after_width = widths_after.get(name, widths_before[name])
         layers.append({
-            "name": name, "kind": type(_layers(baseline)[name]).__name__,
+            "name": name, "kind": type(modules[name]).__name__,
             "channels_before": widths_before[name], "channels_after": after_width,
             "aligned": after_width % ALIGN == 0 or after_width == widths_before[name],
             "macs_before": before["macs"].get(name, 0), "macs_after": after["macs"].get(name, 0),
@@ -232,7 +233,10 @@ def findings(diag: dict, speedup: dict[str, float] | None, top: int = 5) -> list
         out.append(f"{label}: {x:.2f}x faster against {macs_x:.2f}x fewer conv/linear MACs, "
                    f"{x / macs_x:.0%} of what the MACs reduction promises.")
     layers = sorted(diag["layers"], key=lambda la: la["ort_ms_after"], reverse=True)
-    if ort_total_after > 0:
+    if t["ort_layers_ms_after"] == 0:
+        out.append("ONNX Runtime's kernels could not be traced back to layers (the exported node names carry "
+                   "no module scopes, as with the dynamo exporter); only per-operator times are shown.")
+    elif ort_total_after > 0:
         named = [f"{la['name']} {la['ort_ms_after'] / ort_total_after:.0%}"
                  + (f" (MACs {la['macs_before'] / max(la['macs_after'], 1):.1f}x fewer, time "
                     f"{la['ort_ms_before'] / max(la['ort_ms_after'], 1e-9):.1f}x less)"
