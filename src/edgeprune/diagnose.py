@@ -218,6 +218,13 @@ def _width(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
 
 
+def _time_change(layer: dict) -> str:
+    before, after = layer["ort_ms_before"], layer["ort_ms_after"]
+    if after <= 0 or before <= 0:
+        return "time not measured"
+    return f"time {before / after:.1f}x less" if before >= after else f"time {after / before:.1f}x MORE"
+
+
 def findings(diag: dict, speedup: dict[str, float] | None, top: int = 5) -> list[str]:
     """Plain sentences: speed-up against MACs reduction per runtime, where the time went, misalignment."""
     t = diag["totals"]
@@ -238,8 +245,7 @@ def findings(diag: dict, speedup: dict[str, float] | None, top: int = 5) -> list
                    "no module scopes, as with the dynamo exporter); only per-operator times are shown.")
     elif ort_total_after > 0:
         named = [f"{la['name']} {la['ort_ms_after'] / ort_total_after:.0%}"
-                 + (f" (MACs {la['macs_before'] / max(la['macs_after'], 1):.1f}x fewer, time "
-                    f"{la['ort_ms_before'] / max(la['ort_ms_after'], 1e-9):.1f}x less)"
+                 + (f" (MACs {la['macs_before'] / max(la['macs_after'], 1):.1f}x fewer, {_time_change(la)})"
                     if la["channels_before"] != la["channels_after"] or la["macs_before"] != la["macs_after"]
                     else " (not pruned)") for la in layers[:top]]
         out.append("Layers holding most of the pruned model's ONNX Runtime time: " + ", ".join(named) + ".")
