@@ -29,8 +29,9 @@ def check_contract(report: dict) -> None:
 @pytest.mark.slow
 def test_resnet50_at_ratio_07_is_ten_times_smaller_and_four_times_faster(tmp_path):
     out = tmp_path / "r50"
+    # 50 interleaved runs (about 2.5 s of timing): a load burst on a shared machine cannot own the median.
     proc = run_cli("prune", "--model", "resnet50", "--weights", "none", "--ratio", "0.7", "--out", str(out),
-                   "--warmup", "3", "--repeats", "15", "--quiet")
+                   "--warmup", "5", "--repeats", "50", "--quiet")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     check_contract(report)

@@ -131,3 +131,17 @@ def test_untraceable_model_is_a_clear_error():
     model = create_model("shufflenet_v2_x0_5")
     with pytest.raises(EdgePruneError, match="shufflenet_v2_x0_5 cannot be pruned safely"):
         prune(model, PruneOptions(ratio=0.5), example=X224_SMALL)
+
+
+def test_rounding_that_undoes_pruning_is_reported():
+    """With round_to 16 at ratio 0.9, a 16..64-channel layer would keep under 16 channels; Torch-Pruning
+    rounds that down to zero and leaves the layer whole. The result says so instead of staying silent."""
+    model = create_model("cifar_resnet20")
+    _, result = prune(model, PruneOptions(ratio=0.9, round_to=16))
+    w = widths(result)
+    assert w["layer1.0.conv1"] == (16, 16) and w["layer3.0.conv1"] == (64, 64)
+    note = next(n for n in result.notes if "rounds down to zero" in n)
+    assert "layer1.0.conv1" in note and "lower the ratio or the multiple" in note
+    _, fine = prune(model, PruneOptions(ratio=0.5, round_to=8))
+    assert not any("rounds down to zero" in n for n in fine.notes)
+    assert widths(fine)["layer1.0.conv1"] == (16, 8)

@@ -303,6 +303,14 @@ def _prune(model, example, expected_shape, opts: PruneOptions, calibration, prob
     before = _prunable_layers(model)
     after = _prunable_layers(pruned)
     layers = [LayerWidth(n, type(m).__name__, _out_channels(m), _out_channels(after[n])) for n, m in before.items()]
+    if round_to and not opts.global_pruning and opts.target_latency_ms is None:
+        whole = [la.name for la in layers if la.name not in unpruned and la.channels_after == la.channels_before
+                 and la.channels_before * (1 - ratio) < round_to]
+        if whole:
+            notes.append(f"{len(whole)} layers kept all their channels although they may be pruned (e.g. "
+                         f"{', '.join(whole[:3])}): at ratio {ratio:.2f} their remaining width, under {round_to} "
+                         f"channels, rounds down to zero with round_to {round_to}, and Torch-Pruning then leaves "
+                         "them whole; lower the ratio or the multiple")
     result = PruneResult(ratio=ratio, importance=opts.importance, global_pruning=opts.global_pruning,
                          round_to=round_to, macs_target=macs_target, search_trials=trials,
                          history=[list(h) for h in history], layers=layers, unpruned=unpruned, notes=notes,
