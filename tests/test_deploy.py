@@ -189,7 +189,8 @@ def test_sweep_and_run_reports_render_with_visible_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr
     sweep = json.loads((out / "sweep.json").read_text())
     labels = [p["label"] for p in sweep["points"]]
-    assert labels == ["baseline", "ratio 0.3", "ratio 0.3 INT8", "ratio 0.6", "ratio 0.6 INT8"]
+    assert labels == ["baseline", "baseline INT8", "ratio 0.3", "ratio 0.3 INT8", "ratio 0.6", "ratio 0.6 INT8"]
+    assert (out / "baseline" / "model.int8.onnx").exists()
     for p in sweep["points"]:
         assert p["ms"] > 0 and p["macs"] > 0 and p["top1"] is not None
         dominated = any(q["ms"] <= p["ms"] and q["top1"] >= p["top1"] and (q["ms"] < p["ms"] or q["top1"] > p["top1"])

@@ -1,24 +1,27 @@
 """`edgeprune sweep`: one run per ratio / MACs reduction / latency target, then the trade-off.
 
 Every point is an ordinary run folder under `out/points/` (so an interrupted sweep resumes point by
-point). When all points are done, the baseline and every point's ONNX model (and INT8 model) are
-timed again side by side in one call, so their latencies compare fairly, and the Pareto front is
-marked: no other model is both faster and more accurate (or, without data, keeps more MACs).
+point); the unpruned model's ONNX (and INT8) files are kept in `out/baseline/`. When all points are
+done, the baseline and every point's ONNX model (and INT8 model) are timed again side by side in one
+call, so their latencies compare fairly, and the Pareto front is marked: no other model is both
+faster and more accurate (or, without data, keeps more MACs).
 """
 from __future__ import annotations
 
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .data import even_subset, load_split, loader, unaugmented
 from .errors import EdgePruneError
+from .evaluate import evaluate_onnx
 from .export import export_onnx
-from .fsio import ensure_writable_dir, write_json, write_text
-from .measure import ort_runner, time_interleaved
+from .fsio import ensure_writable_dir, read_json, write_json, write_text
+from .measure import onnx_bytes, ort_runner, time_interleaved
 from .models import create_model
 from .pipeline import INT8_NAME, ONNX_NAME, run
+from .quantize import quantize_int8
 from .recipe import Recipe, apply_overrides
 from .report import final_stage
 
@@ -46,6 +49,36 @@ def pareto(points: list[dict], cost: str, score: str) -> list[bool]:
 
 def _top1(report: dict, stage: str) -> float | None:
     return report.get("onnx", report[stage]).get("top1")
+
+
+def _baseline_onnx(model, folder: Path, recipe: Recipe) -> Path:
+    """The unpruned model's ONNX file in `folder`, kept while the model, data and export/INT8 options
+    that made it stay the same."""
+    key = recipe.model_dump(mode="json", include={"model", "data", "export", "int8"})
+    if (folder / "recipe.json").exists() and read_json(folder / "recipe.json") != key:
+        for stale in (ONNX_NAME, INT8_NAME, "int8.json"):
+            (folder / stale).unlink(missing_ok=True)
+    write_json(folder / "recipe.json", key)
+    path = folder / ONNX_NAME
+    if not path.exists():
+        export_onnx(model, model.edgeprune_spec.input_size, path, recipe.export)
+    return path
+
+
+def _baseline_int8(model, folder: Path, recipe: Recipe, quiet: bool) -> dict:
+    """The unpruned model in INT8 (calibrated and evaluated like every point); kept in `folder`."""
+    done = folder / "int8.json"
+    if done.exists() and (folder / INT8_NAME).exists():
+        return read_json(done)
+    spec = model.edgeprune_spec
+    train = load_split(recipe.data.path, spec, True, quiet)
+    quantize_int8(folder / ONNX_NAME, folder / INT8_NAME,
+                  loader(unaugmented(train, spec), 32, limit=recipe.int8.calibration_images), recipe.int8)
+    evaluation = even_subset(load_split(recipe.data.path, spec, False, quiet), recipe.data.eval_images)
+    result = evaluate_onnx(folder / INT8_NAME, loader(evaluation, recipe.data.eval_batch_size),
+                           recipe.latency.threads, quiet)
+    write_json(done, result)
+    return result
 
 
 def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet: bool = False,
@@ -76,16 +109,20 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
             points.append({"label": f"{label} INT8", "folder": str(folder), "macs": report[stage]["macs"],
                            "params": report[stage]["params"], "bytes": q["onnx_bytes"], "top1": q.get("top1"),
                            "onnx": str(folder / INT8_NAME)})
-    log(f"timing the baseline and {len(points) - 1} models side by side on ONNX Runtime")
     model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
-    size = model.edgeprune_spec.input_size
     lat = recipe.latency
-    with tempfile.TemporaryDirectory(prefix="edgeprune-sweep-") as tmp:
-        points[0]["onnx"] = str(export_onnx(model, size, Path(tmp) / "baseline.onnx", recipe.export))
-        runners = {p["label"]: ort_runner(p["onnx"], size, lat.batch_size, lat.threads, spinning=lat.ort_spinning)
-                   for p in points}
-        timed = time_interleaved(runners, lat, quiet, "sweep latency")
-    points[0]["onnx"] = None
+    points[0]["onnx"] = str(_baseline_onnx(model, out / "baseline", recipe))
+    if recipe.int8.enabled:  # INT8 alone, unpruned: often the point to beat
+        log("quantizing the unpruned model to INT8")
+        q = _baseline_int8(model, out / "baseline", recipe, quiet)
+        points.insert(1, {"label": "baseline INT8", "folder": None, "macs": base["macs"], "params": base["params"],
+                          "bytes": onnx_bytes(out / "baseline" / INT8_NAME), "top1": q["top1"],
+                          "onnx": str(out / "baseline" / INT8_NAME)})
+    log(f"timing the baseline and {len(points) - 1} models side by side on ONNX Runtime")
+    size = model.edgeprune_spec.input_size
+    runners = {p["label"]: ort_runner(p["onnx"], size, lat.batch_size, lat.threads, spinning=lat.ort_spinning)
+               for p in points}
+    timed = time_interleaved(runners, lat, quiet, "sweep latency")
     for p in points:
         p["ms"] = timed[p["label"]].median_ms
         p["p90_ms"] = timed[p["label"]].p90_ms
