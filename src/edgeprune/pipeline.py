@@ -120,6 +120,18 @@ class _Stages:
         self.model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
         self.spec = self.model.edgeprune_spec
         self._splits: dict[bool, object] = {}
+        self._scratch = tempfile.TemporaryDirectory(prefix="edgeprune-")  # the baseline's ONNX, exported once
+        self._baseline_onnx: Path | None = None
+
+    def baseline_onnx(self) -> Path:
+        """The unpruned model exported to ONNX (once per run) for latency search, measurement and profiling."""
+        if self._baseline_onnx is None:
+            self._baseline_onnx = export_onnx(self.model, self.spec.input_size,
+                                              Path(self._scratch.name) / "baseline.onnx", self.recipe.export)
+        return self._baseline_onnx
+
+    def close(self) -> None:
+        self._scratch.cleanup()
 
     def split(self, train: bool):
         if train not in self._splits:
@@ -169,7 +181,7 @@ class _Stages:
 
                     with tempfile.TemporaryDirectory(prefix="edgeprune-target-") as tmp:
                         probe = OnnxLatencyProbe(self.model, opts.latency_runtime, self.recipe.latency,
-                                                 self.recipe.export, tmp)
+                                                 self.recipe.export, tmp, baseline_onnx=self.baseline_onnx())
                         self.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; searching for "
                                  f"<= {opts.target_latency_ms:g} ms")
                         pruned, result = prune(self.model, opts, calibration=calibration, latency_probe=probe,
@@ -231,6 +243,13 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
     folder = RunFolder(out, recipe, overwrite, write=rt.is_main)
     rt.barrier()
     stages = _Stages(recipe, folder, rt, quiet, resume)
+    try:
+        return _run(recipe, folder, rt, stages, quiet)
+    finally:
+        stages.close()
+
+
+def _run(recipe: Recipe, folder: RunFolder, rt: Runtime, stages: _Stages, quiet: bool) -> dict | None:
     pruned_model, prune_result = stages.prune()
     accuracy = stages.recover(pruned_model, prune_result["history"]) if recipe.data.path else {}
     if not rt.is_main:
@@ -258,7 +277,7 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
             timing = recipe.model_copy(update={"latency": recipe.latency.model_copy(
                 update={"repeats": max(recipe.latency.repeats, FINAL_REPEATS)})})
         measured = folder.save("measure", measure_models(
-            {"baseline": (stages.model, None), "pruned": (pruned_model, folder.root / ONNX_NAME)},
+            {"baseline": (stages.model, stages.baseline_onnx()), "pruned": (pruned_model, folder.root / ONNX_NAME)},
             input_size, timing, quiet), invalidates=("diagnose",))
 
     diagnostics = None
@@ -267,10 +286,8 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
             log("profiling every layer of both models (ONNX Runtime and PyTorch)")
             speedup = {k: v / measured["pruned"]["latency_ms"][k] for k, v in measured["baseline"]["latency_ms"].items()
                        if measured["pruned"]["latency_ms"].get(k)}
-            with tempfile.TemporaryDirectory(prefix="edgeprune-") as tmp:
-                baseline_onnx = export_onnx(stages.model, input_size, Path(tmp) / "baseline.onnx", recipe.export)
-                return diagnose(stages.model, baseline_onnx, pruned_model, folder.root / ONNX_NAME, recipe.latency,
-                                speedup)
+            return diagnose(stages.model, stages.baseline_onnx(), pruned_model, folder.root / ONNX_NAME,
+                            recipe.latency, speedup)
         diagnostics = stages.stage("diagnose", profile_layers, collective=False)
 
     final = report.build(measured["baseline"], measured["pruned"], accuracy, parity, prune_result,

@@ -20,22 +20,22 @@ class OnnxLatencyProbe(LatencyProbe):
     """
 
     def __init__(self, baseline: nn.Module, runtime: str, latency: LatencyOptions, export: ExportOptions,
-                 workdir: str | Path):
+                 workdir: str | Path, baseline_onnx: Path | None = None):
         self.runtime, self.latency, self.export = runtime, latency, export
         self.workdir = Path(workdir)
         self.input_size = baseline.edgeprune_spec.input_size
         self.calls = 0
-        self._baseline = self._runner(baseline, "baseline")
+        self._baseline = self._runner(baseline, "baseline", baseline_onnx)
         first = time_interleaved({"baseline": self._baseline}, self._more_repeats())
         self.baseline_ms = first["baseline"].median_ms
 
     def _more_repeats(self) -> LatencyOptions:
         return self.latency.model_copy(update={"repeats": max(self.latency.repeats, 50)})
 
-    def _runner(self, model: nn.Module, name: str):
+    def _runner(self, model: nn.Module, name: str, exported: Path | None = None):
         if self.runtime == "torch_cpu":
             return torch_runner(model, self.input_size, self.latency.batch_size)
-        path = export_onnx(model, self.input_size, self.workdir / f"{name}.onnx", self.export)
+        path = exported or export_onnx(model, self.input_size, self.workdir / f"{name}.onnx", self.export)
         return ort_runner(path, self.input_size, self.latency.batch_size, self.latency.threads,
                           spinning=self.latency.ort_spinning)
 
