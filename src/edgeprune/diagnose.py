@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .measure import torch_threads
+from .prune import _out_channels, _prunable_layers
 from .recipe import LatencyOptions
 
 ALIGN = 8  # channel multiple that vectorized CPU kernels (AVX-512: 16 floats, NCHWc blocks of 8/16) like
@@ -27,14 +28,10 @@ _PASS_THROUGH = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRe
                  "Mul", "Add", "Identity"}
 
 
-def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
-
-
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates of each conv/linear layer for one input of `example`'s batch."""
     macs: dict[str, int] = {}
-    names = {m: n for n, m in _layers(model).items()}
+    names = {m: n for n, m in _prunable_layers(model).items()}
 
     def hook(mod, inputs, out):
         if isinstance(mod, nn.Linear):
@@ -55,7 +52,7 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 def torch_layer_ms(model: nn.Module, example: torch.Tensor, opts: LatencyOptions) -> dict[str, float]:
     """Median eager PyTorch time (ms) of each conv/linear layer over `opts.repeats` forward passes."""
-    names = {m: n for n, m in _layers(model).items()}
+    names = {m: n for n, m in _prunable_layers(model).items()}
     starts: dict[str, float] = {}
     runs: dict[str, list[float]] = defaultdict(list)
     current: dict[str, float] = defaultdict(float)
@@ -172,7 +169,7 @@ def ort_layer_ms(onnx_path: Path, modules: set[str], input_size, opts: LatencyOp
 def _profile(model: nn.Module, onnx_path: Path, opts: LatencyOptions) -> dict:
     spec = model.edgeprune_spec
     example = spec.example_input()
-    modules = set(_layers(model))
+    modules = set(_prunable_layers(model))
     ort_ms, ort_other = ort_layer_ms(onnx_path, modules, spec.input_size, opts)
     return {"macs": layer_macs(model, example), "torch_ms": torch_layer_ms(model, example, opts),
             "ort_ms": ort_ms, "ort_other_ms": ort_other}
@@ -185,9 +182,9 @@ def diagnose(baseline: nn.Module, baseline_onnx: Path, pruned: nn.Module, pruned
     layers and operators hold the remaining time. `speedup` (whole-model, from `measure`) is used
     for the findings when given; otherwise the per-layer sums stand in."""
     before, after = _profile(baseline, baseline_onnx, opts), _profile(pruned, pruned_onnx, opts)
-    modules = _layers(baseline)
-    widths_before = {n: _width(m) for n, m in modules.items()}
-    widths_after = {n: _width(m) for n, m in _layers(pruned).items()}
+    modules = _prunable_layers(baseline)
+    widths_before = {n: _out_channels(m) for n, m in modules.items()}
+    widths_after = {n: _out_channels(m) for n, m in _prunable_layers(pruned).items()}
     layers = []
     for name in widths_before:
         after_width = widths_after.get(name, widths_before[name])
@@ -212,10 +209,6 @@ def diagnose(baseline: nn.Module, baseline_onnx: Path, pruned: nn.Module, pruned
               "ort_other_ms": {"before": before["ort_other_ms"], "after": after["ort_other_ms"]}}
     result["findings"] = findings(result, speedup, top)
     return result
-
-
-def _width(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
 
 
 def _time_change(layer: dict) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import artifact, report
-from .data import even_subset, load_split, loader, shard, unaugmented
+from .data import even_subset, load_split, loader, shard
 from .diagnose import diagnose
 from .distributed import Runtime, runtime, seed_everything
 from .errors import EdgePruneError
@@ -25,7 +25,7 @@ from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import measure, onnx_bytes
 from .models import create_model
 from .prune import prune
-from .quantize import INT8_NAME, compare_int8, quantize_int8
+from .quantize import INT8_NAME, calibration_data, compare_int8, quantize_int8
 from .recipe import ExportOptions, Recipe
 from .recover import finetune, recalibrate_bn
 
@@ -315,8 +315,7 @@ def export_stage(model, root: Path, opts: ExportOptions) -> dict:
 def int8_stage(root: Path, recipe: Recipe, spec, train_ds, eval_ds, quiet: bool) -> dict:
     """Quantize root/model.onnx to root/model.int8.onnx and compare the two on `eval_ds`."""
     opts = recipe.int8
-    calibration = loader(unaugmented(train_ds, spec), 32, limit=opts.calibration_images)
-    quantize_int8(root / ONNX_NAME, root / INT8_NAME, calibration, opts)
+    quantize_int8(root / ONNX_NAME, root / INT8_NAME, calibration_data(train_ds, spec, opts.calibration_images), opts)
     result = compare_int8(root / ONNX_NAME, root / INT8_NAME, loader(eval_ds, recipe.data.eval_batch_size),
                           spec.input_size, recipe.latency, quiet)
     return {**result, "calibration_images": min(opts.calibration_images, len(train_ds)), "method": opts.method,

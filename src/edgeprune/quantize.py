@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from .data import loader, unaugmented
 from .errors import EdgePruneError
 from .evaluate import evaluate_onnx
 from .measure import onnx_bytes, ort_runner, time_interleaved
@@ -37,6 +38,11 @@ class _Calibration:
 
     def rewind(self):
         self._it = None
+
+
+def calibration_data(train_ds, spec, images: int) -> DataLoader:
+    """`images` training images, evenly spread, with the evaluation transforms (no augmentation)."""
+    return loader(unaugmented(train_ds, spec), 32, limit=images)
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: DataLoader,

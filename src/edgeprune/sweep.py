@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import even_subset, load_split, loader, unaugmented
+from .data import even_subset, load_split, loader
 from .errors import EdgePruneError
 from .evaluate import evaluate_onnx
 from .export import export_onnx
@@ -21,7 +21,7 @@ from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import onnx_bytes, ort_runner, time_interleaved
 from .models import create_model
 from .pipeline import INT8_NAME, ONNX_NAME, run
-from .quantize import quantize_int8
+from .quantize import calibration_data, quantize_int8
 from .recipe import Recipe, apply_overrides
 from .report import final_stage
 
@@ -73,7 +73,7 @@ def _baseline_int8(model, folder: Path, recipe: Recipe, quiet: bool) -> dict:
     spec = model.edgeprune_spec
     train = load_split(recipe.data.path, spec, True, quiet)
     quantize_int8(folder / ONNX_NAME, folder / INT8_NAME,
-                  loader(unaugmented(train, spec), 32, limit=recipe.int8.calibration_images), recipe.int8)
+                  calibration_data(train, spec, recipe.int8.calibration_images), recipe.int8)
     evaluation = even_subset(load_split(recipe.data.path, spec, False, quiet), recipe.data.eval_images)
     result = evaluate_onnx(folder / INT8_NAME, loader(evaluation, recipe.data.eval_batch_size),
                            recipe.latency.threads, quiet)

@@ -24,7 +24,6 @@ class OnnxLatencyProbe(LatencyProbe):
         self.runtime, self.latency, self.export = runtime, latency, export
         self.workdir = Path(workdir)
         self.input_size = baseline.edgeprune_spec.input_size
-        self.calls = 0
         self._baseline = self._runner(baseline, "baseline", baseline_onnx)
         first = time_interleaved({"baseline": self._baseline}, self._more_repeats())
         self.baseline_ms = first["baseline"].median_ms
@@ -40,7 +39,6 @@ class OnnxLatencyProbe(LatencyProbe):
                           spinning=self.latency.ort_spinning)
 
     def __call__(self, model: nn.Module) -> float:
-        self.calls += 1
         timed = time_interleaved({"baseline": self._baseline, "candidate": self._runner(model, "candidate")},
                                  self.latency)
         drift = self.baseline_ms / timed["baseline"].median_ms
