@@ -23,7 +23,7 @@ from edgeprune import run
 from edgeprune.data import load_split, loader, unaugmented
 from edgeprune.export import export_onnx
 from edgeprune.models import create_model
-from edgeprune.pipeline import measure_models
+from edgeprune.pipeline import profile_model
 from edgeprune.quantize import compare_int8, quantize_int8
 from edgeprune.recipe import Recipe, apply_overrides
 
@@ -56,12 +56,12 @@ def int8_rows(epochs: int, repeats: int) -> list[dict]:
 def latency_target(repeats: int) -> dict:
     base = apply_overrides(Recipe(), {"model.name": "resnet50", "model.weights": "none", "latency.repeats": repeats})
     model = create_model("resnet50", "none")
-    measured = measure_models({"m": (model, None)}, model.edgeprune_spec.input_size, base, quiet=True)["m"]
-    target = round(measured["latency_ms"]["ort_cpu"] / 2, 2)
+    measured = profile_model(model, base)  # exported to a temporary ONNX file and timed
+    target = round(measured.latency_ms["ort_cpu"] / 2, 2)
     recipe = apply_overrides(base, {"prune.target_latency_ms": target})
     with tempfile.TemporaryDirectory() as out:
         report = run(recipe, out, quiet=True)
-    return {"profiled_ms": measured["latency_ms"]["ort_cpu"], "target_ms": target, "target": report["target"],
+    return {"profiled_ms": measured.latency_ms["ort_cpu"], "target_ms": target, "target": report["target"],
             "baseline_ms": report["baseline"]["latency_ms"]["ort_cpu"],
             "pruned_ms": report["pruned"]["latency_ms"]["ort_cpu"], "macs": [report["baseline"]["macs"],
                                                                              report["pruned"]["macs"]],

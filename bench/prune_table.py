@@ -1,9 +1,16 @@
-"""Before/after table of the study we start from, measured here: one `edgeprune.run` per setting.
+"""Before/after table of the study we start from, measured here: the baseline and every pruned variant
+timed side by side in one process.
 
     python bench/prune_table.py                       # ResNet-50 (random init) at ratio 0.7, round_to none/8/16
-    python bench/prune_table.py --model cifar_resnet56 --weights default --macs-reduction 0.5
+    python bench/prune_table.py --model cifar_resnet56 --weights default --macs-reduction 0.5 --round-to none 8
 
-Writes bench/results/<name>.json and .md with the command that produced them.
+The baseline and each variant (one per --round-to) are built and pruned first, each exported to ONNX
+and checked for parity; then all of them are timed in ONE `edgeprune.measure.measure` call, which
+interleaves every model round-robin within each runtime. Every row's speed-up is therefore against
+the same baseline measurement, taken under the same load as the variant's.
+
+Writes bench/results/<name>.json (command, environment, the one baseline measurement, the rows) and
+<name>.md with the command that produced them.
 """
 from __future__ import annotations
 
@@ -14,10 +21,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgeprune import run
-from edgeprune.recipe import Recipe, apply_overrides
+from edgeprune import PruneOptions, create_model, prune
+from edgeprune.distributed import seed_everything
+from edgeprune.environment import environment
+from edgeprune.export import check_parity, export_onnx
+from edgeprune.measure import measure
+from edgeprune.recipe import ExportOptions, LatencyOptions
 
 RESULTS = Path(__file__).parent / "results"
+BASELINE = "baseline"
+
+
+def variant_label(round_to: str) -> str:
+    return f"round_to {round_to}"
 
 
 def main() -> None:
@@ -27,45 +43,103 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.7)
     parser.add_argument("--macs-reduction", type=float, default=None)
     parser.add_argument("--round-to", nargs="*", default=["none", "8", "16"])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
-    target = ({"prune.macs_reduction": args.macs_reduction} if args.macs_reduction
-              else {"prune.ratio": args.ratio})
+    if not args.round_to:
+        parser.error("--round-to needs at least one value (none or a channel multiple)")
+    if len(set(args.round_to)) != len(args.round_to):
+        parser.error(f"--round-to values repeat: {' '.join(args.round_to)}")
+    command = ("python bench/prune_table.py " + shlex.join(sys.argv[1:])).strip()
+    target = ({"macs_reduction": args.macs_reduction} if args.macs_reduction is not None
+              else {"ratio": args.ratio})
+    export_opts = ExportOptions()
+    latency = LatencyOptions(repeats=args.repeats, cuda=False)  # the table is CPU only
+    seed_everything(0)  # the random init of --weights none, as `edgeprune run` seeds it
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    baseline = create_model(args.model, args.weights)
+    spec = baseline.edgeprune_spec
+    size = spec.input_size
+    with tempfile.TemporaryDirectory(prefix="prune-table-") as tmp:
+        # 1. Build, prune, export and check every model before timing any of them.
+        log(f"exporting the baseline {args.model}")
+        onnx_paths = {BASELINE: export_onnx(baseline, size, Path(tmp) / "baseline.onnx", export_opts)}
+        parity = {BASELINE: check_parity(baseline, onnx_paths[BASELINE], size, export_opts)}
+        models = {BASELINE: baseline}
+        pruned_with = {}
+        for round_to in args.round_to:
+            label = variant_label(round_to)
+            opts = PruneOptions(**target, round_to=None if round_to == "none" else int(round_to))
+            log(f"pruning {label} ({', '.join(f'{k} {v}' for k, v in target.items())})")
+            pruned, result = prune(baseline, opts)
+            path = export_onnx(pruned, size, Path(tmp) / f"round_to-{round_to}.onnx", export_opts)
+            parity[label] = check_parity(pruned, path, size, export_opts)
+            models[label], onnx_paths[label], pruned_with[label] = pruned, path, result
+        # 2. Time all of them together: one call, models interleaved within each runtime.
+        log(f"timing {len(models)} models side by side ({args.repeats} runs each per runtime)")
+        measured = measure({label: (models[label], onnx_paths[label]) for label in models}, size, latency,
+                           quiet=False)
+    base = measured[BASELINE]
     rows = []
     for round_to in args.round_to:
-        recipe = apply_overrides(Recipe(), {"model.name": args.model, "model.weights": args.weights, **target,
-                                            "prune.round_to": None if round_to == "none" else int(round_to),
-                                            "latency.repeats": args.repeats})
-        with tempfile.TemporaryDirectory() as out:
-            report = run(recipe, out, quiet=True)
-        b, p = report["baseline"], report["pruned"]
-        rows.append({"round_to": round_to, "ratio": report["prune"]["ratio"],
-                     "macs": [b["macs"], p["macs"]], "params": [b["params"], p["params"]],
-                     "onnx_bytes": [b["onnx_bytes"], p["onnx_bytes"]],
-                     "torch_cpu_ms": [b["latency_ms"]["torch_cpu"], p["latency_ms"]["torch_cpu"]],
-                     "ort_cpu_ms": [b["latency_ms"]["ort_cpu"], p["latency_ms"]["ort_cpu"]],
-                     "max_abs_diff": report["onnx_parity"]["max_abs_diff"], "environment": report["environment"]})
-        print(json.dumps(rows[-1]), flush=True)
-    command = "python bench/prune_table.py " + shlex.join(sys.argv[1:])
-    target_name = f"macs{args.macs_reduction}" if args.macs_reduction else f"ratio{args.ratio}"
+        label = variant_label(round_to)
+        m, result = measured[label], pruned_with[label]
+        rows.append({
+            "label": label, "round_to": round_to, "ratio": result.ratio, "search_trials": result.search_trials,
+            "macs_target": result.macs_target, "notes": result.notes,
+            "pruned": m.to_dict(), "parity": parity[label].to_dict(),
+            "speedup": {k: v / m.latency_ms[k] for k, v in base.latency_ms.items() if m.latency_ms.get(k)},
+            "macs_reduction_x": base.macs / m.macs,
+        })
+        print(json.dumps({k: rows[-1][k] for k in ("label", "ratio", "speedup", "macs_reduction_x")}), flush=True)
+    results = {
+        "command": command, "environment": environment(), "model": args.model, "weights": args.weights,
+        "weights_file": Path(spec.weights).name if spec.weights != "none" else None,
+        "input_size": list(size), "target": target, "importance": PruneOptions(**target).importance,
+        "latency": latency.model_dump(include={"threads", "warmup", "repeats", "batch_size"}),
+        "timing": "every model below timed in one edgeprune.measure.measure call, interleaved round-robin "
+                  "within each runtime",
+        "baseline": {**base.to_dict(), "parity": parity[BASELINE].to_dict()},
+        "rows": rows,
+    }
+    target_name = f"macs{args.macs_reduction}" if args.macs_reduction is not None else f"ratio{args.ratio}"
     name = args.name or f"{args.model}-{target_name}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=2))
-    lines = [f"# {args.model}: before -> after", "", f"Command: `{command.strip()}`", "",
-             f"Median of {args.repeats} runs, batch 1, 2 threads, baseline and pruned timed side by side on "
-             f"{rows[0]['environment']['cpu']}.", "",
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(results))
+    log(f"wrote {RESULTS / name}.json and .md")
+
+
+def markdown(results: dict) -> str:
+    base, lat = results["baseline"], results["latency"]
+    weights = results["weights"] if results["weights_file"] is None else f"{results['weights']} " \
+        f"({results['weights_file']} from EDGEPRUNE_HOME)"
+    what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in results["target"].items())
+    lines = [f"# {results['model']}: before -> after", "", f"Command: `{results['command']}`", "",
+             f"Weights {weights}; `{results['importance']}` importance, local, {what}. Median of {lat['repeats']} "
+             f"runs after {lat['warmup']} warm-up runs, batch {lat['batch_size']}, {lat['threads']} threads, on "
+             f"{results['environment']['cpu']}. The baseline and every variant were timed side by side in one "
+             "process (one measurement call, models interleaved round-robin within each runtime): every row's "
+             f"\"before\" is the same baseline measurement (PyTorch {base['latency_ms']['torch_cpu']:.1f} ms, "
+             f"ONNX Runtime {base['latency_ms']['ort_cpu']:.1f} ms).", "",
              "| round_to | ratio | MACs | params | ONNX MB | PyTorch CPU ms | ORT CPU ms | ORT speed-up | "
              "MACs reduction | parity |", "|---|---:|---|---|---|---|---|---:|---:|---:|"]
-    for r in rows:
+    for r in results["rows"]:
+        p = r["pruned"]
         lines.append(
-            f"| {r['round_to']} | {r['ratio']:.3f} | {r['macs'][0] / 1e9:.3f}G -> {r['macs'][1] / 1e9:.3f}G | "
-            f"{r['params'][0] / 1e6:.2f}M -> {r['params'][1] / 1e6:.2f}M | "
-            f"{r['onnx_bytes'][0] / 1e6:.1f} -> {r['onnx_bytes'][1] / 1e6:.1f} | "
-            f"{r['torch_cpu_ms'][0]:.1f} -> {r['torch_cpu_ms'][1]:.1f} | {r['ort_cpu_ms'][0]:.1f} -> "
-            f"{r['ort_cpu_ms'][1]:.1f} | {r['ort_cpu_ms'][0] / r['ort_cpu_ms'][1]:.2f}x | "
-            f"{r['macs'][0] / r['macs'][1]:.2f}x | {r['max_abs_diff']:.1e} |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+            f"| {r['round_to']} | {r['ratio']:.3f} | {base['macs'] / 1e9:.3f}G -> {p['macs'] / 1e9:.3f}G | "
+            f"{base['params'] / 1e6:.2f}M -> {p['params'] / 1e6:.2f}M | "
+            f"{base['onnx_bytes'] / 1e6:.1f} -> {p['onnx_bytes'] / 1e6:.1f} | "
+            f"{base['latency_ms']['torch_cpu']:.1f} -> {p['latency_ms']['torch_cpu']:.1f} | "
+            f"{base['latency_ms']['ort_cpu']:.1f} -> {p['latency_ms']['ort_cpu']:.1f} | "
+            f"{r['speedup']['ort_cpu']:.2f}x | {r['macs_reduction_x']:.2f}x | {r['parity']['max_abs_diff']:.1e} |")
+    notes = [f"- {r['label']}: {note}" for r in results["rows"] for note in r["notes"]]
+    if notes:
+        lines += ["", "Pruning notes:", "", *notes]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

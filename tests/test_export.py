@@ -1,6 +1,7 @@
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from edgeprune import EdgePruneError, create_model, prune
@@ -55,3 +56,25 @@ def test_large_models_keep_weights_in_external_data(pruned20, tmp_path, monkeypa
     assert data.exists() and data.stat().st_size > path.stat().st_size
     assert onnx_bytes(path) == path.stat().st_size + data.stat().st_size
     assert check_parity(pruned20, path, (3, 32, 32), ExportOptions()).passed
+
+
+def test_a_fallback_to_the_dynamo_exporter_is_reported(tmp_path):
+    """VGG's adaptive pooling to 7x7 from a 3x3 map (96-pixel input) is beyond the TorchScript exporter."""
+    model = create_model("vgg11")
+    reasons: list[str] = []
+    path = export_onnx(model, (3, 96, 96), tmp_path / "m.onnx", ExportOptions(), on_fallback=reasons.append)
+    assert len(reasons) == 1 and "adaptive" in reasons[0].lower(), reasons
+    assert check_parity(model, path, (3, 96, 96), ExportOptions(parity_batch=2)).passed
+    fine: list[str] = []
+    export_onnx(model, (3, 224, 224), tmp_path / "n.onnx", ExportOptions(), on_fallback=fine.append)
+    assert fine == []
+
+
+def test_an_error_of_our_own_is_not_turned_into_advice(tmp_path):
+    """Only the exporter's errors become 'try another --opset'; anything else keeps its traceback."""
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(Broken(), (3, 8, 8), tmp_path / "m.onnx", ExportOptions())

@@ -5,7 +5,7 @@ import torch_pruning as tp
 
 from edgeprune import EdgePruneError, create_model, prune
 from edgeprune.measure import count_macs
-from edgeprune.prune import PAD_REASON, HessianImportance
+from edgeprune.pruning import PAD_REASON, HessianImportance
 from edgeprune.recipe import PruneOptions
 
 X224_SMALL = torch.randn(1, 3, 64, 64)

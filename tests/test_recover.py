@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from edgeprune import EdgePruneError, create_model, prune
+from edgeprune.accuracy import evaluate_model as evaluate
 from edgeprune.data import load_split, loader
 from edgeprune.distributed import Runtime
-from edgeprune.evaluate import evaluate
 from edgeprune.recipe import PruneOptions, RecoverOptions
 from edgeprune.recover import distillation_loss, finetune, recalibrate_bn
 
@@ -22,9 +22,9 @@ def setup_pruned():
 def test_bn_recalibration_recovers_accuracy():
     _, student, train, val = setup_pruned()
     data = loader(val, 500, limit=1000)
-    before = evaluate(student, data)["top1"]
+    before = evaluate(student, data).top1
     assert recalibrate_bn(student, train, 512, 128) == 19
-    after = evaluate(student, data)["top1"]
+    after = evaluate(student, data).top1
     assert after > before + 15, (before, after)
 
 
@@ -32,7 +32,11 @@ def test_distillation_loss_terms():
     s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     assert torch.allclose(distillation_loss(s, None, y, 0.7, 4.0), F.cross_entropy(s, y))
     assert distillation_loss(t, t, y, 1.0, 4.0).abs() < 1e-6  # identical logits: KL is zero
-    assert distillation_loss(s, t, y, 0.5, 2.0) > 0.5 * F.cross_entropy(s, y)
+    # By hand: KL(p_t || p_s) = sum p_t (log p_t - log p_s), on temperature-softened distributions.
+    p_t, log_p_s = F.softmax(t / 2.0, 1), F.log_softmax(s / 2.0, 1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(1).mean()
+    expected = 0.5 * F.cross_entropy(s, y) + 0.5 * 4.0 * kl
+    assert torch.allclose(distillation_loss(s, t, y, 0.5, 2.0), expected, atol=1e-6)
 
 
 def test_finetune_improves_and_resumes_exactly(tmp_path):
@@ -40,7 +44,7 @@ def test_finetune_improves_and_resumes_exactly(tmp_path):
     recalibrate_bn(student, train, 256, 128)
     opts = RecoverOptions(epochs=2, train_images=512, batch_size=64, lr=0.02)
     eval_ds = torch.utils.data.Subset(val, range(0, 10_000, 20))
-    before = evaluate(student, loader(eval_ds, 500))["top1"]
+    before = evaluate(student, loader(eval_ds, 500)).top1
     ckpt = tmp_path / "ft.pt"
     resumed = copy.deepcopy(student)
     full = finetune(student, teacher, train, eval_ds, opts, Runtime(), ckpt, seed=3)

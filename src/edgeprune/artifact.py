@@ -18,6 +18,7 @@ from .errors import EdgePruneError
 from .fsio import atomic_path, read_json, write_json
 from .models import ModelSpec, create_model
 from .models.factory import with_module_metadata
+from .pruning.guard import trace_guard
 from .quiet import quiet_stdout
 
 WEIGHTS = "model.safetensors"
@@ -55,7 +56,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     if meta.get("format") != FORMAT:
         raise EdgePruneError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT}")
     model = create_model(spec.name, weights="none", num_classes=spec.num_classes)
-    with quiet_stdout(), torch.enable_grad():  # DepGraph traces autograd, even if the caller is in no_grad
+    # DepGraph traces autograd, even if the caller is in no_grad; within the default tracing limits
+    with trace_guard(spec.name), quiet_stdout(), torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(model, spec.example_input())
     graph.load_pruning_history([tuple(h) for h in history])
     try:

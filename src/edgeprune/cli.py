@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import typer
@@ -14,6 +16,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Make trained CNNs small and fast for edge devices: measure, prune, export, report.")
 out_console = Console()
 err_console = Console(stderr=True)
+DEBUG_ENV = "EDGEPRUNE_DEBUG"
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help=f"on an error, also print its full traceback "
+                                       f"(or set {DEBUG_ENV}=1)")):
+    """Make trained CNNs small and fast for edge devices: measure, prune, export, report."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 ModelOpt = typer.Option("cifar_resnet56", "--model", "-m", help="model name (see `edgeprune models`)")
 WeightsOpt = typer.Option("default", "--weights", "-w",
@@ -60,59 +71,49 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int |
             as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
             quiet: bool = QuietOpt):
     """Measure a model: params, MACs, sizes, CPU (and GPU) latency in PyTorch and ONNX Runtime."""
+    from dataclasses import asdict
+
     from .models import create_model
-    from .pipeline import measure_models
-    from .prune import _out_channels, _prunable_layers
+    from .pipeline import profile_model
+    from .pruning import out_channels, prunable_layers
     from .recipe import Recipe, apply_overrides
 
-    recipe = apply_overrides(Recipe(), {"model.name": model, "model.weights": weights,
-                                        "model.num_classes": num_classes, **_latency(threads, warmup, repeats)})
+    recipe = apply_overrides(Recipe(), _latency(threads, warmup, repeats))
     net = create_model(model, weights, num_classes)
-    result = measure_models({"model": (net, None)}, net.edgeprune_spec.input_size, recipe, quiet)["model"]
+    result = asdict(profile_model(net, recipe, quiet))
     if layers:
-        result["layers"] = {n: _out_channels(m) for n, m in _prunable_layers(net).items()}
+        result["layers"] = {n: out_channels(m) for n, m in prunable_layers(net).items()}
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    from rich.table import Table
+    from .rows import Table, rich
 
-    table = Table(title=f"{model} ({weights})")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("params", f"{result['params']:,}")
-    table.add_row("MACs", f"{result['macs']:,}")
-    table.add_row("state dict bytes", f"{result['state_dict_bytes']:,}")
-    table.add_row("ONNX bytes", f"{result['onnx_bytes']:,}")
-    for key, ms in result["latency_ms"].items():
-        table.add_row(f"{key} ms (median / p90)", f"{ms:.2f} / {result['latency_p90_ms'][key]:.2f}")
-    for name, width in result.get("layers", {}).items():
-        table.add_row(f"layer {name}", str(width))
-    out_console.print(table)
+    table = Table(f"{model} ({weights})", ["measure", "value"], [
+        ["params", f"{result['params']:,}"], ["MACs", f"{result['macs']:,}"],
+        ["state dict bytes", f"{result['state_dict_bytes']:,}"], ["ONNX bytes", f"{result['onnx_bytes']:,}"],
+        *([f"{key} ms (median / p90)", f"{ms:.2f} / {result['latency_p90_ms'][key]:.2f}"]
+          for key, ms in result["latency_ms"].items()),
+        *([f"layer {name}", str(width)] for name, width in result.get("layers", {}).items())])
+    out_console.print(rich(table))
 
 
 def _finish(report: dict | None, out: Path, as_json: bool) -> None:
-    from .report import accuracy_rows, accuracy_table, console_table, int8_table
+    from . import rows
+    from .report import console_tables
 
     if report is None:  # a torchrun worker other than rank 0: rank 0 reports
         return
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    out_console.print(console_table(report))
-    if accuracy_rows(report):
-        out_console.print(accuracy_table(report))
-    if report.get("int8"):
-        out_console.print(int8_table(report))
-    parity = report["onnx_parity"]
-    out_console.print(f"ONNX parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
-                      f"{parity['top1_agreement']:.1%}", highlight=False)
-    t = report.get("target", {})
-    if t.get("kind") == "latency":
-        out_console.print(f"Latency target {t['latency_ms']:g} ms on {t['runtime']}: "
-                          f"{'met' if t['met'] else 'MISSED'} ({t['measured_ms']:.2f} ms measured on the final model)",
-                          highlight=False)
-    for finding in report.get("diagnostics", {}).get("findings", []):
-        out_console.print(f"- {finding}", highlight=False)
+    for table in console_tables(report):
+        out_console.print(table)
+    out_console.print(rows.parity(report), highlight=False)
+    verdict = rows.latency_verdict(report)
+    if verdict:
+        out_console.print(verdict[0], highlight=False)
+    for line in [*report.get("diagnostics", {}).get("findings", []), *rows.notes(report)]:
+        out_console.print(f"- {line}", highlight=False)
     unpruned = report["prune"]["unpruned"]
     if len(unpruned) > 1:
         out_console.print(f"{len(unpruned)} layers left unpruned (see report.md for why)", highlight=False)
@@ -120,31 +121,51 @@ def _finish(report: dict | None, out: Path, as_json: bool) -> None:
                       "(edgeprune.load)", highlight=False)
 
 
+def _given(pairs: dict[str, object]) -> dict[str, object]:
+    """Only what the user typed: an option left out must not override the recipe with a default."""
+    return {key: value for key, value in pairs.items() if value is not None}
+
+
+PRUNE_DEFAULTS = {"recover.epochs": 0}  # `prune` without a recipe recovers nothing unless asked
+
+
 @app.command("prune")
 def prune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="run folder for the report, model and ONNX"),
-    model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int | None = ClassesOpt,
-    ratio: float | None = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1)"),
+    model: str | None = typer.Option(None, "--model", "-m", help="model name (see `edgeprune models`); "
+                                     "default: the recipe's, else cifar_resnet56"),
+    weights: str | None = typer.Option(None, "--weights", "-w", help="none, default (known pretrained weights), a "
+                                       "torchvision weight name, or a checkpoint path; default: the recipe's, else "
+                                       "default"),
+    num_classes: int | None = ClassesOpt,
+    ratio: float | None = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1); "
+                                       "default: the recipe's target, else 0.5"),
     macs_reduction: float | None = typer.Option(None, "--macs-reduction",
-                                                   help="fraction of MACs to remove, in (0, 1); 0.5 halves them"),
+                                                help="fraction of MACs to remove, in (0, 1); 0.5 halves them"),
     target_latency_ms: float | None = typer.Option(
         None, "--target-latency-ms", help="prune until the exported model runs in at most X ms (measured on "
         "--latency-runtime with --threads); round_to is chosen among 1, 8, 16 unless --round-to is given"),
-    latency_runtime: str = typer.Option("ort_cpu", "--latency-runtime", help="ort_cpu (ONNX Runtime) or torch_cpu"),
-    importance: str = typer.Option("l2", "--importance",
-                                   help="l1, l2, bn-scale, taylor, hessian, lamp, fpgm or random"),
-    global_pruning: bool = typer.Option(False, "--global/--local", help="rank channels across layers or per layer"),
+    latency_runtime: str | None = typer.Option(None, "--latency-runtime", help="ort_cpu (default) or torch_cpu"),
+    importance: str | None = typer.Option(None, "--importance", help="l1, l2 (default), bn-scale, taylor, hessian, "
+                                          "lamp, fpgm or random"),
+    global_pruning: bool | None = typer.Option(None, "--global/--local", help="rank channels across layers or per "
+                                               "layer (default: local)"),
     round_to: int | None = typer.Option(None, "--round-to", help="keep channel counts multiples of N (8 or 16 "
-                                           "often run faster)"),
-    max_layer_ratio: float = typer.Option(1.0, "--max-layer-ratio", help="most any one layer may lose"),
+                                        "often run faster)"),
+    max_layer_ratio: float | None = typer.Option(None, "--max-layer-ratio", help="most any one layer may lose "
+                                                 "(default 1.0)"),
     ignore: list[str] | None = typer.Option(None, "--ignore", help="layer name or glob never pruned (repeatable)"),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset"),
-    threads: int = ThreadsOpt, warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default 17)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for PyTorch and ONNX Runtime (default 2)"),
+    warmup: int | None = typer.Option(None, "--warmup", help="untimed runs before timing (default 5)"),
+    repeats: int | None = typer.Option(None, "--repeats", help="timed runs; median and p90 reported (default 30)"),
     data: str | None = typer.Option(None, "--data", help="evaluate and recover on this dataset: cifar10 or an "
-                                       "ImageFolder root with train/ and val/"),
-    epochs: int = typer.Option(0, "--epochs", help="fine-tuning epochs with distillation (needs --data)"),
+                                    "ImageFolder root with train/ and val/"),
+    epochs: int | None = typer.Option(None, "--epochs", help="fine-tuning epochs with distillation (needs --data; "
+                                      "default: the recipe's, else 0)"),
     int8: bool = typer.Option(False, "--int8", help="also quantize to INT8 with ONNX Runtime (needs --data)"),
-    recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe the options above override"),
+    recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe; the options above that you give "
+                                       "override it, the others keep the recipe's values"),
     settings: list[str] | None = SetOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
     resume: bool = ResumeOpt,
@@ -156,51 +177,40 @@ def prune_cmd(
     from .pipeline import run
     from .recipe import Recipe, apply_overrides, load_recipe
 
-    overrides = {"data.path": data, "recover.epochs": epochs, **({"int8.enabled": True} if int8 else {}),
-                 "model.name": model, "model.weights": weights, "model.num_classes": num_classes,
-                 "prune.importance": importance, "prune.global_pruning": global_pruning,
-                 "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
-                 "prune.ignore": ignore or [], "export.opset": opset, **_latency(threads, warmup, repeats)}
     targets = {"--ratio": ratio, "--macs-reduction": macs_reduction, "--target-latency-ms": target_latency_ms}
     given = [flag for flag, v in targets.items() if v is not None]
     if len(given) > 1:
         raise EdgePruneError(f"give one of --ratio, --macs-reduction, --target-latency-ms, not {' and '.join(given)}")
-    overrides["prune.latency_runtime"] = latency_runtime
-    if macs_reduction is not None:
-        overrides["prune.macs_reduction"] = macs_reduction
-    elif target_latency_ms is not None:
-        overrides["prune.target_latency_ms"] = target_latency_ms
-    else:
-        overrides["prune.ratio"] = 0.5 if ratio is None else ratio
+    overrides = _given({
+        "model.name": model, "model.weights": weights, "model.num_classes": num_classes, "data.path": data,
+        "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
+        "prune.macs_reduction": macs_reduction, "prune.target_latency_ms": target_latency_ms,
+        "prune.latency_runtime": latency_runtime, "prune.importance": importance,
+        "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
+        "prune.ignore": ignore or None, "export.opset": opset, "latency.threads": threads, "latency.warmup": warmup,
+        "latency.repeats": repeats})
     overrides.update(_parse_settings(settings or []))
-    base = load_recipe(recipe) if recipe else Recipe()
+    base = load_recipe(recipe) if recipe else apply_overrides(Recipe(), PRUNE_DEFAULTS)
     report = run(apply_overrides(base, overrides), out, quiet=quiet, overwrite=overwrite, resume=resume)
     _finish(report, out, as_json)
 
 
 @app.command("export")
 def export_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
-               opset: int = typer.Option(17, "--opset", help="ONNX opset"),
-               simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="simplify with onnxslim"),
+               opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the run's)"),
+               simplify: bool | None = typer.Option(None, "--simplify/--no-simplify", help="simplify with onnxslim "
+                                                    "(default: the run's)"),
                int8: bool = typer.Option(False, "--int8", help="also write model.int8.onnx (ONNX Runtime static "
                                          "quantization) and add its accuracy, size and latency to the report"),
                data: str | None = typer.Option(None, "--data", help="dataset for INT8 calibration and evaluation "
                                                "(default: the run's)"),
+               as_json: bool = typer.Option(False, "--json", help="print the updated report as JSON"),
                quiet: bool = QuietOpt):
-    """Re-export the pruned model of a run folder to ONNX and check parity with PyTorch; --int8 adds
-    an INT8 model."""
+    """Re-export the pruned model of a run folder to ONNX (another opset, say) and check parity with
+    PyTorch; --int8 adds an INT8 model. Everything measured on the old file is measured again."""
     from .pipeline import export_run
-    from .recipe import ExportOptions, build
 
-    result = export_run(out, build(ExportOptions, {"opset": opset, "simplify": simplify}), int8=int8, data=data,
-                        quiet=quiet)
-    parity = result["onnx_parity"]
-    out_console.print(f"{out / 'model.onnx'}: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
-                      f"{parity['top1_agreement']:.1%}", highlight=False)
-    if "int8" in result:
-        from .report import int8_table
-
-        out_console.print(int8_table({"int8": result["int8"]}))
+    _finish(export_run(out, opset=opset, simplify=simplify, int8=int8, data=data, quiet=quiet), out, as_json)
 
 
 @app.command("run")
@@ -254,9 +264,9 @@ def sweep_cmd(
 ):
     """Prune at several ratios, MACs reductions or latency targets and chart the accuracy / latency /
     MACs / size trade-off with its Pareto front (sweep.html). Each point is a resumable run folder."""
-    from .pipeline import _log_to_stderr
+    from .pipeline import stderr_logger
     from .recipe import load_recipe
-    from .sweep import sweep
+    from .sweeps import sweep
 
     given = {k: v for k, v in (("ratio", _floats(ratios, "--ratios")),
                                ("macs_reduction", _floats(macs_reductions, "--macs-reductions")),
@@ -268,19 +278,16 @@ def sweep_cmd(
                                    ("recover.epochs", epochs)) if v is not None}
     overrides.update(_parse_settings(settings or []))
     base = load_recipe(recipe, overrides)
-    result = sweep(base, kind, values, out, quiet=quiet, overwrite=overwrite, log=_log_to_stderr(quiet))
+    result = sweep(base, kind, values, out, quiet=quiet, overwrite=overwrite, log=stderr_logger(quiet))
+    if result is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    from rich.table import Table
+    from .rows import rich
+    from .rows import sweep as sweep_table
 
-    table = Table(title=f"sweep: {result['model']} (Pareto front by {result['front_by']})")
-    for col in ("model", "ORT CPU ms", "MACs", "ONNX MB", "top-1 %", "Pareto"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for p in result["points"]:
-        table.add_row(p["label"], f"{p['ms']:.2f}", f"{p['macs'] / 1e6:.1f}M", f"{p['bytes'] / 1e6:.2f}",
-                      "" if p["top1"] is None else f"{p['top1']:.2f}", "yes" if p["pareto"] else "")
-    out_console.print(table)
+    out_console.print(rich(sweep_table(result)))
     out_console.print(f"Sweep report: {out / 'sweep.html'} (also .md, .json)", highlight=False)
 
 
@@ -296,30 +303,14 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, o
              as_json: bool = typer.Option(False, "--json", help='print {"top1": .., "top5": ..} as JSON'),
              quiet: bool = QuietOpt):
     """Top-1 / top-5 accuracy of a model (or a pruned run folder, or its ONNX file) on a dataset."""
-    import torch
+    from .accuracy import evaluate as evaluate_accuracy
 
-    from .artifact import load
-    from .data import load_split, loader
-    from .distributed import runtime
-    from .evaluate import evaluate as evaluate_model
-    from .evaluate import evaluate_onnx
-    from .models import create_model
-
-    torch.set_num_threads(threads)
-    folder = Path(model)
-    net = load(folder) if folder.is_dir() else create_model(model, weights, num_classes)
-    ds = load_split(data, net.edgeprune_spec, train=False, quiet=quiet)
-    batches = loader(ds, batch_size, limit=limit)
-    if onnx:
-        if not (folder / "model.onnx").is_file():
-            raise EdgePruneError(f"--onnx needs a run folder holding model.onnx, not {model}")
-        acc = evaluate_onnx(folder / "model.onnx", batches, threads, quiet)
-    else:
-        acc = evaluate_model(net, batches, runtime(), quiet)
+    acc = evaluate_accuracy(model, data, weights=weights, num_classes=num_classes, onnx=onnx, limit=limit,
+                            batch_size=batch_size, threads=threads, quiet=quiet)
     if as_json:
-        print(json.dumps({"top1": acc["top1"], "top5": acc["top5"]}))
+        print(json.dumps({"top1": acc.top1, "top5": acc.top5, "images": acc.images}))
     else:
-        out_console.print(f"{model}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}% on {acc['images']} images",
+        out_console.print(f"{model}: top-1 {acc.top1:.2f}%, top-5 {acc.top5:.2f}% on {acc.images} images",
                           highlight=False)
 
 
@@ -329,6 +320,8 @@ def main() -> None:
     try:
         app()
     except EdgePruneError as exc:
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exception(exc)
         err_console.print(f"edgeprune: error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from .measure import torch_threads
-from .prune import _out_channels, _prunable_layers
+from .pruning import out_channels, prunable_layers
 from .recipe import LatencyOptions
+from .results import Diagnosis, from_json
 
 ALIGN = 8  # channel multiple that vectorized CPU kernels (AVX-512: 16 floats, NCHWc blocks of 8/16) like
 _PASS_THROUGH = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "BatchNormalization",
@@ -31,7 +32,7 @@ _PASS_THROUGH = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRe
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates of each conv/linear layer for one input of `example`'s batch."""
     macs: dict[str, int] = {}
-    names = {m: n for n, m in _prunable_layers(model).items()}
+    names = {m: n for n, m in prunable_layers(model).items()}
 
     def hook(mod, inputs, out):
         if isinstance(mod, nn.Linear):
@@ -52,7 +53,7 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 def torch_layer_ms(model: nn.Module, example: torch.Tensor, opts: LatencyOptions) -> dict[str, float]:
     """Median eager PyTorch time (ms) of each conv/linear layer over `opts.repeats` forward passes."""
-    names = {m: n for n, m in _prunable_layers(model).items()}
+    names = {m: n for n, m in prunable_layers(model).items()}
     starts: dict[str, float] = {}
     runs: dict[str, list[float]] = defaultdict(list)
     current: dict[str, float] = defaultdict(float)
@@ -169,22 +170,22 @@ def ort_layer_ms(onnx_path: Path, modules: set[str], input_size, opts: LatencyOp
 def _profile(model: nn.Module, onnx_path: Path, opts: LatencyOptions) -> dict:
     spec = model.edgeprune_spec
     example = spec.example_input()
-    modules = set(_prunable_layers(model))
+    modules = set(prunable_layers(model))
     ort_ms, ort_other = ort_layer_ms(onnx_path, modules, spec.input_size, opts)
     return {"macs": layer_macs(model, example), "torch_ms": torch_layer_ms(model, example, opts),
             "ort_ms": ort_ms, "ort_other_ms": ort_other}
 
 
 def diagnose(baseline: nn.Module, baseline_onnx: Path, pruned: nn.Module, pruned_onnx: Path,
-             opts: LatencyOptions, speedup: dict[str, float] | None = None, top: int = 5) -> dict:
+             opts: LatencyOptions, speedup: dict[str, float] | None = None, top: int = 5) -> Diagnosis:
     """Per-layer table (MACs, measured ms in ONNX Runtime and PyTorch, widths, alignment) for both
     models, and findings: how close each runtime's speed-up comes to the MACs reduction, and which
     layers and operators hold the remaining time. `speedup` (whole-model, from `measure`) is used
     for the findings when given; otherwise the per-layer sums stand in."""
     before, after = _profile(baseline, baseline_onnx, opts), _profile(pruned, pruned_onnx, opts)
-    modules = _prunable_layers(baseline)
-    widths_before = {n: _out_channels(m) for n, m in modules.items()}
-    widths_after = {n: _out_channels(m) for n, m in _prunable_layers(pruned).items()}
+    modules = prunable_layers(baseline)
+    widths_before = {n: out_channels(m) for n, m in modules.items()}
+    widths_after = {n: out_channels(m) for n, m in prunable_layers(pruned).items()}
     layers = []
     for name in widths_before:
         after_width = widths_after.get(name, widths_before[name])
@@ -208,7 +209,7 @@ def diagnose(baseline: nn.Module, baseline_onnx: Path, pruned: nn.Module, pruned
               "layers": layers, "totals": totals,
               "ort_other_ms": {"before": before["ort_other_ms"], "after": after["ort_other_ms"]}}
     result["findings"] = findings(result, speedup, top)
-    return result
+    return from_json(Diagnosis, result)
 
 
 def _time_change(layer: dict) -> str:

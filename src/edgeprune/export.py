@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,9 +34,11 @@ class Parity:
 _PROTOBUF_LIMIT = 2_000_000_000 - 50_000_000  # margin under protobuf's 2 GiB message limit
 
 
-def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opts: ExportOptions) -> None:
-    """The TorchScript exporter (fast, one file), falling back to the dynamo exporter for the ops
-    it lacks (such as adaptive pooling to a size that does not divide the input)."""
+def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opts: ExportOptions,
+                  on_fallback: Callable[[str], None] | None) -> None:
+    """The TorchScript exporter (fast, one file, node names carrying module scopes), falling back to
+    the dynamo exporter for the ops it lacks (such as adaptive pooling to a size that does not divide
+    the input); `on_fallback` hears why."""
     with warnings.catch_warnings(), quiet_stdout():
         warnings.simplefilter("ignore")
         if not opts.dynamo:
@@ -44,17 +47,26 @@ def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opts: ExportOpt
                                   input_names=["input"], output_names=["logits"],
                                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
                 return
-            except Exception:  # the exporter raises assorted types for unsupported ops
+            except RuntimeError as exc:  # every exporter error (OnnxExporterError, tracing) is one
                 path.unlink(missing_ok=True)
+                if on_fallback is not None:
+                    on_fallback(f"{type(exc).__name__}: {_first_line(exc)}")
         torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opts.opset,
                           input_names=["input"], output_names=["logits"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
 
 
-def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: ExportOptions) -> Path:
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: ExportOptions,
+                on_fallback: Callable[[str], None] | None = None) -> Path:
     """Export `model` (batch dimension dynamic), check it and simplify it; files appear only whole.
 
-    Models over 2 GB keep their weights in `<name>.data` beside the `.onnx` file.
+    Models over 2 GB keep their weights in `<name>.data` beside the `.onnx` file. When the
+    TorchScript exporter fails and the dynamo exporter is used instead, `on_fallback` is called with
+    the reason (dynamo's node names carry no module scopes, so per-layer diagnostics lose them).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +75,7 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
     with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp_dir:
         raw, final = Path(tmp_dir) / "raw.onnx", Path(tmp_dir) / path.name
         try:
-            _torch_export(model, x, raw, opts)
+            _torch_export(model, x, raw, opts, on_fallback)
             proto = onnx.load(str(raw))
             large = proto.ByteSize() > _PROTOBUF_LIMIT
             if opts.simplify and not large:
@@ -74,9 +86,9 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
             onnx.save(proto, str(final), save_as_external_data=large, all_tensors_to_one_file=True,
                       location=f"{path.name}.data")
             onnx.checker.check_model(str(final), full_check=True)
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise EdgePruneError(f"ONNX export failed ({type(exc).__name__}: {first}); try another --opset") from None
+        except (RuntimeError, onnx.checker.ValidationError) as exc:  # exporter errors, an invalid graph
+            raise EdgePruneError(f"ONNX export failed ({type(exc).__name__}: {_first_line(exc)}); "
+                                 "try another --opset") from exc
         data = final.parent / f"{path.name}.data"
         if data.exists():
             os.replace(data, path.parent / data.name)

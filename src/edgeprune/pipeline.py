@@ -1,299 +1,331 @@
-"""`run(recipe, out)`: load -> measure -> prune -> export -> measure -> report, in one run folder.
+"""`run(recipe, out)`: every stage of `stages.STAGES` in one run folder, then the report.
 
-Each stage writes its result under `out/stages/`; a re-run with the same recipe skips stages whose
-result is already there, so an interrupted run resumes where it stopped.
+A stage whose stored result still matches its inputs is skipped, so an interrupted run resumes
+where it stopped and `export_run` recomputes only what a new export invalidates.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import platform
+import copy
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+import torch.nn as nn
 
 from . import artifact, report
+from .accuracy import Accuracy, evaluate_model, evaluate_onnx
 from .data import even_subset, load_split, loader, shard
 from .diagnose import diagnose
 from .distributed import Runtime, runtime, seed_everything
+from .environment import environment
 from .errors import EdgePruneError
-from .evaluate import evaluate, evaluate_onnx
 from .export import check_parity, export_onnx
 from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import measure, onnx_bytes
 from .models import create_model
-from .prune import prune
-from .quantize import INT8_NAME, calibration_data, compare_int8, quantize_int8
-from .recipe import ExportOptions, Recipe
+from .pruning import OnnxLatencyProbe, PruneResult, prune
+from .quantize import calibration_data, compare_int8, quantize_int8
+from .recipe import Recipe, apply_overrides, build
 from .recover import finetune, recalibrate_bn
+from .results import Diagnosis, ExportResult, Finetuning, Int8Result, Measured, Recalibration, from_json, to_json
+from .stages import (
+    FINETUNE_CHECKPOINT,
+    INT8_NAME,
+    ONNX_NAME,
+    STAGES,
+    Stage,
+    StageStore,
+    dependencies,
+    final_model_stage,
+    plan,
+)
 
-ONNX_NAME = "model.onnx"
+FINAL_REPEATS = 100  # timed runs behind a latency target's verdict: short load spikes cannot move the median
+RESULT_TYPES: dict[str, type] = {
+    "prune": PruneResult, "accuracy_baseline": Accuracy, "accuracy_pruned": Accuracy, "recalibrated": Recalibration,
+    "finetuned": Finetuning, "export": ExportResult, "accuracy_onnx": Accuracy, "int8": Int8Result,
+    "measure": Measured, "diagnose": Diagnosis,
+}
 
 
-def _log_to_stderr(quiet: bool) -> Callable[[str], None]:
+def stderr_logger(quiet: bool) -> Callable[[str], None]:
     from rich.console import Console
 
     console = Console(stderr=True, log_path=False)
     return (lambda msg: None) if quiet else (lambda msg: console.log(msg))
 
 
-def environment() -> dict:
-    def version(pkg: str) -> str:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    env = {"cpu": cpu, "torch": torch.__version__, "torch_pruning": version("torch-pruning"),
-           "onnxruntime": version("onnxruntime"), "onnx": version("onnx")}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
+def open_run_folder(out: str | Path, recipe: Recipe, overwrite: bool = False, changing: bool = False) -> StageStore:
+    """Prepare `out` for `recipe` (main process only): remove what a killed run left half-written, and
+    refuse to mix two different recipes in one folder unless told to (`overwrite` starts afresh;
+    `changing` keeps every stage result the change does not invalidate)."""
+    root = ensure_writable_dir(out)
+    for stale in [*root.glob(".export-*"), *root.rglob(".*.tmp")]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    store = StageStore(root)
+    resolved = recipe.model_dump(mode="json")
+    recipe_path = root / "recipe.json"
+    different = recipe_path.exists() and read_json(recipe_path) != resolved
+    if different and not (overwrite or changing):
+        raise EdgePruneError(f"{root} holds a run of a different recipe; choose another --out or pass --overwrite")
+    if overwrite:
+        store.clear()
+    write_json(recipe_path, resolved)
+    store.drop_unplanned(recipe)
+    return store
 
 
-class RunFolder:
-    """The run directory: resolved recipe, stage results, artifact, ONNX and report."""
+class Runner:
+    """Runs the stages of one recipe in one folder. Under torchrun every process takes part in the
+    collective stages (evaluation, recovery); the main process alone runs the others and writes."""
 
-    def __init__(self, out: str | Path, recipe: Recipe, overwrite: bool = False, write: bool = True):
-        self.root = Path(out)
-        self.stages = self.root / "stages"
-        if not write:
-            return
-        ensure_writable_dir(self.root)
-        for stale in [*self.root.glob(".export-*"), *self.root.rglob(".*.tmp")]:  # left by a killed run
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        resolved = recipe.model_dump(mode="json")
-        recipe_path = self.root / "recipe.json"
-        if recipe_path.exists() and read_json(recipe_path) != resolved:
-            if not overwrite:
-                raise EdgePruneError(f"{self.root} holds a run of a different recipe; choose another --out "
-                                     "or pass --overwrite")
-            self._discard()
-        elif overwrite:
-            self._discard()
-        write_json(recipe_path, resolved)
-
-    def _discard(self) -> None:
-        shutil.rmtree(self.stages, ignore_errors=True)
-        (self.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)
-
-    def result(self, stage: str) -> dict | None:
-        path = self.stages / f"{stage}.json"
-        return read_json(path) if path.exists() else None
-
-    def save(self, stage: str, data: dict, invalidates: tuple[str, ...] = ()) -> dict:
-        """Record a stage result; results computed from the stage's old output are dropped first."""
-        for later in invalidates:
-            (self.stages / f"{later}.json").unlink(missing_ok=True)
-        if "finetuned" in invalidates:  # its checkpoint belongs to the weights being replaced
-            (self.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)
-        write_json(self.stages / f"{stage}.json", data)
-        return data
-
-
-def measure_models(models: dict, input_size, recipe: Recipe, quiet: bool = True) -> dict[str, dict]:
-    """Measure `{label: (model, onnx path or None)}` side by side; a missing ONNX file is exported
-    to a temporary folder for the ONNX Runtime figures."""
-    with tempfile.TemporaryDirectory(prefix="edgeprune-") as tmp:
-        ready = {label: (model, path if path is not None else
-                         export_onnx(model, input_size, Path(tmp) / f"{label}.onnx", recipe.export))
-                 for label, (model, path) in models.items()}
-        return {label: m.to_dict() for label, m in measure(ready, input_size, recipe.latency, quiet).items()}
-
-
-class _Stages:
-    """Runs the stages of one recipe in one folder; only the main process writes."""
-
-    def __init__(self, recipe: Recipe, folder: RunFolder, rt: Runtime, quiet: bool, resume: bool):
-        self.recipe, self.folder, self.rt, self.quiet, self.resume = recipe, folder, rt, quiet, resume
-        self.log = _log_to_stderr(quiet or not rt.is_main)
-        self.model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
-        self.spec = self.model.edgeprune_spec
+    def __init__(self, recipe: Recipe, store: StageStore, rt: Runtime, quiet: bool, resume: bool):
+        self.recipe, self.store, self.rt, self.resume = recipe, store, rt, resume
+        self.root = store.root
+        self.quiet = quiet or not rt.is_main
+        self.log = stderr_logger(self.quiet)
+        self.baseline = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
+        self.spec = self.baseline.edgeprune_spec
+        self.models: dict[str, nn.Module] = {}
+        self.history: list | None = None
         self._splits: dict[bool, object] = {}
-        self._scratch = tempfile.TemporaryDirectory(prefix="edgeprune-")  # the baseline's ONNX, exported once
+        self._scratch = tempfile.TemporaryDirectory(prefix="edgeprune-")
         self._baseline_onnx: Path | None = None
 
+    # --- what stages share -----------------------------------------------------------------------
     def baseline_onnx(self) -> Path:
-        """The unpruned model exported to ONNX (once per run) for latency search, measurement and profiling."""
+        """The unpruned model exported to ONNX once per run (latency search, measurement, profiling)."""
         if self._baseline_onnx is None:
-            self._baseline_onnx = export_onnx(self.model, self.spec.input_size,
+            self._baseline_onnx = export_onnx(self.baseline, self.spec.input_size,
                                               Path(self._scratch.name) / "baseline.onnx", self.recipe.export)
         return self._baseline_onnx
 
-    def close(self) -> None:
-        self._scratch.cleanup()
-
     def split(self, train: bool):
         if train not in self._splits:
-            self._splits[train] = load_split(self.recipe.data.path, self.spec, train, self.quiet or not self.rt.is_main)
+            self._splits[train] = load_split(self.recipe.data.path, self.spec, train, self.quiet)
         return self._splits[train]
-
-    def stage(self, name: str, compute: Callable[[], dict], invalidates: tuple[str, ...] = (),
-              collective: bool = True) -> dict:
-        """The stage's saved result, or compute it and save it (on the main rank). A collective stage
-        runs on every rank and ends in a barrier; others run on the main rank alone."""
-        done = self.folder.result(name)
-        if done is not None:
-            return done
-        result = compute()
-        if self.rt.is_main:
-            self.folder.save(name, result, invalidates)
-        if collective:
-            self.rt.barrier()
-        return result
 
     def eval_set(self):
         return even_subset(self.split(False), self.recipe.data.eval_images)
 
-    def accuracy(self, model, label: str) -> dict:
-        data = self.recipe.data
-        self.log(f"evaluating {label} on {data.path}")
+    def accuracy(self, model: nn.Module, label: str) -> Accuracy:
+        self.log(f"evaluating {label} on {self.recipe.data.path}")
         ds = shard(self.eval_set(), self.rt.rank, self.rt.world_size)
-        return evaluate(model, loader(ds, data.eval_batch_size, workers=data.workers), self.rt,
-                        self.quiet or not self.rt.is_main, desc=f"evaluate {label}")
+        return evaluate_model(model, loader(ds, self.recipe.data.eval_batch_size, workers=self.recipe.data.workers),
+                              self.rt, self.quiet, desc=f"evaluate {label}")
 
-    def save_model(self, model, history) -> None:
+    def model_at(self, stage: str) -> nn.Module:
+        """The pruned model as `stage` left it: in memory, or rebuilt from stages/<stage>/."""
+        if stage not in self.models:
+            self.models[stage] = artifact.load(self.store.folder / stage)
+        return self.models[stage]
+
+    def input_model(self, stage: str) -> nn.Module:
+        """A copy of the model `stage` starts from (stages that change weights work on their own copy)."""
+        return copy.deepcopy(self.model_at(dependencies(STAGES_BY_NAME[stage], self.recipe)[0]))
+
+    def keep_model(self, stage: str, model: nn.Module) -> None:
+        self.models[stage] = model
         if self.rt.is_main:
-            artifact.save(model, history, self.folder.root)
+            artifact.save(model, self.pruning_history(), self.store.folder / stage)
 
-    def prune(self):
-        root = self.folder.root
-        pruned = None
-        if self.folder.result("prune") is None:
-            if self.rt.is_main:
-                self.log("pruning with DepGraph")
-                calibration = None
-                if self.recipe.data.path and self.recipe.prune.importance in ("taylor", "hessian"):
-                    calibration = loader(self.split(True), 32, limit=32 * self.recipe.prune.calibration_batches)
-                opts = self.recipe.prune
-                if opts.target_latency_ms is not None:
-                    from .target import OnnxLatencyProbe
+    def pruning_history(self) -> list:
+        if self.history is None:
+            self.history = self.result("prune").history
+        return self.history
 
-                    with tempfile.TemporaryDirectory(prefix="edgeprune-target-") as tmp:
-                        probe = OnnxLatencyProbe(self.model, opts.latency_runtime, self.recipe.latency,
-                                                 self.recipe.export, tmp, baseline_onnx=self.baseline_onnx())
-                        self.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; searching for "
-                                 f"<= {opts.target_latency_ms:g} ms")
-                        pruned, result = prune(self.model, opts, calibration=calibration, latency_probe=probe,
-                                               log=self.log)
-                else:
-                    pruned, result = prune(self.model, opts, calibration=calibration)
-                artifact.save(pruned, result.history, root)
-                self.folder.save("prune", result.to_dict(), invalidates=LATER_STAGES)
-            self.rt.barrier()
-        # Rebuild from the artifact only where the pruned model is not in memory (a resume, other ranks).
-        return pruned if pruned is not None else artifact.load(root), self.folder.result("prune")
+    def result(self, name: str):
+        return from_json(RESULT_TYPES[name], self.store.record(name)["result"])
 
-    def recover(self, pruned, history) -> dict[str, dict]:
-        recipe, opts, out = self.recipe, self.recipe.recover, {}
-        out["baseline"] = self.stage("accuracy_baseline", lambda: self.accuracy(self.model, "the baseline"))
-        chance = 100 / self.spec.num_classes
-        if recipe.model.weights != "none" and out["baseline"]["top1"] < 2 * chance:
-            self.log(f"[bold red]warning:[/] the unpruned model scores {out['baseline']['top1']:.1f}% (chance is "
-                     f"{chance:.1f}%): do the dataset's class folders match the model's classes, in order?")
-        out["pruned"] = self.stage("accuracy_pruned", lambda: self.accuracy(pruned, "the pruned model"))
-        if opts.recalibrate:
-            def recalibrate():
-                self.log(f"re-calibrating BatchNorm on {opts.calibration_images} training images")
-                layers = recalibrate_bn(pruned, self.split(True), opts.calibration_images, opts.batch_size,
-                                        self.rt.device, recipe.seed, self.quiet or not self.rt.is_main)
-                self.save_model(pruned, history)
-                return {**self.accuracy(pruned, "the re-calibrated model"), "bn_layers": layers}
-            out["recalibrated"] = self.stage("recalibrated", recalibrate, invalidates=("finetuned", *LATE_STAGES))
-        if opts.epochs > 0:
-            def tune():
-                teacher = self.model if opts.distill else None
-                self.log(f"fine-tuning {opts.epochs} epoch(s) on {self.rt.world_size} process(es), "
-                         f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
-                result = finetune(pruned, teacher, self.split(True),
-                                  self.eval_set() if opts.eval_every_epoch else None, opts, self.rt,
-                                  self.folder.root / FINETUNE_CHECKPOINT, self.resume, recipe.seed,
-                                  self.quiet or not self.rt.is_main)
-                self.save_model(pruned, history)
-                return {**self.accuracy(pruned, "the fine-tuned model"), **result.to_dict()}
-            out["finetuned"] = self.stage("finetuned", tune, invalidates=LATE_STAGES)
-        return out
+    # --- running ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, object]:
+        """Every planned stage, skipping those already done; the results by stage (main process)."""
+        planned = plan(self.recipe)
+        last_collective = max(i for i, s in enumerate(planned) if s.collective or s.name == "prune")
+        results: dict[str, object] = {}
+        for i, stage in enumerate(planned):
+            if i > last_collective and not self.rt.is_main:
+                break
+            if stage.collective or self.rt.is_main:
+                results[stage.name] = self.execute(stage)
+            if i <= last_collective:
+                self.rt.barrier()
+            if stage.name == final_model_stage(self.recipe) and self.rt.is_main:
+                self.publish_model(stage.name)
+        return results
+
+    def execute(self, stage: Stage):
+        done = self.store.fresh(stage, self.recipe)
+        if done is not None:
+            return from_json(RESULT_TYPES[stage.name], done)
+        result = COMPUTE[stage.name](self)
+        if self.rt.is_main:
+            self.store.save(stage, self.recipe, to_json(result))
+        return result
+
+    def publish_model(self, stage: str) -> None:
+        """The run folder's model.safetensors / model.json: the final model stage's files."""
+        for name in (artifact.WEIGHTS, artifact.META):
+            tmp = self.root / f".{name}.link.tmp"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(self.store.folder / stage / name, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(self.store.folder / stage / name, tmp)
+            os.replace(tmp, self.root / name)
+
+    def close(self) -> None:
+        self._scratch.cleanup()
 
 
-LATE_STAGES = ("export", "accuracy_onnx", "int8", "measure", "diagnose")
-LATER_STAGES = ("accuracy_baseline", "accuracy_pruned", "recalibrated", "finetuned", *LATE_STAGES)
-FINETUNE_CHECKPOINT = "finetune-checkpoint.pt"
-FINAL_REPEATS = 100  # timed runs behind a latency target's verdict: short load spikes cannot move the median
+# --- the stages ----------------------------------------------------------------------------------
+def _prune(r: Runner) -> PruneResult:
+    opts = r.recipe.prune
+    r.log("pruning with DepGraph")
+    calibration = None
+    if r.recipe.data.path and opts.importance in ("taylor", "hessian"):
+        calibration = loader(r.split(True), 32, limit=32 * opts.calibration_batches)
+    probe = None
+    if opts.target_latency_ms is not None:
+        probe = OnnxLatencyProbe(r.baseline, opts.latency_runtime, r.recipe.latency, r.recipe.export,
+                                 r._scratch.name, baseline_onnx=r.baseline_onnx())
+        r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; searching for "
+              f"<= {opts.target_latency_ms:g} ms")
+    pruned, result = prune(r.baseline, opts, calibration=calibration, latency_probe=probe, log=r.log)
+    r.history = result.history
+    r.keep_model("prune", pruned)
+    return result
 
 
+def _accuracy_baseline(r: Runner) -> Accuracy:
+    acc = r.accuracy(r.baseline, "the baseline")
+    chance = 100 / r.spec.num_classes
+    if r.recipe.model.weights != "none" and acc.top1 < 2 * chance:
+        r.log(f"[bold red]warning:[/] the unpruned model scores {acc.top1:.1f}% (chance is {chance:.1f}%): do the "
+              "dataset's class folders match the model's classes, in order?")
+    return acc
+
+
+def _accuracy_pruned(r: Runner) -> Accuracy:
+    return r.accuracy(r.model_at("prune"), "the pruned model")
+
+
+def _recalibrated(r: Runner) -> Recalibration:
+    opts = r.recipe.recover
+    model = r.input_model("recalibrated")
+    r.log(f"re-calibrating BatchNorm on {opts.calibration_images} training images")
+    layers = recalibrate_bn(model, r.split(True), opts.calibration_images, opts.batch_size, r.rt.device,
+                            r.recipe.seed, r.quiet)
+    r.keep_model("recalibrated", model)
+    return Recalibration(accuracy=r.accuracy(model, "the re-calibrated model"), bn_layers=layers)
+
+
+def _finetuned(r: Runner) -> Finetuning:
+    opts = r.recipe.recover
+    model = r.input_model("finetuned")
+    teacher = r.baseline if opts.distill else None
+    r.log(f"fine-tuning {opts.epochs} epoch(s) on {r.rt.world_size} process(es), "
+          f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
+    training = finetune(model, teacher, r.split(True), r.eval_set() if opts.eval_every_epoch else None, opts, r.rt,
+                        r.root / FINETUNE_CHECKPOINT, r.resume, r.recipe.seed, r.quiet,
+                        tag=r.store.fingerprint(STAGES_BY_NAME["finetuned"], r.recipe))
+    r.keep_model("finetuned", model)
+    if r.rt.is_main:
+        (r.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)  # the stage's result supersedes it
+    return Finetuning(accuracy=r.accuracy(model, "the fine-tuned model"), training=training)
+
+
+def _export(r: Runner) -> ExportResult:
+    r.log("exporting to ONNX and checking parity")
+    model, opts = r.model_at(final_model_stage(r.recipe)), r.recipe.export
+    fallback: list[str] = []
+    path = export_onnx(model, r.spec.input_size, r.root / ONNX_NAME, opts, on_fallback=fallback.append)
+    return ExportResult(parity=check_parity(model, path, r.spec.input_size, opts), opset=opts.opset,
+                        exporter="dynamo" if opts.dynamo or fallback else "torchscript", onnx_bytes=onnx_bytes(path),
+                        fallback_reason=fallback[0] if fallback else None)
+
+
+def _accuracy_onnx(r: Runner) -> Accuracy:
+    r.log("evaluating the exported model with ONNX Runtime")
+    return evaluate_onnx(r.root / ONNX_NAME, loader(r.eval_set(), r.recipe.data.eval_batch_size),
+                         r.recipe.latency.threads, r.quiet)
+
+
+def _int8(r: Runner) -> Int8Result:
+    return int8_stage(r.root, r.recipe, r.spec, r.quiet, r.log)
+
+
+def int8_stage(folder: Path, recipe: Recipe, spec, quiet: bool, log: Callable[[str], None]) -> Int8Result:
+    """Quantize folder/model.onnx to folder/model.int8.onnx and compare the two on the evaluation split."""
+    opts = recipe.int8
+    data = opts.data or recipe.data.path
+    log(f"quantizing to INT8 (calibration on {opts.calibration_images} training images of {data})")
+    train = load_split(data, spec, True, quiet)
+    evaluation = even_subset(load_split(data, spec, False, quiet), recipe.data.eval_images)
+    quantize_int8(folder / ONNX_NAME, folder / INT8_NAME, calibration_data(train, spec, opts.calibration_images), opts)
+    compared = compare_int8(folder / ONNX_NAME, folder / INT8_NAME, loader(evaluation, recipe.data.eval_batch_size),
+                            spec.input_size, recipe.latency, quiet)
+    return from_json(Int8Result, {**compared, "calibration_images": min(opts.calibration_images, len(train)),
+                                  "method": opts.method, "per_channel": opts.per_channel})
+
+
+def _measure(r: Runner) -> Measured:
+    r.log("measuring the baseline and the pruned model side by side")
+    latency = r.recipe.latency
+    if r.recipe.prune.target_latency_ms is not None:  # the verdict on the target: a median of many runs
+        latency = latency.model_copy(update={"repeats": max(latency.repeats, FINAL_REPEATS)})
+    pruned = r.model_at(final_model_stage(r.recipe))
+    timed = measure({"baseline": (r.baseline, r.baseline_onnx()), "pruned": (pruned, r.root / ONNX_NAME)},
+                    r.spec.input_size, latency, r.quiet)
+    return Measured(baseline=timed["baseline"], pruned=timed["pruned"])
+
+
+def _diagnose(r: Runner) -> Diagnosis:
+    r.log("profiling every layer of both models (ONNX Runtime and PyTorch)")
+    measured: Measured = r.result("measure")
+    before, after = measured.baseline.latency_ms, measured.pruned.latency_ms
+    speedup = {k: v / after[k] for k, v in before.items() if after.get(k)}
+    return diagnose(r.baseline, r.baseline_onnx(), r.model_at(final_model_stage(r.recipe)), r.root / ONNX_NAME,
+                    r.recipe.latency, speedup)
+
+
+COMPUTE: dict[str, Callable[[Runner], object]] = {
+    "prune": _prune, "accuracy_baseline": _accuracy_baseline, "accuracy_pruned": _accuracy_pruned,
+    "recalibrated": _recalibrated, "finetuned": _finetuned, "export": _export, "accuracy_onnx": _accuracy_onnx,
+    "int8": _int8, "measure": _measure, "diagnose": _diagnose,
+}
+STAGES_BY_NAME = {s.name: s for s in STAGES}
+assert set(COMPUTE) == set(STAGES_BY_NAME) == set(RESULT_TYPES)
+
+
+# --- the public entry points ---------------------------------------------------------------------
 def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = False,
         resume: bool = False) -> dict | None:
     """Run every stage of `recipe` in the folder `out`; returns the report (also in out/report.json).
 
     Under torchrun every process joins evaluation and fine-tuning; only rank 0 prunes, writes files,
-    exports and measures, and only rank 0 returns the report.
+    exports and measures, and only rank 0 returns the report (the others return None).
     """
+    return _execute(recipe, out, quiet=quiet, overwrite=overwrite, resume=resume)
+
+
+def _execute(recipe: Recipe, out: str | Path, quiet: bool, overwrite: bool = False, resume: bool = False,
+             changing: bool = False) -> dict | None:
     rt = runtime()
     seed_everything(recipe.seed)
-    folder = RunFolder(out, recipe, overwrite, write=rt.is_main)
+    store = open_run_folder(out, recipe, overwrite, changing) if rt.is_main else StageStore(Path(out))
     rt.barrier()
-    stages = _Stages(recipe, folder, rt, quiet, resume)
+    runner = Runner(recipe, store, rt, quiet, resume)
     try:
-        return _run(recipe, folder, rt, stages, quiet)
+        results = runner.run()
     finally:
-        stages.close()
-
-
-def _run(recipe: Recipe, folder: RunFolder, rt: Runtime, stages: _Stages, quiet: bool) -> dict | None:
-    pruned_model, prune_result = stages.prune()
-    accuracy = stages.recover(pruned_model, prune_result["history"]) if recipe.data.path else {}
+        runner.close()
     if not rt.is_main:
         return None
-    log, input_size = stages.log, stages.spec.input_size
-
-    parity = folder.result("export")
-    if parity is None or not (folder.root / ONNX_NAME).exists():
-        log("exporting to ONNX and checking parity")
-        parity = folder.save("export", export_stage(pruned_model, folder.root, recipe.export),
-                             invalidates=("accuracy_onnx", "int8", "measure", "diagnose"))
-    if recipe.data.path:
-        accuracy["onnx"] = stages.stage("accuracy_onnx", lambda: evaluate_onnx(
-            folder.root / ONNX_NAME, loader(stages.eval_set(), recipe.data.eval_batch_size),
-            recipe.latency.threads, quiet), collective=False)
-    if recipe.int8.enabled and (folder.result("int8") is None or not (folder.root / INT8_NAME).exists()):
-        log(f"quantizing to INT8 (calibration on {recipe.int8.calibration_images} training images)")
-        folder.save("int8", int8_stage(folder.root, recipe, stages.spec, stages.split(True), stages.eval_set(), quiet))
-
-    measured = folder.result("measure")
-    if measured is None:
-        log("measuring the baseline and the pruned model side by side")
-        timing = recipe
-        if recipe.prune.target_latency_ms is not None:  # the verdict on the target: a median of many runs
-            timing = recipe.model_copy(update={"latency": recipe.latency.model_copy(
-                update={"repeats": max(recipe.latency.repeats, FINAL_REPEATS)})})
-        measured = folder.save("measure", measure_models(
-            {"baseline": (stages.model, stages.baseline_onnx()), "pruned": (pruned_model, folder.root / ONNX_NAME)},
-            input_size, timing, quiet), invalidates=("diagnose",))
-
-    diagnostics = None
-    if recipe.latency.per_layer:
-        def profile_layers():
-            log("profiling every layer of both models (ONNX Runtime and PyTorch)")
-            speedup = {k: v / measured["pruned"]["latency_ms"][k] for k, v in measured["baseline"]["latency_ms"].items()
-                       if measured["pruned"]["latency_ms"].get(k)}
-            return diagnose(stages.model, stages.baseline_onnx(), pruned_model, folder.root / ONNX_NAME,
-                            recipe.latency, speedup)
-        diagnostics = stages.stage("diagnose", profile_layers, collective=False)
-
-    final = report.build(measured["baseline"], measured["pruned"], accuracy, parity, prune_result,
-                         recipe.model_dump(mode="json"), environment(), int8=folder.result("int8"),
-                         diagnostics=diagnostics)
-    write_report(folder.root, final)
+    final = report.build(recipe, results, environment())
+    write_report(store.root, final)
     return final
 
 
@@ -306,51 +338,32 @@ def write_report(root: Path, final: dict) -> None:
     write_text(root / "report.html", page(final))
 
 
-def export_stage(model, root: Path, opts: ExportOptions) -> dict:
-    input_size = model.edgeprune_spec.input_size
-    path = export_onnx(model, input_size, root / ONNX_NAME, opts)
-    return check_parity(model, path, input_size, opts).to_dict()
-
-
-def int8_stage(root: Path, recipe: Recipe, spec, train_ds, eval_ds, quiet: bool) -> dict:
-    """Quantize root/model.onnx to root/model.int8.onnx and compare the two on `eval_ds`."""
-    opts = recipe.int8
-    quantize_int8(root / ONNX_NAME, root / INT8_NAME, calibration_data(train_ds, spec, opts.calibration_images), opts)
-    result = compare_int8(root / ONNX_NAME, root / INT8_NAME, loader(eval_ds, recipe.data.eval_batch_size),
-                          spec.input_size, recipe.latency, quiet)
-    return {**result, "calibration_images": min(opts.calibration_images, len(train_ds)), "method": opts.method,
-            "per_channel": opts.per_channel}
-
-
-def export_run(out: str | Path, opts: ExportOptions, int8: bool = False, data: str | None = None,
-               quiet: bool = True) -> dict:
-    """Re-export the pruned model of a finished run (for example at another opset) and re-check parity;
-    with `int8`, also quantize it (calibrated on `data`) and add the `int8` stage to the report."""
+def export_run(out: str | Path, opset: int | None = None, simplify: bool | None = None, int8: bool = False,
+               data: str | None = None, quiet: bool = True) -> dict:
+    """Re-export the pruned model of a finished run (for example at another opset), with `int8` also
+    quantized (calibrated on `data`, default the run's dataset). Every stage computed from the old
+    export (accuracy through ONNX Runtime, INT8, measurement, diagnostics) is computed again, so the
+    report describes the new files; returns the report."""
     root = Path(out)
-    model = artifact.load(root)
-    ensure_writable_dir(root)
-    parity = export_stage(model, root, opts)
-    write_json(root / "stages" / "export.json", parity)
-    result = {"onnx_parity": parity}
+    if not (root / "recipe.json").is_file() or not (root / artifact.META).is_file():
+        raise EdgePruneError(f"{root} holds no finished prune run (recipe.json and {artifact.META}); "
+                             "run edgeprune prune or run first")
+    recipe = build(Recipe, read_json(root / "recipe.json"))
+    overrides: dict = {k: v for k, v in (("export.opset", opset), ("export.simplify", simplify)) if v is not None}
     if int8:
-        recipe = Recipe.model_validate(read_json(root / "recipe.json")) if (root / "recipe.json").exists() \
-            else Recipe()
-        data = data or recipe.data.path
-        if not data:
+        if not (data or recipe.int8.data or recipe.data.path):
             raise EdgePruneError("--int8 needs --data: INT8 calibration reads a few hundred training images")
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": data}),
-                                           "int8": recipe.int8.model_copy(update={"enabled": True})})
-        spec = model.edgeprune_spec
-        train = load_split(data, spec, True, quiet)
-        evaluation = even_subset(load_split(data, spec, False, quiet), recipe.data.eval_images)
-        result["int8"] = int8_stage(root, recipe, spec, train, evaluation, quiet)
-        write_json(root / "stages" / "int8.json", result["int8"])
-    report_path = root / "report.json"
-    if report_path.exists():
-        final = read_json(report_path)
-        final["onnx_parity"] = parity
-        final["pruned"]["onnx_bytes"] = onnx_bytes(root / ONNX_NAME)
-        if "int8" in result:
-            final["int8"] = result["int8"]
-        write_report(root, final)
-    return result
+        overrides["int8.enabled"] = True
+        if data:
+            overrides["int8.data"] = data
+    final = _execute(apply_overrides(recipe, overrides), root, quiet, changing=True)
+    assert final is not None  # export runs in one process
+    return final
+
+
+def profile_model(model: nn.Module, recipe: Recipe, quiet: bool = True):
+    """Params, MACs, sizes and latency of one model (exported to a temporary ONNX file)."""
+    with tempfile.TemporaryDirectory(prefix="edgeprune-") as tmp:
+        size = model.edgeprune_spec.input_size
+        path = export_onnx(model, size, Path(tmp) / "model.onnx", recipe.export)
+        return measure({"model": (model, path)}, size, recipe.latency, quiet)["model"]

@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
 
+from .accuracy import evaluate_onnx_predictions
 from .data import loader, unaugmented
 from .errors import EdgePruneError
-from .evaluate import evaluate_onnx
 from .measure import onnx_bytes, ort_runner, time_interleaved
 from .quiet import quiet_stdout
 from .recipe import Int8Options, LatencyOptions
@@ -45,6 +46,24 @@ def calibration_data(train_ds, spec, images: int) -> DataLoader:
     return loader(unaugmented(train_ds, spec), 32, limit=images)
 
 
+def quantization_failures() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime's quantizer and pre-processing raise on a graph they cannot handle: its own
+    ValueError/RuntimeError (NotImplementedError included) and failed asserts, KeyError from tensor-name
+    lookups in calibration, ONNX checker and shape-inference errors, and the native session's errors."""
+    import onnx.checker
+    import onnx.shape_inference
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    return (ValueError, RuntimeError, KeyError, AssertionError, onnx.checker.ValidationError,
+            onnx.shape_inference.InferenceError, ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
+            ort_state.InvalidProtobuf, ort_state.NotImplemented, ort_state.RuntimeException, ort_state.EPFail)
+
+
+def _failed(fp32_path: Path, exc: Exception) -> EdgePruneError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return EdgePruneError(f"INT8 quantization of {fp32_path} failed ({type(exc).__name__}: {first})")
+
+
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: DataLoader,
                   opts: Int8Options) -> Path:
     """Write the INT8 (QDQ) version of `fp32_path` to `out_path`; the file appears only whole."""
@@ -70,11 +89,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=method)
             os.replace(quantized, out_path)
-    except EdgePruneError:
-        raise
-    except Exception as exc:  # the quantizer raises assorted types on graphs it cannot handle
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise EdgePruneError(f"INT8 quantization of {fp32_path} failed ({type(exc).__name__}: {first})") from None
+    except quantization_failures() as exc:
+        raise _failed(fp32_path, exc) from exc
+    except Exception as exc:
+        if type(exc) is not Exception:  # a bug of ours, a data or disk problem: keep its traceback
+            raise
+        # ORT's symbolic shape inference raises a bare Exception on graphs it cannot infer
+        raise _failed(fp32_path, exc) from exc
     finally:
         ort_logger.setLevel(previous)
     return out_path
@@ -84,9 +105,10 @@ def compare_int8(fp32_path: Path, int8_path: Path, eval_data: DataLoader, input_
                  quiet: bool = True) -> dict:
     """Accuracy, agreement, size and ONNX Runtime CPU latency of the INT8 model next to its FP32 source,
     timed side by side in one call."""
-    fp32 = evaluate_onnx(fp32_path, eval_data, latency.threads, quiet, keep_predictions=True)
-    int8 = evaluate_onnx(int8_path, eval_data, latency.threads, quiet, keep_predictions=True)
-    agreement = float(np.mean(fp32.pop("predictions") == int8.pop("predictions")))
+    fp32_acc, fp32_pred = evaluate_onnx_predictions(fp32_path, eval_data, latency.threads, quiet)
+    int8_acc, int8_pred = evaluate_onnx_predictions(int8_path, eval_data, latency.threads, quiet)
+    fp32, int8 = asdict(fp32_acc), asdict(int8_acc)
+    agreement = float(np.mean(fp32_pred == int8_pred))
     runners = {name: ort_runner(path, input_size, latency.batch_size, latency.threads, spinning=latency.ort_spinning)
                for name, path in (("fp32", fp32_path), ("int8", int8_path))}
     timed = time_interleaved(runners, latency, quiet, "INT8 latency")

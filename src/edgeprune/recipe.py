@@ -57,6 +57,12 @@ class PruneOptions(_Strict):
     ignore: list[str] = Field(default_factory=list, description="extra layer names (glob) never pruned")
     calibration_batches: int = Field(default=4, ge=1, description="batches for taylor/hessian gradients")
     tolerance: float = Field(default=0.01, gt=0, lt=1, description="relative tolerance on a MACs target")
+    trace_memory_gb: float | None = Field(
+        default=None, gt=0, description="stop DepGraph tracing once it grows the process's memory by more "
+        "than this many GB (default: 80% of the memory available when tracing starts)")
+    trace_timeout_s: float | None = Field(
+        default=None, gt=0, description="stop DepGraph tracing (graph build, or pruner build and step) "
+        "after this many seconds (default: no limit)")
 
     @field_validator("ratio", "macs_reduction")
     @classmethod
@@ -89,6 +95,8 @@ class Int8Options(_Strict):
     calibration_images: int = Field(default=256, ge=1, description="training images the activation ranges come from")
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = Field(default=True, description="one weight scale per output channel")
+    data: str | None = Field(default=None, description="dataset for calibration and INT8 evaluation "
+                             "(default: data.path)")
 
 
 class DataOptions(_Strict):
@@ -132,7 +140,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _int8_needs_data(self):
-        if self.int8.enabled and not self.data.path:
+        if self.int8.enabled and not (self.data.path or self.int8.data):
             raise ValueError("INT8 calibration needs a dataset: set data.path (--data)")
         return self
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from .accuracy import evaluate_model
 from .data import loader, shard
 from .distributed import Runtime
 from .errors import EdgePruneError
-from .evaluate import evaluate
 from .fsio import atomic_path
 from .recipe import RecoverOptions
 
@@ -105,8 +105,11 @@ class FinetuneResult:
 
 def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, eval_ds: Dataset | None,
              opts: RecoverOptions, rt: Runtime, checkpoint: Path | None = None, resume: bool = False,
-             seed: int = 0, quiet: bool = True) -> FinetuneResult:
-    """Fine-tune `student` in place (distilling from `teacher` when given); returns per-epoch results."""
+             seed: int = 0, quiet: bool = True, tag: str | None = None) -> FinetuneResult:
+    """Fine-tune `student` in place (distilling from `teacher` when given); returns per-epoch results.
+
+    `checkpoint` is written after every epoch with `tag` (what the fine-tune started from); one
+    with another tag belongs to other inputs and is discarded rather than resumed."""
     device = rt.device
     student.to(device)
     if teacher is not None:
@@ -124,6 +127,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
                                                                            opts.warmup))
     result = FinetuneResult(world_size=rt.world_size)
     start = 0
+    if checkpoint is not None and checkpoint.exists() and \
+            torch.load(checkpoint, map_location="cpu", weights_only=True).get("tag") != tag:
+        rt.barrier()  # every process has read it before the main one removes it
+        if rt.is_main:
+            checkpoint.unlink()
+        rt.barrier()
     if checkpoint is not None and checkpoint.exists():
         if not resume:
             raise EdgePruneError(f"{checkpoint} holds an interrupted fine-tune; pass --resume to continue it or "
@@ -163,14 +172,14 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
         epoch_result = EpochResult(epoch=epoch + 1, loss=total / seen, lr=scheduler.get_last_lr()[0],
                                    seconds=round(time.time() - t0, 2))
         if eval_loader is not None:
-            acc = evaluate(student, eval_loader, rt)
-            epoch_result.top1, epoch_result.top5 = acc["top1"], acc["top5"]
+            acc = evaluate_model(student, eval_loader, rt)
+            epoch_result.top1, epoch_result.top5 = acc.top1, acc.top5
         result.epochs.append(epoch_result)
         if checkpoint is not None and rt.is_main:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                            "epochs": [asdict(e) for e in result.epochs]}, tmp)
+                            "epochs": [asdict(e) for e in result.epochs], "tag": tag}, tmp)
         rt.barrier()
     student.eval()
     return result

@@ -10,7 +10,7 @@ import base64
 import html
 import io
 
-from . import report as rep
+from . import rows
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -21,7 +21,8 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; } th { background: #f3f5f
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.front td { background: #eef7ee; font-weight: 600; }
 img.plot { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
-.muted { color: #666; font-size: 0.9em; } .bad { color: #b00020; font-weight: 600; } .ok { color: #1b7f3b; }
+.muted { color: #666; font-size: 0.9em; } .note { color: #7a4b00; }
+.bad { color: #b00020; font-weight: 600; } .ok { color: #1b7f3b; }
 """
 # Counts the plots that decoded; a browser test reads it back from the DOM.
 _SCRIPT = """
@@ -57,17 +58,6 @@ def _figure(width: float, height: float):
     return plt.subplots(figsize=(width, height))
 
 
-def _table(header: list[str], rows: list[list], classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cells = "".join(f'<td class="num">{html.escape(str(c))}</td>' if i_c else f"<td>{html.escape(str(c))}</td>"
-                        for i_c, c in enumerate(row))
-        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
 def _layer_bars(names: list[str], before: list[float], after: list[float], ylabel: str, title: str, alt: str) -> str:
     import numpy as np
 
@@ -85,7 +75,7 @@ def _layer_bars(names: list[str], before: list[float], after: list[float], ylabe
 
 def tradeoff_points(report: dict) -> list[dict]:
     """The models of one run as trade-off points: name, ORT CPU ms, MACs, bytes, top-1 (when known)."""
-    final = rep.final_stage(report)
+    final = rows.final_stage(report)
     points = [{"label": "baseline", "ms": report["baseline"]["latency_ms"].get("ort_cpu"),
                "macs": report["baseline"]["macs"], "bytes": report["baseline"]["onnx_bytes"],
                "top1": report["baseline"].get("top1")},
@@ -147,25 +137,16 @@ def page(report: dict) -> str:
     """The run report as one self-contained HTML document."""
     name = report["recipe"]["model"]["name"]
     body = [f"<h1>edgeprune report: {html.escape(name)}</h1>"]
-    t = report.get("target") or {}
-    if t.get("kind") == "latency":
-        verdict = '<span class="ok">met</span>' if t["met"] else '<span class="bad">missed</span>'
-        body.append(f"<p>Target: at most {t['latency_ms']:g} ms on {t['runtime']} ({t['threads']} threads): "
-                    f"{verdict}, {t['measured_ms']:.2f} ms measured on the final model.</p>")
+    verdict = rows.latency_verdict(report)
+    if verdict:
+        text, met = verdict
+        body.append(f"<p class='{'ok' if met else 'bad'}'>{html.escape(text)}</p>")
     body.append("<h2>Before and after</h2>")
-    rows = [[r["metric"], r["before"], r["after"], r["change"], r["factor"]] for r in rep.comparison(report)]
-    body.append(_table(["metric", "before", "after", "change", "factor"], rows))
-    env, lat = report["environment"], report["recipe"]["latency"]
-    body.append(f"<p class='muted'>Latency: median of {rep.runs(report)} runs, batch {lat['batch_size']}, "
-                f"{lat['threads']} threads, on {html.escape(env['cpu'])}"
-                f"{' and ' + html.escape(env['gpu']) if env.get('gpu') else ''}.</p>")
-    if rep.accuracy_rows(report):
-        body.append(f"<h2>Accuracy by stage ({report['eval_images']} images)</h2>")
-        body.append(_table(["stage", "top-1 (%)", "top-5 (%)"],
-                           [[label, f"{t1:.2f}", f"{t5:.2f}"] for label, t1, t5 in rep.accuracy_rows(report)]))
-    if report.get("int8"):
-        body.append("<h2>INT8 (ONNX Runtime static quantization)</h2>")
-        body.append(_table(["metric", "FP32 ONNX", "INT8 ONNX", "change"], [list(r) for r in rep.int8_rows(report)]))
+    body.append(rows.html(rows.comparison(report)))
+    body.append(f"<p class='muted'>{html.escape(rows.latency_method(report))}</p>")
+    for table in (rows.accuracy(report), rows.int8(report)):
+        if table is not None:
+            body.append(rows.html(table, with_title=True))
     body.append("<h2>Trade-off</h2>")
     body.append(_tradeoff_plots(tradeoff_points(report)))
     diag = report.get("diagnostics")
@@ -186,16 +167,10 @@ def page(report: dict) -> str:
         body.append(_layer_bars(names, [la["ort_ms_before"] for la in dl] + [sum(other["before"].values())],
                                 [la["ort_ms_after"] for la in dl] + [sum(other["after"].values())], "ms",
                                 f"median ms per layer over {diag['runs']} runs", "per-layer time breakdown"))
-        rows = [[la["name"], f"{la['channels_before']} -> {la['channels_after']}",
-                 f"{la['macs_before'] / 1e6:.2f}M", f"{la['macs_after'] / 1e6:.2f}M",
-                 f"{la['ort_ms_before']:.3f}", f"{la['ort_ms_after']:.3f}",
-                 f"{la['torch_ms_before']:.3f}", f"{la['torch_ms_after']:.3f}", "yes" if la["aligned"] else "no"]
-                for la in dl]
-        body.append(_table(["layer", "channels", "MACs before", "MACs after", "ORT ms before", "ORT ms after",
-                            "PyTorch ms before", "PyTorch ms after", f"multiple of {diag['align']}"], rows))
-    parity = report["onnx_parity"]
-    body.append(f"<p class='muted'>ONNX parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
-                f"{parity['top1_agreement']:.1%}. Environment: "
+        body.append(rows.html(rows.layer_times(diag)))
+    body += [f"<p class='note'>Note: {html.escape(n)}</p>" for n in rows.notes(report)]
+    env = report["environment"]
+    body.append(f"<p class='muted'>{html.escape(rows.parity(report))} Environment: "
                 f"{html.escape(', '.join(f'{k} {v}' for k, v in env.items()))}.</p>")
     return _doc(f"edgeprune report: {name}", body)
 
@@ -207,10 +182,6 @@ def sweep_page(sweep: dict) -> str:
             f"<p>{len(points)} models; the Pareto front (no other model is both faster and more accurate) is "
             f"marked{' by ' + html.escape(sweep['front_by']) if sweep.get('front_by') else ''}.</p>",
             _tradeoff_plots(points, [p["pareto"] for p in points], [bool(p.get("pareto_macs")) for p in points])]
-    header = ["model", "ORT CPU ms", "MACs", "params", "ONNX MB", "top-1 (%)", "Pareto"]
-    rows = [[p["label"], f"{p['ms']:.2f}", f"{p['macs'] / 1e6:.1f}M", f"{p['params'] / 1e6:.3f}M",
-             f"{p['bytes'] / 1e6:.2f}", "" if p.get("top1") is None else f"{p['top1']:.2f}",
-             "yes" if p["pareto"] else ""] for p in points]
-    body.append(_table(header, rows, ["front" if p["pareto"] else "" for p in points]))
+    body.append(rows.html(rows.sweep(sweep)))
     body.append(f"<p class='muted'>Reproduce: <code>{html.escape(sweep['command'])}</code></p>")
     return _doc(f"edgeprune sweep: {sweep['model']}", body)

@@ -2,16 +2,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch.nn as nn
 
-from .export import export_onnx
-from .measure import ort_runner, time_interleaved, torch_runner
-from .prune import LatencyProbe
-from .recipe import ExportOptions, LatencyOptions
+from ..export import export_onnx
+from ..measure import ort_runner, time_interleaved, torch_runner
+from ..recipe import ExportOptions, LatencyOptions
+
+PROBE_MIN_REPEATS = 50  # the baseline's first reading, which every candidate is scaled by, takes at least these
 
 
-class OnnxLatencyProbe(LatencyProbe):
+class LatencyProbe(Protocol):
+    """Measures a candidate model's latency (ms) on the target runtime; knows the baseline's.
+
+    Any object with these attributes and a `__call__` will do; it need not subclass this.
+    """
+
+    runtime: str
+    baseline_ms: float
+
+    def __call__(self, model: nn.Module) -> float: ...
+
+
+class OnnxLatencyProbe:
     """Exports each candidate to ONNX (as the pipeline will) and times it on `runtime`
     (`ort_cpu` or `torch_cpu`) next to the unpruned model.
 
@@ -29,7 +43,7 @@ class OnnxLatencyProbe(LatencyProbe):
         self.baseline_ms = first["baseline"].median_ms
 
     def _more_repeats(self) -> LatencyOptions:
-        return self.latency.model_copy(update={"repeats": max(self.latency.repeats, 50)})
+        return self.latency.model_copy(update={"repeats": max(self.latency.repeats, PROBE_MIN_REPEATS)})
 
     def _runner(self, model: nn.Module, name: str, exported: Path | None = None):
         if self.runtime == "torch_cpu":

@@ -13,17 +13,27 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from . import rows
+from .accuracy import Accuracy, evaluate_onnx
 from .data import even_subset, load_split, loader
+from .distributed import runtime
 from .errors import EdgePruneError
-from .evaluate import evaluate_onnx
 from .export import export_onnx
-from .fsio import ensure_writable_dir, read_json, write_json, write_text
+from .fsio import ensure_writable_dir, write_json, write_text
 from .measure import onnx_bytes, ort_runner, time_interleaved
 from .models import create_model
-from .pipeline import INT8_NAME, ONNX_NAME, run
+from .pipeline import run
 from .quantize import calibration_data, quantize_int8
 from .recipe import Recipe, apply_overrides
-from .report import final_stage
+from .results import from_json, to_json
+from .stages import INT8_NAME, ONNX_NAME, Stage, StageStore
+
+# The unpruned model's files in DIR/baseline/, kept while what made them stays the same.
+BASELINE_STAGES = (
+    Stage("baseline_export", ("model", "export"), writes=(ONNX_NAME,)),
+    Stage("baseline_int8", ("model", "int8", "data", "latency.threads"), after=("baseline_export",),
+          writes=(INT8_NAME,), wanted=lambda r: r.int8.enabled),
+)
 
 KINDS = {"ratio": ("prune.ratio", "ratio {v:g}", "ratio-{v:g}"),
          "macs_reduction": ("prune.macs_reduction", "MACs -{p:g}%", "macs-{v:g}"),
@@ -51,56 +61,57 @@ def _top1(report: dict, stage: str) -> float | None:
     return report.get("onnx", report[stage]).get("top1")
 
 
-def _baseline_onnx(model, folder: Path, recipe: Recipe) -> Path:
-    """The unpruned model's ONNX file in `folder`, kept while the model, data and export/INT8 options
-    that made it stay the same."""
-    key = recipe.model_dump(mode="json", include={"model", "data", "export", "int8"})
-    if (folder / "recipe.json").exists() and read_json(folder / "recipe.json") != key:
-        for stale in (ONNX_NAME, INT8_NAME, "int8.json"):
-            (folder / stale).unlink(missing_ok=True)
-    write_json(folder / "recipe.json", key)
-    path = folder / ONNX_NAME
-    if not path.exists():
-        export_onnx(model, model.edgeprune_spec.input_size, path, recipe.export)
-    return path
-
-
-def _baseline_int8(model, folder: Path, recipe: Recipe, quiet: bool) -> dict:
-    """The unpruned model in INT8 (calibrated and evaluated like every point); kept in `folder`."""
-    done = folder / "int8.json"
-    if done.exists() and (folder / INT8_NAME).exists():
-        return read_json(done)
-    spec = model.edgeprune_spec
-    train = load_split(recipe.data.path, spec, True, quiet)
+def _baseline_files(model, folder: Path, recipe: Recipe, quiet: bool) -> Accuracy | None:
+    """Export (and with INT8 enabled, quantize and evaluate) the unpruned model in `folder`."""
+    store = StageStore(folder, BASELINE_STAGES)
+    export, int8 = BASELINE_STAGES
+    if store.fresh(export, recipe) is None:
+        export_onnx(model, model.edgeprune_spec.input_size, folder / ONNX_NAME, recipe.export)
+        store.save(export, recipe, {"onnx_bytes": onnx_bytes(folder / ONNX_NAME)})
+    if not recipe.int8.enabled:
+        return None
+    done = store.fresh(int8, recipe)
+    if done is not None:
+        return from_json(Accuracy, done)
+    spec, data = model.edgeprune_spec, recipe.int8.data or recipe.data.path
+    train = load_split(data, spec, True, quiet)
     quantize_int8(folder / ONNX_NAME, folder / INT8_NAME,
                   calibration_data(train, spec, recipe.int8.calibration_images), recipe.int8)
-    evaluation = even_subset(load_split(recipe.data.path, spec, False, quiet), recipe.data.eval_images)
+    evaluation = even_subset(load_split(data, spec, False, quiet), recipe.data.eval_images)
     result = evaluate_onnx(folder / INT8_NAME, loader(evaluation, recipe.data.eval_batch_size),
                            recipe.latency.threads, quiet)
-    write_json(done, result)
+    store.save(int8, recipe, to_json(result))
     return result
 
 
 def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet: bool = False,
-          overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict:
+          overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict | None:
     """Run every point of the sweep in `out/points/`, re-time all models together, write
-    sweep.json, sweep.md and sweep.html; returns the sweep."""
+    sweep.json, sweep.md and sweep.html; returns the sweep.
+
+    Under torchrun every process takes part in each point's evaluation and fine-tuning; the main
+    process alone re-times the models and writes the sweep, and only it returns the result."""
     out = Path(out)
     log = log or (lambda msg: None)
     planned = [(label, folder, apply_overrides(recipe, overrides))  # every point validated before any runs
                for label, folder, overrides in plan(kind, values)]
-    ensure_writable_dir(out)
+    rt = runtime()
+    if rt.is_main:
+        ensure_writable_dir(out)
+    rt.barrier()
     reports = {}
     for label, folder, point in planned:
         log(f"sweep point {label}")
         where = out / "points" / folder
         reports[label] = (run(point, where, quiet=quiet, overwrite=overwrite), where)
+    if not rt.is_main:  # the main process re-times the models and writes the sweep
+        return None
     first = next(iter(reports.values()))[0]
     base = first["baseline"]
     points = [{"label": "baseline", "folder": None, "macs": base["macs"], "params": base["params"],
                "bytes": base["onnx_bytes"], "top1": base.get("top1")}]
     for label, (report, folder) in reports.items():
-        stage = final_stage(report)
+        stage = rows.final_stage(report)
         points.append({"label": label, "folder": str(folder), "macs": report[stage]["macs"],
                        "params": report[stage]["params"], "bytes": report[stage]["onnx_bytes"],
                        "top1": _top1(report, stage), "onnx": str(folder / ONNX_NAME)})
@@ -111,12 +122,13 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
                            "onnx": str(folder / INT8_NAME)})
     model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
     lat = recipe.latency
-    points[0]["onnx"] = str(_baseline_onnx(model, out / "baseline", recipe))
+    points[0]["onnx"] = str(out / "baseline" / ONNX_NAME)
     if recipe.int8.enabled:  # INT8 alone, unpruned: often the point to beat
         log("quantizing the unpruned model to INT8")
-        q = _baseline_int8(model, out / "baseline", recipe, quiet)
+    q = _baseline_files(model, out / "baseline", recipe, quiet)
+    if q is not None:
         points.insert(1, {"label": "baseline INT8", "folder": None, "macs": base["macs"], "params": base["params"],
-                          "bytes": onnx_bytes(out / "baseline" / INT8_NAME), "top1": q["top1"],
+                          "bytes": onnx_bytes(out / "baseline" / INT8_NAME), "top1": q.top1,
                           "onnx": str(out / "baseline" / INT8_NAME)})
     log(f"timing the baseline and {len(points) - 1} models side by side on ONNX Runtime")
     size = model.edgeprune_spec.input_size
@@ -152,15 +164,8 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
 
 def markdown(result: dict) -> str:
     lat = result["latency"]
-    lines = [f"# edgeprune sweep: {result['model']}", "",
-             f"ONNX Runtime CPU latency: median of {lat['repeats']} runs, batch {lat['batch_size']}, "
-             f"{lat['threads']} threads, every model timed side by side in one call. Pareto front by "
-             f"{result['front_by']}.", "",
-             "| model | ORT CPU ms | MACs | params | ONNX MB | top-1 (%) | Pareto |",
-             "|---|---:|---:|---:|---:|---:|:---:|"]
-    for p in result["points"]:
-        top1 = "" if p["top1"] is None else f"{p['top1']:.2f}"
-        lines.append(f"| {p['label']} | {p['ms']:.2f} | {p['macs'] / 1e6:.1f}M | {p['params'] / 1e6:.3f}M | "
-                     f"{p['bytes'] / 1e6:.2f} | {top1} | {'**yes**' if p['pareto'] else ''} |")
-    lines += ["", f"Reproduce: `{result['command']}`", ""]
-    return "\n".join(lines)
+    table = rows.sweep(result)
+    return "\n".join([f"# edgeprune sweep: {result['model']}", "",
+                      f"ONNX Runtime CPU latency: median of {lat['repeats']} runs, batch {lat['batch_size']}, "
+                      f"{lat['threads']} threads, every model timed side by side in one call. Pareto front by "
+                      f"{result['front_by']}.", "", *rows.markdown(table)[2:], f"Reproduce: `{result['command']}`", ""])

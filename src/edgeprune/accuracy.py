@@ -1,0 +1,104 @@
+"""Top-1 / top-5 accuracy of a PyTorch model, a pruned run folder or an exported ONNX model."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .distributed import Runtime
+from .errors import EdgePruneError
+
+
+@dataclass
+class Accuracy:
+    top1: float  # percent
+    top5: float  # percent
+    images: int
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[int, int]:
+    """(top-1 hits, top-k hits) in a batch; k is capped at the number of classes."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hits = top.eq(targets.view(-1, 1))
+    return int(hits[:, :1].sum()), int(hits.any(1).sum())
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: DataLoader, rt: Runtime | None = None, quiet: bool = True,
+                   desc: str = "evaluate") -> Accuracy:
+    """Accuracy over `data` (each rank's shard, summed, under torchrun)."""
+    device = rt.device if rt else "cpu"
+    model = model.eval().to(device)
+    top1 = top5 = n = 0
+    for x, y in tqdm(data, desc=desc, disable=quiet, leave=False):
+        logits = model(x.to(device, non_blocking=True))
+        c1, c5 = topk_correct(logits.float().cpu(), y, 5)
+        top1, top5, n = top1 + c1, top5 + c5, n + len(y)
+    if rt is not None:
+        top1, top5, n = rt.all_sum([top1, top5, n])
+    if n == 0:
+        raise EdgePruneError("the evaluation set holds no images; check the dataset's val/ (or test/) split")
+    return Accuracy(top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=int(n))
+
+
+def evaluate_onnx_predictions(path: str | os.PathLike, data: DataLoader, threads: int = 2,
+                              quiet: bool = True) -> tuple[Accuracy, np.ndarray]:
+    """The accuracy computed by ONNX Runtime on the exported file, and every image's top-1 class."""
+    from .measure import ort_session
+
+    sess = ort_session(path, threads)
+    name = sess.get_inputs()[0].name
+    top1 = top5 = n = 0
+    predictions = []
+    for x, y in tqdm(data, desc=f"evaluate {Path(path).name}", disable=quiet, leave=False):
+        logits = torch.from_numpy(np.asarray(sess.run(None, {name: x.numpy()})[0]))
+        c1, c5 = topk_correct(logits, y, 5)
+        top1, top5, n = top1 + c1, top5 + c5, n + len(y)
+        predictions.append(logits.argmax(1).numpy())
+    if n == 0:
+        raise EdgePruneError("the evaluation set holds no images; check the dataset's val/ (or test/) split")
+    return Accuracy(top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=int(n)), np.concatenate(predictions)
+
+
+def evaluate_onnx(path: str | os.PathLike, data: DataLoader, threads: int = 2, quiet: bool = True) -> Accuracy:
+    return evaluate_onnx_predictions(path, data, threads, quiet)[0]
+
+
+def evaluate(model: nn.Module | str | os.PathLike, data: str | os.PathLike, *, weights: str = "default",
+             num_classes: int | None = None, onnx: bool = False, limit: int | None = None, batch_size: int = 500,
+             threads: int = 2, quiet: bool = True) -> Accuracy:
+    """Accuracy on the evaluation split (val/ or test/) of `data` (`cifar10` or an ImageFolder root).
+
+    `model` is a model (built by `create_model` or loaded by `edgeprune.load`), a model name (built
+    with `weights`), or a prune run folder; with `onnx`, the run folder's model.onnx is evaluated
+    through ONNX Runtime. `limit` evaluates an even subset of that many images.
+    """
+    from .artifact import load
+    from .data import load_split, loader
+    from .distributed import runtime
+    from .measure import torch_threads
+    from .models import create_model
+
+    folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    if isinstance(model, nn.Module):
+        net = model
+    elif folder is not None and folder.is_dir():
+        net = load(folder)
+    else:
+        net = create_model(str(model), weights, num_classes)
+    if not hasattr(net, "edgeprune_spec"):
+        raise EdgePruneError("evaluate needs a model built by edgeprune.create_model or loaded by edgeprune.load")
+    batches = loader(load_split(data, net.edgeprune_spec, train=False, quiet=quiet), batch_size, limit=limit)
+    if onnx:
+        if folder is None or not (folder / "model.onnx").is_file():
+            raise EdgePruneError(f"onnx evaluation needs a run folder holding model.onnx, not {model}")
+        return evaluate_onnx(folder / "model.onnx", batches, threads, quiet)
+    with torch_threads(threads):
+        return evaluate_model(net, batches, runtime(), quiet)

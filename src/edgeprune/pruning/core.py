@@ -1,0 +1,174 @@
+"""`prune`: a pruned copy of a model at a ratio, a MACs target or a measured latency target, with
+what was done to it; and the checks that the result still runs."""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..errors import EdgePruneError
+from ..measure import count_macs
+from ..quiet import quiet_stdout
+from ..recipe import PruneOptions
+from .guard import trace_guard
+from .importance import GRADIENT_CRITERIA, calibration_grads, importance_for_grads
+from .probe import LatencyProbe
+from .rules import (
+    TORCH_PRUNING_FAILURES,
+    model_name,
+    out_channels,
+    prunable_layers,
+    resolve_unpruned,
+    unsupported,
+)
+from .search import search_latency, search_macs
+
+
+@dataclass
+class LayerWidth:
+    name: str
+    kind: str
+    channels_before: int
+    channels_after: int
+
+
+@dataclass
+class PruneResult:
+    ratio: float
+    importance: str
+    global_pruning: bool
+    round_to: int | None
+    macs_target: int | None
+    search_trials: int
+    history: list = field(repr=False)
+    layers: list[LayerWidth] = field(default_factory=list)
+    unpruned: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    latency_search: dict | None = None  # with a latency target: the baseline and every measured trial
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prune_copy(model: nn.Module, example: torch.Tensor, opts: PruneOptions, ratio: float,
+               unpruned: Iterable[str], grads: dict[str, torch.Tensor]) -> tuple[nn.Module, list]:
+    """A copy of `model` pruned at `ratio` with `opts` (the layers in `unpruned` kept whole), ranked
+    by `grads` for the gradient criteria; and its pruning history."""
+    pruned = copy.deepcopy(model)
+    for name, p in pruned.named_parameters():
+        p.grad = grads[name].clone() if name in grads else None
+    modules = dict(pruned.named_modules())
+    importance = importance_for_grads(opts.importance)
+    try:
+        with trace_guard(model_name(pruned), opts.trace_memory_gb, opts.trace_timeout_s), quiet_stdout():
+            pruner = tp.pruner.BasePruner(
+                pruned, example, importance=importance, pruning_ratio=ratio,
+                global_pruning=opts.global_pruning, round_to=opts.round_to,
+                max_pruning_ratio=opts.max_layer_ratio, ignored_layers=[modules[n] for n in unpruned],
+            )
+            pruner.step()
+    except TORCH_PRUNING_FAILURES as exc:  # Torch-Pruning raises bare errors on graphs it cannot handle
+        raise unsupported(pruned, exc) from exc
+    finally:
+        pruned.zero_grad(set_to_none=True)
+    return pruned, pruner.pruning_history()
+
+
+def check_runs(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size) -> None:
+    """The pruned model must still run and give the unpruned model's output shape."""
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except TORCH_PRUNING_FAILURES as exc:
+        raise unsupported(model, exc) from exc
+    if out.shape != expected_shape:
+        raise unsupported(model, RuntimeError(f"output shape {tuple(out.shape)} != {tuple(expected_shape)}"))
+
+
+def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = None,
+          calibration: Iterable | None = None, latency_probe: LatencyProbe | None = None,
+          log: Callable[[str], None] | None = None) -> tuple[nn.Module, PruneResult]:
+    """Return a pruned copy of `model` (the original is untouched) and what was done to it.
+
+    A latency target (`opts.target_latency_ms`) needs `latency_probe`, which measures a candidate
+    model on the target runtime (see `edgeprune.pruning.OnnxLatencyProbe`).
+    """
+    if opts.target_latency_ms is not None and latency_probe is None:
+        raise EdgePruneError("a latency target needs a latency probe (edgeprune.pruning.OnnxLatencyProbe)")
+    spec = getattr(model, "edgeprune_spec", None)
+    if example is None:
+        if spec is None:
+            raise EdgePruneError("pass example inputs for a model not built by edgeprune.create_model")
+        example = spec.example_input()
+    model = model.eval()
+    with torch.no_grad():
+        expected_shape = model(example).shape
+    with warnings.catch_warnings(record=True) as caught, torch.enable_grad():  # DepGraph traces autograd
+        warnings.simplefilter("always")
+        pruned, result = _prune(model, example, expected_shape, opts, calibration, latency_probe,
+                                log or (lambda msg: None))
+    result.notes += list(dict.fromkeys(f"Torch-Pruning: {str(w.message).splitlines()[0]}" for w in caught
+                                       if issubclass(w.category, UserWarning)))
+    if spec is not None:
+        pruned.edgeprune_spec = copy.deepcopy(spec)
+    return pruned.eval(), result
+
+
+def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, opts: PruneOptions,
+           calibration: Iterable | None, probe: LatencyProbe | None,
+           log: Callable[[str], None]) -> tuple[nn.Module, PruneResult]:
+    unpruned = resolve_unpruned(model, example, opts)
+    grads, synthetic = ({}, False)
+    if opts.importance in GRADIENT_CRITERIA:
+        grads, synthetic = calibration_grads(model, example, opts.importance, calibration, opts.calibration_batches)
+    notes = []
+    if synthetic:
+        notes.append(f"{opts.importance} gradients came from random inputs labelled by the model itself; "
+                     "pass calibration data for a meaningful ranking")
+
+    def prune_at(source: nn.Module, trial_opts: PruneOptions, ratio: float, trial_grads: dict):
+        return prune_copy(source, example, trial_opts, ratio, unpruned, trial_grads)
+
+    def count(candidate: nn.Module) -> int:
+        return count_macs(candidate, example)
+
+    macs_target = None
+    search = None
+    round_to = opts.round_to
+    if opts.ratio is not None:
+        ratio = opts.ratio
+        pruned, history = prune_copy(model, example, opts, ratio, unpruned, grads)
+        trials = 1
+    elif opts.target_latency_ms is not None:
+        best, search = search_latency(model, opts, grads, probe, prune_at, count, log)
+        ratio, pruned, history = best.ratio, best.model, best.history
+        round_to = None if best.round_to == 1 else best.round_to
+        trials = len(search["trials"])
+    else:
+        macs_target = int(count(model) * (1 - opts.macs_reduction))
+        found = search_macs(model, opts, grads, macs_target, prune_at, count)
+        ratio, pruned, history, trials = found.best.ratio, found.best.model, found.best.history, found.trials
+        if found.note:
+            notes.append(found.note)
+    check_runs(pruned, example, expected_shape)
+    before = prunable_layers(model)
+    after = prunable_layers(pruned)
+    layers = [LayerWidth(n, type(m).__name__, out_channels(m), out_channels(after[n])) for n, m in before.items()]
+    if round_to and not opts.global_pruning and opts.target_latency_ms is None:
+        whole = [la.name for la in layers if la.name not in unpruned and la.channels_after == la.channels_before
+                 and la.channels_before * (1 - ratio) < round_to]
+        if whole:
+            notes.append(f"{len(whole)} layers kept all their channels although they may be pruned (e.g. "
+                         f"{', '.join(whole[:3])}): at ratio {ratio:.2f} their remaining width, under {round_to} "
+                         f"channels, rounds down to zero with round_to {round_to}, and Torch-Pruning then leaves "
+                         "them whole; lower the ratio or the multiple")
+    result = PruneResult(ratio=ratio, importance=opts.importance, global_pruning=opts.global_pruning,
+                         round_to=round_to, macs_target=macs_target, search_trials=trials,
+                         history=[list(h) for h in history], layers=layers, unpruned=unpruned, notes=notes,
+                         latency_search=search)
+    return pruned, result

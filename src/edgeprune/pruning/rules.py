@@ -1,0 +1,113 @@
+"""Which layers may be pruned: conv/linear layers, minus the classifier head(s), the recipe's
+ignores and the layers DepGraph couples through zero-padding."""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..errors import EdgePruneError
+from ..quiet import quiet_stdout
+from ..recipe import PruneOptions
+from .guard import trace_guard
+
+PAD_REASON = ("output channels are coupled through a zero-padding op (F.pad), whose channel offset "
+              "DepGraph cannot index; pruning them would break the residual stream")
+HEAD_REASON = "classifier head: its outputs are the classes"
+IGNORED_REASON = "ignored by the recipe"
+
+# What Torch-Pruning (and the forward pass of a model it pruned wrongly) raises on graphs it cannot
+# handle: e.g. ZeroDivisionError on ShuffleNet's channel shuffle, IndexError on concat/split offsets
+# and hard-coded reshapes, KeyError on unwrapped parameters, RuntimeError on shape mismatches,
+# AssertionError and ValueError from its internal checks. Anything else (OSError, TypeError,
+# AttributeError, NameError, ...) is a bug or an environment problem and propagates with its traceback.
+TORCH_PRUNING_FAILURES: tuple[type[Exception], ...] = (
+    RuntimeError, IndexError, ZeroDivisionError, AssertionError, ValueError, KeyError)
+
+
+def model_name(model: nn.Module) -> str:
+    """The edgeprune model name, or the class name of a model not built by create_model."""
+    return getattr(getattr(model, "edgeprune_spec", None), "name", type(model).__name__)
+
+
+def unsupported(model: nn.Module, exc: BaseException) -> EdgePruneError:
+    """The one-line error for a graph DepGraph could not prune; raise it `from exc`."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return EdgePruneError(f"{model_name(model)} cannot be pruned safely with DepGraph ({type(exc).__name__}: "
+                          f"{first}); add the failing layers to prune.ignore or choose another model")
+
+
+def out_channels(module: nn.Module) -> int:
+    """Output channels of a conv layer, output features of a linear one."""
+    return module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every conv and linear layer of `model` by qualified name, in definition order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
+def find_heads(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The classifier head(s): the last conv/linear layer to run, and any layer emitting the class count."""
+    layers = prunable_layers(model)
+    order: list[str] = []
+    names = {m: n for n, m in layers.items()}
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[mod])) for m in layers.values()]
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not order:
+        raise EdgePruneError("the model has no conv or linear layer to prune")
+    num_classes = out.shape[-1]
+    heads = [order[-1]] + [n for n in dict.fromkeys(order)
+                           if n != order[-1] and isinstance(layers[n], nn.Linear)
+                           and layers[n].out_features == num_classes]
+    return heads
+
+
+def build_graph(model: nn.Module, example: torch.Tensor, memory_gb: float | None = None,
+                timeout_s: float | None = None) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph, traced within the memory and time limits; a graph it cannot
+    trace is a clear error, not a traceback."""
+    try:
+        with trace_guard(model_name(model), memory_gb, timeout_s), quiet_stdout():
+            return tp.DependencyGraph().build_dependency(model, example)
+    except TORCH_PRUNING_FAILURES as exc:
+        raise unsupported(model, exc) from exc
+
+
+def find_pad_coupled(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module],
+                     memory_gb: float | None = None, timeout_s: float | None = None) -> list[str]:
+    """Layers whose output channels DepGraph couples through a padding op: they must stay whole."""
+    graph = build_graph(model, example, memory_gb, timeout_s)
+    pads = [m for m in graph.module2node if isinstance(m, tp.ops._ElementWiseOp) and "Pad" in str(m._grad_fn)]
+    if not pads:
+        return []
+    layers = {m: n for n, m in prunable_layers(model).items()}
+    coupled: list[str] = []
+    for group in graph.get_all_groups(ignored_layers=ignored):
+        if any(dep.target.module in pads for dep, _ in group):
+            coupled += [layers[dep.target.module] for dep, _ in group
+                        if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler)]
+    return list(dict.fromkeys(coupled))
+
+
+def resolve_unpruned(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> dict[str, str]:
+    """The layers never pruned, each with the reason: heads, the recipe's ignores, pad-coupled layers."""
+    modules = dict(model.named_modules())
+    unpruned = {name: HEAD_REASON for name in find_heads(model, example)}
+    for pattern in opts.ignore:
+        hits = [n for n in prunable_layers(model) if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise EdgePruneError(f"--ignore {pattern!r} matches no conv or linear layer; check the layer names "
+                                 "with `edgeprune profile --layers`")
+        unpruned.update({n: IGNORED_REASON for n in hits if n not in unpruned})
+    ignored = [modules[n] for n in unpruned]
+    for name in find_pad_coupled(model, example, ignored, opts.trace_memory_gb, opts.trace_timeout_s):
+        unpruned.setdefault(name, PAD_REASON)
+    return unpruned

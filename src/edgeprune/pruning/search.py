@@ -1,0 +1,203 @@
+"""Finding the channel ratio for a target: MACs (bisection, then a global touch-up) or measured latency
+(regula falsi on milliseconds, per channel multiple, with re-checks of the winner).
+
+The searches do not prune themselves: they call `prune_at(model, opts, ratio, grads)`, which returns a
+pruned copy and its pruning history, and `count(model)`, which returns its MACs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from ..errors import EdgePruneError
+from ..recipe import PruneOptions
+from .importance import GRADIENT_CRITERIA
+from .probe import LatencyProbe
+
+PruneAt = Callable[[nn.Module, PruneOptions, float, dict], tuple[nn.Module, list]]
+CountMacs = Callable[[nn.Module], int]
+
+# MACs target
+BISECT_STEPS = 20  # bisection steps per pass
+RATIO_RESOLUTION = 1e-4  # a pass stops once its ratio bracket is this narrow
+GLOBAL_MAX_RATIO = 0.99  # upper end of the ratio under global pruning (max_layer_ratio bounds local pruning)
+TOUCH_UP_MAX_RATIO = 0.5  # upper end of the global touch-up's ratio, applied to the uniformly pruned model
+TOUCH_UP_IMPORTANCE = "l2"  # the touch-up's criterion when the recipe's needs gradients (it has none)
+
+# latency target
+FAR_RATIO_CAP = 0.9  # the most pruned candidate measured first, whatever max_layer_ratio allows
+PROBE_GRID_OFFSETS = (0.1, 0.2)  # with channel rounding, also try the far ratio less these (fewest MACs wins)
+REGULA_FALSI_STEPS = 8  # measured trials per channel multiple, at most
+LATENCY_RATIO_RESOLUTION = 0.02  # stop narrowing once the ratio bracket is this narrow
+BRACKET_CLAMP = 0.15  # keep each guess this share of the bracket away from its ends
+MS_EPSILON = 1e-9  # guards the regula falsi slope against equal readings
+RECHECKS = 5  # measurements of the winner, pruning it further while it misses the target
+RECHECK_STEP = 0.02  # ratio added each time a re-check misses the target
+
+
+@dataclass
+class Trial:
+    """One pruned candidate: its ratio, the model and its pruning history, and how it measured."""
+
+    ratio: float
+    model: nn.Module = field(repr=False)
+    history: list = field(repr=False)
+    macs: int
+    distance: float | None = None  # MACs search: |macs - target| / target
+    latency_ms: float | None = None  # latency search: the probe's reading
+    round_to: int | None = None  # latency search: the channel multiple (1: none)
+
+
+def closer(best: Trial | None, trial: Trial) -> Trial:
+    """The trial nearer the MACs target; the earlier one on a tie."""
+    return trial if best is None or trial.distance < best.distance else best
+
+
+@dataclass
+class Bisection:
+    above: Trial | None  # the trial closest to the target among those with more MACs
+    below: Trial | None  # ... among those with at most the target's MACs
+    trials: int
+
+    @property
+    def best(self) -> Trial:
+        return min((t for t in (self.above, self.below) if t), key=lambda t: t.distance)
+
+
+def bisect(prune_at: Callable[[float], tuple[nn.Module, list]], count: CountMacs, target: int, hi: float,
+           tolerance: float, steps: int = BISECT_STEPS) -> Bisection:
+    """Bisect a pruning ratio in (0, hi) for MACs within `tolerance` of `target`."""
+    lo, above, below, trials = 0.0, None, None, 0
+    for _ in range(steps):
+        ratio = (lo + hi) / 2
+        model, history = prune_at(ratio)
+        macs = count(model)
+        trials += 1
+        trial = Trial(ratio, model, history, macs, distance=abs(macs - target) / target)
+        if macs > target:
+            lo, above = ratio, closer(above, trial)
+        else:
+            hi, below = ratio, closer(below, trial)
+        if trial.distance <= tolerance or hi - lo < RATIO_RESOLUTION:
+            break
+    return Bisection(above, below, trials)
+
+
+@dataclass
+class MacsSearch:
+    best: Trial  # its ratio is the uniform one; after a touch-up, model and history include both passes
+    trials: int
+    note: str | None
+
+
+def search_macs(model: nn.Module, opts: PruneOptions, grads: dict, target: int, prune_at: PruneAt,
+                count: CountMacs) -> MacsSearch:
+    """Bisect the channel ratio until the pruned model's MACs are within `tolerance` of `target`.
+
+    A uniform (local) ratio moves in coarse steps: every layer loses a channel at once. When that
+    misses the target, the closest model above it is pruned further by a global ranking, which
+    removes single channels where they matter least, until the target is met.
+    """
+    hi = opts.max_layer_ratio if not opts.global_pruning else GLOBAL_MAX_RATIO
+    uniform = bisect(lambda r: prune_at(model, opts, r, grads), count, target, hi, opts.tolerance)
+    best, trials, note = uniform.best, uniform.trials, None
+    if best.distance > opts.tolerance and uniform.above is not None and not opts.global_pruning:
+        first = uniform.above
+        touch_up = opts.model_copy(update={"global_pruning": True, "importance": (
+            opts.importance if opts.importance not in GRADIENT_CRITERIA else TOUCH_UP_IMPORTANCE)})
+        more = bisect(lambda r: prune_at(first.model, touch_up, r, {}), count, target, TOUCH_UP_MAX_RATIO,
+                      opts.tolerance)
+        trials += more.trials
+        refined = more.best
+        if refined.distance < best.distance:
+            best = Trial(first.ratio, refined.model, list(first.history) + list(refined.history), refined.macs,
+                         distance=refined.distance)
+            note = (f"a uniform ratio of {first.ratio:.4f} left {first.macs:,} MACs; a global {touch_up.importance} "
+                    f"ranking removed channels down to {refined.macs:,}")
+    if best.distance > opts.tolerance:
+        note = (f"MACs target {target:,} not reachable within {opts.tolerance:.0%}; closest is {best.macs:,} "
+                f"(channel rounding or un-prunable layers limit the granularity)")
+    return MacsSearch(best, trials, note)
+
+
+def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: LatencyProbe, prune_at: PruneAt,
+                   count: CountMacs, log: Callable[[str], None]) -> tuple[Trial, dict]:
+    """The least-pruned model whose measured latency is within the target, and the search's record
+    (JSON: target_ms, goal_ms, runtime, baseline_ms, chosen, trials).
+
+    For each channel multiple (`round_to`, or each of `round_to_candidates`), the most pruned model
+    (ratio `max_layer_ratio`, at most FAR_RATIO_CAP, or less where rounding undoes it) is measured
+    first, so an unreachable target fails fast; then the ratio is narrowed by regula falsi on measured
+    milliseconds to LATENCY_RATIO_RESOLUTION. The candidate keeping the most MACs wins; it is measured
+    again and pruned a little further while it misses the target.
+    """
+    target = opts.target_latency_ms
+    goal = target * (1 - opts.latency_margin)
+    base = probe.baseline_ms
+    runtime = probe.runtime
+    if base <= target:
+        raise EdgePruneError(f"the unpruned model already runs in {base:.2f} ms <= {target:g} ms on {runtime}; "
+                             "nothing to prune (set a lower --target-latency-ms)")
+    far_ratio = min(opts.max_layer_ratio, FAR_RATIO_CAP)
+    multiples = [opts.round_to] if opts.round_to else opts.round_to_candidates
+    records: list[dict] = []
+
+    def with_multiple(multiple: int) -> PruneOptions:
+        return opts.model_copy(update={"round_to": None if multiple == 1 else multiple})
+
+    def at(ratio: float, multiple: int) -> Trial:
+        pruned, history = prune_at(model, with_multiple(multiple), ratio, grads)
+        ms = probe(pruned)
+        macs = count(pruned)
+        records.append({"ratio": round(ratio, 4), "round_to": multiple, "latency_ms": ms, "macs": macs,
+                        "within_goal": ms <= goal})
+        log(f"ratio {ratio:.3f}, round_to {multiple}: {ms:.2f} ms on {runtime} (aim {goal:.2f} ms), {macs:,} MACs")
+        return Trial(ratio, pruned, history, macs, latency_ms=ms, round_to=multiple)
+
+    def most_pruned(multiple: int) -> float:
+        """The ratio with the fewest MACs near the top: with channel rounding, a very high ratio can
+        round some layers' remaining width to zero, which Torch-Pruning answers by not pruning them."""
+        if multiple == 1:
+            return far_ratio
+        grid = [r for r in (far_ratio, *(far_ratio - off for off in PROBE_GRID_OFFSETS)) if r > 0]
+        return min(grid, key=lambda r: count(prune_at(model, with_multiple(multiple), r, grads)[0]))
+
+    best: Trial | None = None
+    for multiple in multiples:
+        hi = at(most_pruned(multiple), multiple)
+        if hi.latency_ms > goal:
+            continue
+        lo_ratio, lo_ms = 0.0, base
+        for _ in range(REGULA_FALSI_STEPS):
+            span = hi.ratio - lo_ratio
+            if span <= LATENCY_RATIO_RESOLUTION:
+                break
+            guess = lo_ratio + span * (lo_ms - goal) / max(lo_ms - hi.latency_ms, MS_EPSILON)
+            trial = at(min(max(guess, lo_ratio + BRACKET_CLAMP * span), hi.ratio - BRACKET_CLAMP * span), multiple)
+            if trial.latency_ms <= goal:
+                hi = trial
+            else:
+                lo_ratio, lo_ms = trial.ratio, trial.latency_ms
+        if best is None or hi.macs > best.macs:
+            best = hi
+    if best is None:
+        fastest = min(records, key=lambda t: t["latency_ms"])
+        raise EdgePruneError(
+            f"cannot reach {target:g} ms on {runtime}: the fastest model tried (ratio {fastest['ratio']:.2f}, "
+            f"round_to {fastest['round_to']}) still takes {fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); "
+            "layers that are never pruned and per-run overhead set the floor. Raise the target, or let more "
+            "layers be pruned (prune.max_layer_ratio, prune.ignore)")
+    for _ in range(RECHECKS):  # a noisy first reading must not hand in a model over the target
+        check = probe(best.model)
+        records.append({"ratio": round(best.ratio, 4), "round_to": best.round_to, "latency_ms": check,
+                        "macs": best.macs, "within_goal": check <= goal, "recheck": True})
+        if check <= target or best.ratio >= far_ratio:
+            break
+        best = at(min(best.ratio + RECHECK_STEP, far_ratio), best.round_to)
+    search = {"target_ms": target, "goal_ms": goal, "runtime": runtime, "baseline_ms": base,
+              "chosen": {"ratio": best.ratio, "round_to": best.round_to, "latency_ms": best.latency_ms,
+                         "macs": best.macs},
+              "trials": records}
+    return best, search

@@ -1,0 +1,115 @@
+"""Typed results of the run stages; each round-trips through its stage's JSON file unchanged.
+
+Units are in the field names (`_ms`, `_bytes`); percentages are derived by the report.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import TypeAdapter
+
+from .accuracy import Accuracy
+from .export import Parity
+from .measure import Measurement
+from .recover import FinetuneResult
+
+T = TypeVar("T")
+
+
+def to_json(result: Any) -> dict:
+    return asdict(result)
+
+
+def from_json(cls: type[T], data: dict) -> T:
+    """Rebuild a (nested) result dataclass from its JSON form, checking every field's type."""
+    return TypeAdapter(cls).validate_python(data)
+
+
+@dataclass
+class Recalibration:
+    accuracy: Accuracy
+    bn_layers: int
+
+
+@dataclass
+class Finetuning:
+    accuracy: Accuracy
+    training: FinetuneResult
+
+
+@dataclass
+class ExportResult:
+    """The exported model.onnx: which exporter wrote it, why it fell back, and its parity check."""
+
+    parity: Parity
+    opset: int
+    exporter: str  # "torchscript" or "dynamo"
+    onnx_bytes: int
+    fallback_reason: str | None = None  # set when the TorchScript exporter failed and dynamo took over
+
+
+@dataclass
+class OnnxFigures:
+    top1: float | None
+    top5: float | None
+    onnx_bytes: int
+    latency_ms: dict[str, float]
+    latency_p90_ms: dict[str, float]
+
+
+@dataclass
+class Int8Result:
+    """The INT8 model next to its FP32 source, timed side by side."""
+
+    top1: float | None
+    top5: float | None
+    images: int
+    top1_agreement: float
+    onnx_bytes: int
+    latency_ms: dict[str, float]
+    latency_p90_ms: dict[str, float]
+    fp32: OnnxFigures
+    speedup_vs_fp32: float
+    size_reduction_x: float
+    top1_drop_pts: float | None
+    calibration_images: int
+    method: str
+    per_channel: bool
+
+
+@dataclass
+class Measured:
+    """The unpruned and the pruned model measured side by side."""
+
+    baseline: Measurement
+    pruned: Measurement
+
+
+@dataclass
+class LayerProfile:
+    name: str
+    kind: str
+    channels_before: int
+    channels_after: int
+    aligned: bool
+    macs_before: int
+    macs_after: int
+    ort_ms_before: float
+    ort_ms_after: float
+    torch_ms_before: float
+    torch_ms_after: float
+
+
+@dataclass
+class Diagnosis:
+    """Per-layer MACs and measured time before/after, and the findings drawn from them."""
+
+    runs: int
+    threads: int
+    batch_size: int
+    align: int
+    layers: list[LayerProfile]
+    totals: dict[str, float]
+    ort_other_ms: dict[str, dict[str, float]]
+    findings: list[str] = field(default_factory=list)

@@ -1,0 +1,207 @@
+"""The tables and sentences of a report, built once from report.json (or sweep.json) and rendered
+to the console (rich), Markdown and HTML by the three renderers at the bottom."""
+from __future__ import annotations
+
+import html as _html
+from dataclasses import dataclass
+from typing import Any
+
+# (label, key path inside a stage's figures, formatter)
+METRICS = [
+    ("MACs", ("macs",), lambda v: f"{v / 1e9:.3f}G" if v >= 1e8 else f"{v / 1e6:.2f}M"),
+    ("Params", ("params",), lambda v: f"{v / 1e6:.3f}M"),
+    ("Size, state dict (MB)", ("state_dict_bytes",), lambda v: f"{v / 1e6:.2f}"),
+    ("Size, ONNX (MB)", ("onnx_bytes",), lambda v: f"{v / 1e6:.2f}"),
+    ("CPU ms, PyTorch", ("latency_ms", "torch_cpu"), lambda v: f"{v:.2f}"),
+    ("CPU ms, ONNX Runtime", ("latency_ms", "ort_cpu"), lambda v: f"{v:.2f}"),
+    ("GPU ms, PyTorch", ("latency_ms", "torch_cuda"), lambda v: f"{v:.2f}"),
+    ("GPU ms, ONNX Runtime", ("latency_ms", "ort_cuda"), lambda v: f"{v:.2f}"),
+    ("Top-1 (%)", ("top1",), lambda v: f"{v:.2f}"),
+    ("Top-5 (%)", ("top5",), lambda v: f"{v:.2f}"),
+]
+# Stages of the pruned architecture, in pipeline order; the last one present is "after".
+ACCURACY_STAGES = ("pruned", "recalibrated", "finetuned")
+STAGE_LABELS = {"baseline": "baseline (unpruned)", "pruned": "right after pruning",
+                "recalibrated": "after BN re-calibration", "finetuned": "after fine-tuning",
+                "onnx": "exported ONNX (ONNX Runtime)"}
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    marked: list[bool] | None = None  # rows to emphasise (the Pareto front)
+    code_names: bool = False  # the first column holds layer names (set in code style)
+
+    def numeric(self, col: int) -> bool:
+        return col > 0  # the first column names the row; the others hold figures
+
+
+def _get(figures: dict, path: tuple) -> Any:
+    for key in path:
+        if not isinstance(figures, dict) or key not in figures:
+            return None
+        figures = figures[key]
+    return figures
+
+
+def final_stage(report: dict) -> str:
+    return [s for s in ACCURACY_STAGES if s in report][-1]
+
+
+def comparison(report: dict) -> Table:
+    """One row per metric measured on both models, with the change and the factor."""
+    rows = []
+    base, pruned = report["baseline"], report[final_stage(report)]
+    for label, path, fmt in METRICS:
+        before, after = _get(base, path), _get(pruned, path)
+        if before is None or after is None:
+            continue
+        change, factor = "", ""
+        if path in (("top1",), ("top5",)):
+            change = f"{after - before:+.2f} pts"
+        elif before:
+            change = f"{(after - before) / before:+.1%}"
+            factor = f"{before / after:.2f}x" if after else ""
+        rows.append([label, fmt(before), fmt(after), change, factor])
+    return Table(f"edgeprune: {report['recipe']['model']['name']}, before -> after",
+                 ["metric", "before", "after", "change", "factor"], rows)
+
+
+def accuracy(report: dict) -> Table | None:
+    rows = [[STAGE_LABELS[s], f"{report[s]['top1']:.2f}", f"{report[s]['top5']:.2f}"]
+            for s in ("baseline", *ACCURACY_STAGES, "onnx") if s in report and "top1" in report[s]]
+    if not rows:
+        return None
+    return Table(f"Accuracy by stage ({report['recipe']['data']['path']}, {report['eval_images']} images)",
+                 ["stage", "top-1 (%)", "top-5 (%)"], rows)
+
+
+def int8(report: dict) -> Table | None:
+    """FP32 ONNX against INT8 ONNX, measured side by side."""
+    q = report.get("int8")
+    if not q:
+        return None
+    f = q["fp32"]
+    rows = [["Size, ONNX (MB)", f"{f['onnx_bytes'] / 1e6:.2f}", f"{q['onnx_bytes'] / 1e6:.2f}",
+             f"{q['size_reduction_x']:.2f}x smaller"],
+            ["CPU ms, ONNX Runtime", f"{f['latency_ms']['ort_cpu']:.2f}", f"{q['latency_ms']['ort_cpu']:.2f}",
+             f"{q['speedup_vs_fp32']:.2f}x faster"]]
+    if q.get("top1") is not None:
+        rows += [["Top-1 (%)", f"{f['top1']:.2f}", f"{q['top1']:.2f}", f"{q['top1'] - f['top1']:+.2f} pts"],
+                 ["Top-5 (%)", f"{f['top5']:.2f}", f"{q['top5']:.2f}", f"{q['top5'] - f['top5']:+.2f} pts"],
+                 ["Top-1 agreement with FP32", "", f"{q['top1_agreement']:.2%}", ""]]
+    scales = "per-channel" if q["per_channel"] else "per-tensor"
+    return Table(f"INT8 (ONNX Runtime static quantization, QDQ, {scales} weights, {q['method']} calibration on "
+                 f"{q['calibration_images']} training images)", ["metric", "FP32 ONNX", "INT8 ONNX", "change"], rows)
+
+
+def widths(report: dict) -> Table:
+    return Table("Channel widths", ["layer", "type", "before", "after"],
+                 [[la["name"], la["kind"], str(la["channels_before"]), str(la["channels_after"])]
+                  for la in report["prune"]["layers"]], code_names=True)
+
+
+def unpruned(report: dict) -> Table | None:
+    reasons = report["prune"]["unpruned"]
+    return Table("Layers left unpruned", ["layer", "why"], [[n, why] for n, why in reasons.items()],
+                 code_names=True) if reasons else None
+
+
+def layer_times(diag: dict) -> Table:
+    return Table("Per-layer profile", [
+        "layer", "channels", "MACs before", "MACs after", "ORT ms before", "ORT ms after", "PyTorch ms before",
+        "PyTorch ms after", f"multiple of {diag['align']}"], [
+        [la["name"], f"{la['channels_before']} -> {la['channels_after']}", f"{la['macs_before'] / 1e6:.2f}M",
+         f"{la['macs_after'] / 1e6:.2f}M", f"{la['ort_ms_before']:.3f}", f"{la['ort_ms_after']:.3f}",
+         f"{la['torch_ms_before']:.3f}", f"{la['torch_ms_after']:.3f}", "yes" if la["aligned"] else "no"]
+        for la in diag["layers"]], code_names=True)
+
+
+def other_ops(diag: dict) -> Table | None:
+    other = diag["ort_other_ms"]
+    ops = sorted(set(other["before"]) | set(other["after"]))
+    if not ops:
+        return None
+    return Table("Other ONNX Runtime ops", ["op", "ms before", "ms after"],
+                 [[op, f"{other['before'].get(op, 0):.3f}", f"{other['after'].get(op, 0):.3f}"] for op in ops])
+
+
+def sweep(result: dict) -> Table:
+    return Table(f"sweep: {result['model']} (Pareto front by {result['front_by']})",
+                 ["model", "ORT CPU ms", "MACs", "params", "ONNX MB", "top-1 (%)", "Pareto"],
+                 [[p["label"], f"{p['ms']:.2f}", f"{p['macs'] / 1e6:.1f}M", f"{p['params'] / 1e6:.3f}M",
+                   f"{p['bytes'] / 1e6:.2f}", "" if p.get("top1") is None else f"{p['top1']:.2f}",
+                   "yes" if p["pareto"] else ""] for p in result["points"]],
+                 marked=[bool(p["pareto"]) for p in result["points"]])
+
+
+# --- sentences -----------------------------------------------------------------------------------
+def latency_verdict(report: dict) -> tuple[str, bool] | None:
+    """The latency target's verdict sentence and whether it was met (None without a latency target)."""
+    t = report.get("target") or {}
+    if t.get("kind") != "latency":
+        return None
+    return (f"Latency target: at most {t['latency_ms']:g} ms on {t['runtime']} ({t['threads']} threads, batch "
+            f"{t['batch_size']}): {'met' if t['met'] else 'MISSED'}, {t['measured_ms']:.2f} ms measured on the final "
+            f"model (median of {runs(report)} runs; search: {report['prune']['search_trials']} measured trials, "
+            f"round_to {t['round_to']} kept).", bool(t["met"]))
+
+
+def parity(report: dict) -> str:
+    p = report["onnx_parity"]
+    return (f"ONNX parity (ONNX Runtime vs PyTorch, batch {p['batch']}): max abs diff {p['max_abs_diff']:.2e}, "
+            f"top-1 agreement {p['top1_agreement']:.1%}.")
+
+
+def runs(report: dict) -> int:
+    """Timed runs behind each latency figure (more than the recipe's when a latency target was judged)."""
+    return report["pruned"].get("latency_runs") or report["recipe"]["latency"]["repeats"]
+
+
+def latency_method(report: dict) -> str:
+    env, lat = report["environment"], report["recipe"]["latency"]
+    return (f"Latency: median of {runs(report)} runs after {lat['warmup']} warm-ups, batch {lat['batch_size']}, "
+            f"{lat['threads']} threads, on {env['cpu']}" + (f" and {env['gpu']}" if env.get("gpu") else "") + ".")
+
+
+def notes(report: dict) -> list[str]:
+    """What the reader must know to trust the figures: exporter fallbacks, pruning notes."""
+    out = list(report.get("notes", []))
+    return out + list(report["prune"].get("notes", []))
+
+
+# --- renderers -----------------------------------------------------------------------------------
+def markdown(table: Table, heading: str = "##") -> list[str]:
+    lines = [f"{heading} {table.title}", "", "| " + " | ".join(table.columns) + " |",
+             "|" + "|".join("---:" if table.numeric(i) else "---" for i in range(len(table.columns))) + "|"]
+    for i, row in enumerate(table.rows):
+        cells = [f"`{row[0]}`" if table.code_names else row[0], *row[1:]]
+        if table.marked and table.marked[i]:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def rich(table: Table):
+    from rich.table import Table as RichTable
+
+    out = RichTable(title=table.title)
+    for i, col in enumerate(table.columns):
+        out.add_column(col, justify="right" if table.numeric(i) else "left")
+    for i, row in enumerate(table.rows):
+        out.add_row(*row, style="bold green" if table.marked and table.marked[i] else None)
+    return out
+
+
+def html(table: Table, with_title: bool = False) -> str:
+    head = "".join(f"<th>{_html.escape(c)}</th>" for c in table.columns)
+    body = []
+    for i, row in enumerate(table.rows):
+        cells = "".join(f'<td class="num">{_html.escape(c)}</td>' if table.numeric(j) else f"<td>{_html.escape(c)}</td>"
+                        for j, c in enumerate(row))
+        cls = ' class="front"' if table.marked and table.marked[i] else ""
+        body.append(f"<tr{cls}>{cells}</tr>")
+    title = f"<h2>{_html.escape(table.title)}</h2>" if with_title else ""
+    return f"{title}<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

@@ -1,0 +1,150 @@
+"""The stages of a run, declared once: what each reads, what it depends on, what it writes.
+
+A stage's result is stored in `stages/<name>.json` with a fingerprint of its inputs: the recipe
+fields it reads and the stored records of the stages it depends on. A stored result is reused only
+while its fingerprint matches and the files it wrote are still there. A changed input therefore
+recomputes the stage, which changes its record and so the fingerprint of every stage computed from
+it: invalidation follows from this table, nothing lists it by hand.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .fsio import read_json, write_json
+from .recipe import Recipe
+
+MODEL = "model"  # a dependency on the latest stage before this one that produced the pruned weights
+ONNX_NAME = "model.onnx"
+INT8_NAME = "model.int8.onnx"
+FINETUNE_CHECKPOINT = "finetune-checkpoint.pt"
+
+Reads = tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reads: Reads  # recipe sections or dotted fields ("recover.batch_size")
+    after: tuple[str, ...] = ()  # stages whose results it uses; MODEL: the latest model stage
+    writes: tuple[str, ...] = ()  # files it produces, relative to the run folder
+    makes_model: bool = False  # writes a new version of the pruned weights (stages/<name>/)
+    collective: bool = False  # every torchrun process takes part (evaluation, training)
+    wanted: Callable[[Recipe], bool] = lambda recipe: True  # does the recipe ask for it?
+
+    def fields(self, recipe: Recipe) -> tuple[str, ...]:
+        return self.reads(recipe) if callable(self.reads) else self.reads
+
+
+def _has_data(recipe: Recipe) -> bool:
+    return bool(recipe.data.path)
+
+
+def _prune_reads(recipe: Recipe) -> tuple[str, ...]:
+    reads = ("model", "prune", "seed")
+    if recipe.prune.target_latency_ms is not None:  # candidates are exported and timed
+        reads += ("latency", "export")
+    if recipe.prune.importance in ("taylor", "hessian"):  # gradients from training images
+        reads += ("data.path",)
+    return reads
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prune", _prune_reads, writes=("stages/prune/model.safetensors",), makes_model=True),
+    Stage("accuracy_baseline", ("model", "data"), collective=True, wanted=_has_data),
+    Stage("accuracy_pruned", ("data",), after=("prune",), collective=True, wanted=_has_data),
+    Stage("recalibrated", ("data", "recover.calibration_images", "recover.batch_size", "seed"), after=("prune",),
+          writes=("stages/recalibrated/model.safetensors",), makes_model=True, collective=True,
+          wanted=lambda r: _has_data(r) and r.recover.recalibrate),
+    Stage("finetuned", ("model", "data", "recover", "seed"), after=(MODEL,),
+          writes=("stages/finetuned/model.safetensors",), makes_model=True, collective=True,
+          wanted=lambda r: _has_data(r) and r.recover.epochs > 0),
+    Stage("export", ("export",), after=(MODEL,), writes=(ONNX_NAME,)),
+    Stage("accuracy_onnx", ("data", "latency.threads"), after=("export",), wanted=_has_data),
+    Stage("int8", ("int8", "data", "latency"), after=("export",), writes=(INT8_NAME,),
+          wanted=lambda r: r.int8.enabled),
+    Stage("measure", ("model", "export", "latency", "prune.target_latency_ms"), after=("export",)),
+    Stage("diagnose", ("latency",), after=("measure",), wanted=lambda r: r.latency.per_layer),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def plan(recipe: Recipe, table: tuple[Stage, ...] = STAGES) -> list[Stage]:
+    """The stages this recipe asks for, in order."""
+    return [s for s in table if s.wanted(recipe)]
+
+
+def dependencies(stage: Stage, recipe: Recipe, table: tuple[Stage, ...] = STAGES) -> tuple[str, ...]:
+    """The stages `stage` reads, with MODEL resolved to the latest model stage the recipe runs before it."""
+    before = [s.name for s in plan(recipe, table)[: plan(recipe, table).index(stage)] if s.makes_model]
+    return tuple(before[-1] if d == MODEL else d for d in stage.after)
+
+
+def final_model_stage(recipe: Recipe) -> str:
+    return [s.name for s in plan(recipe) if s.makes_model][-1]
+
+
+def _field(recipe_json: dict, dotted: str) -> Any:
+    value: Any = recipe_json
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class StageStore:
+    """The `stages/` folder of a run: one record (fingerprint + result) per finished stage."""
+
+    def __init__(self, root: Path, table: tuple[Stage, ...] = STAGES):
+        self.root = Path(root)
+        self.folder = self.root / "stages"
+        self.table = table
+
+    def record(self, name: str) -> dict | None:
+        path = self.folder / f"{name}.json"
+        return read_json(path) if path.exists() else None
+
+    def fingerprint(self, stage: Stage, recipe: Recipe) -> str:
+        recipe_json = recipe.model_dump(mode="json")
+        deps = {}
+        for dep in dependencies(stage, recipe, self.table):
+            record = self.record(dep)
+            deps[dep] = _digest(record) if record is not None else None
+        return _digest({"reads": {f: _field(recipe_json, f) for f in stage.fields(recipe)}, "after": deps})
+
+    def fresh(self, stage: Stage, recipe: Recipe) -> dict | None:
+        """The stored result when it still describes this recipe and its files are all there."""
+        record = self.record(stage.name)
+        if record is None or record.get("fingerprint") != self.fingerprint(stage, recipe):
+            return None
+        if not all((self.root / f).exists() for f in stage.writes):
+            return None
+        return record["result"]
+
+    def save(self, stage: Stage, recipe: Recipe, result: dict) -> None:
+        write_json(self.folder / f"{stage.name}.json",
+                   {"fingerprint": self.fingerprint(stage, recipe), "result": result})
+
+    def drop_unplanned(self, recipe: Recipe) -> None:
+        """Forget stages the recipe no longer asks for, so the report cannot show them."""
+        wanted = {s.name for s in plan(recipe, self.table)}
+        for stage in self.table:
+            if stage.name not in wanted:
+                (self.folder / f"{stage.name}.json").unlink(missing_ok=True)
+                if stage.makes_model:
+                    shutil.rmtree(self.folder / stage.name, ignore_errors=True)
+                for path in stage.writes:
+                    if not path.startswith("stages/"):
+                        (self.root / path).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        (self.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)

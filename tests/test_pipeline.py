@@ -1,0 +1,77 @@
+"""The pipeline through the CLI: recipes and options, --overwrite, --json, --debug and re-export."""
+import json
+
+from conftest import assert_one_line_error, run_cli
+
+import edgeprune
+from edgeprune.measure import onnx_bytes
+from edgeprune.recipe import apply_overrides, load_recipe
+
+RECIPE = """
+model: {name: cifar_resnet20, weights: default}
+prune: {macs_reduction: 0.4, importance: taylor}
+recover: {epochs: 5}
+export: {opset: 13}
+latency: {warmup: 1, repeats: 3, per_layer: false}
+"""
+
+
+def test_prune_with_a_recipe_runs_the_recipe_and_options_override_only_themselves(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE)
+    out = tmp_path / "a"
+    proc = run_cli("prune", "--recipe", str(path), "--out", str(out), "--json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report == json.loads((out / "report.json").read_text())  # --json prints exactly the report
+    expected = load_recipe(path).model_dump(mode="json")
+    assert json.loads((out / "recipe.json").read_text()) == expected
+    assert report["recipe"]["model"]["name"] == "cifar_resnet20" and report["prune"]["importance"] == "taylor"
+    assert report["target"] == {"kind": "macs", "macs_reduction": 0.4, "macs": report["prune"]["macs_target"]}
+    assert report["export"]["opset"] == 13 and report["recipe"]["recover"]["epochs"] == 5
+
+    # `run` of the same recipe is the same run: it finds every stage done.
+    stamp = (out / "stages" / "prune.json").stat().st_mtime_ns
+    assert run_cli("run", str(path), "--out", str(out), "-q").returncode == 0
+    assert (out / "stages" / "prune.json").stat().st_mtime_ns == stamp
+    # --overwrite starts afresh.
+    assert run_cli("prune", "--recipe", str(path), "--out", str(out), "-q", "--overwrite").returncode == 0
+    assert (out / "stages" / "prune.json").stat().st_mtime_ns != stamp
+
+    other = tmp_path / "b"
+    proc = run_cli("prune", "--recipe", str(path), "--ratio", "0.3", "--importance", "l1", "--out", str(other), "-q")
+    assert proc.returncode == 0, proc.stderr
+    changed = apply_overrides(load_recipe(path), {"prune.ratio": 0.3, "prune.importance": "l1"})
+    assert json.loads((other / "recipe.json").read_text()) == changed.model_dump(mode="json")
+    assert changed.prune.macs_reduction is None and changed.export.opset == 13
+
+
+def test_reexport_at_another_opset_recomputes_everything_measured_on_the_old_file(tmp_path):
+    out = tmp_path / "r20"
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--ratio", "0.4", "--out", str(out), "--warmup", "1",
+                   "--repeats", "5", "-q")
+    assert proc.returncode == 0, proc.stderr
+    before = {name: json.loads((out / "stages" / f"{name}.json").read_text())
+              for name in ("prune", "export", "measure", "diagnose")}
+    proc = run_cli("export", str(out), "--opset", "13", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    import onnx
+
+    assert onnx.load(str(out / "model.onnx")).opset_import[0].version == 13
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads(proc.stdout) == report
+    assert report["export"]["opset"] == 13 and report["recipe"]["export"]["opset"] == 13
+    assert report["pruned"]["onnx_bytes"] == onnx_bytes(out / "model.onnx")
+    after = {name: json.loads((out / "stages" / f"{name}.json").read_text()) for name in before}
+    assert after["prune"] == before["prune"]  # the pruning did not change
+    for name in ("export", "measure", "diagnose"):  # all computed from the new file
+        assert after[name]["fingerprint"] != before[name]["fingerprint"], name
+    assert edgeprune.load(out).layer1[0].conv1.out_channels == 9  # 16 channels at ratio 0.4
+
+
+def test_debug_shows_the_cause_of_an_error(tmp_path):
+    args = ("prune", "--model", "shufflenet_v2_x0_5", "--weights", "none", "--out", str(tmp_path / "s"), "-q")
+    assert_one_line_error(run_cli(*args), "cannot be pruned safely")
+    proc = run_cli("--debug", *args)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("edgeprune: error:")

@@ -1,0 +1,84 @@
+"""The report of a real run (through the Python API): JSON, the table rows and their three renderings."""
+import copy
+import html
+import json
+
+import pytest
+
+import edgeprune
+from edgeprune import report as rep
+from edgeprune import rows
+from edgeprune.export import Parity
+from edgeprune.report_html import page
+from edgeprune.results import ExportResult
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    recipe = edgeprune.load_recipe(None, {"data.path": None, "int8.enabled": False, "recover.epochs": 0,
+                                          "model.name": "cifar_resnet20", "model.weights": "default",
+                                          "prune.ratio": 0.5, "latency.warmup": 1, "latency.repeats": 5})
+    report = edgeprune.run(recipe, out, quiet=True)
+    return out, report
+
+
+def test_report_json_is_what_run_returns_and_describes_the_files(finished):
+    out, report = finished
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["export"] == {"exporter": "torchscript", "opset": 17, "fallback_reason": None,
+                                "onnx_bytes": (out / "model.onnx").stat().st_size}
+    assert report["pruned"]["onnx_bytes"] == report["export"]["onnx_bytes"]
+    assert report["pruned"]["params"] == sum(p.numel() for p in edgeprune.load(out).parameters())
+    macs_kept = report["pruned"]["macs"] / report["baseline"]["macs"]
+    assert report["reduction_pct"]["macs"] == round(100 * (1 - macs_kept), 2)
+    assert report["notes"] == [] and report["target"] == {"kind": "ratio", "ratio": 0.5}
+
+
+def test_one_table_renders_the_same_figures_in_markdown_html_and_the_console(finished):
+    out, report = finished
+    table = rows.comparison(report)
+    assert [r[0] for r in table.rows] == ["MACs", "Params", "Size, state dict (MB)", "Size, ONNX (MB)",
+                                          "CPU ms, PyTorch", "CPU ms, ONNX Runtime"]
+    md = (out / "report.md").read_text()
+    page_html = (out / "report.html").read_text()
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(rows.rich(table))
+    text = console.export_text()
+    for row in table.rows:
+        assert "| " + " | ".join(row) + " |" in md
+        assert "".join(f'<td class="num">{html.escape(c)}</td>' for c in row[1:]) in page_html
+        assert all(cell in text for cell in row)
+    assert rows.parity(report) in md
+
+
+def test_notes_and_a_missed_target_reach_every_rendering(finished):
+    _, report = finished
+    changed = copy.deepcopy(report)
+    fallback = ExportResult(parity=Parity(1e-6, 1.0, 8, 1e-4, True), opset=17, exporter="dynamo", onnx_bytes=1,
+                            fallback_reason="SymbolicValueError: adaptive pooling")
+    changed["notes"] = rep.export_notes(fallback)
+    changed["recipe"]["prune"].update({"ratio": None, "target_latency_ms": 0.01})
+    changed["target"] = rep.target(changed["prune"], changed["recipe"], changed["pruned"])
+    assert changed["target"]["met"] is False
+    text, met = rows.latency_verdict(changed)
+    assert not met and "MISSED" in text and f"{changed['pruned']['latency_ms']['ort_cpu']:.2f} ms" in text
+    md, page_html = rep.markdown(changed), page(changed)
+    assert "**missed**" in md and "class='bad'" in page_html
+    assert "dynamo exporter" in md and "dynamo exporter" in page_html and "SymbolicValueError" in md
+    assert rows.latency_verdict(report) is None and "Latency target" not in rep.markdown(report)
+
+
+def test_diagnostics_name_real_layers_and_time_every_one(finished):
+    out, report = finished
+    diag = report["diagnostics"]
+    names = {n for n, _ in edgeprune.load(out).named_modules()}
+    assert [la["name"] for la in diag["layers"]] == [la["name"] for la in report["prune"]["layers"]]
+    assert all(la["name"] in names for la in diag["layers"])
+    assert all(la["ort_ms_before"] > 0 and la["ort_ms_after"] > 0 for la in diag["layers"])
+    assert sum(la["macs_after"] for la in diag["layers"]) == diag["totals"]["macs_after"]
+    narrowed = [la for la in diag["layers"] if la["channels_after"] < la["channels_before"]]
+    assert narrowed and all(la["macs_after"] < la["macs_before"] for la in narrowed)
+    assert any(f.startswith("ONNX Runtime:") for f in diag["findings"])

@@ -1,0 +1,96 @@
+"""The stage table: which stages a recipe runs, what they depend on, and what a change invalidates."""
+from edgeprune.recipe import Recipe, apply_overrides
+from edgeprune.stages import STAGES, StageStore, dependencies, final_model_stage, plan
+
+BY_NAME = {s.name: s for s in STAGES}
+FULL = apply_overrides(Recipe(), {"data.path": "cifar10", "recover.epochs": 1, "int8.enabled": True})
+
+
+def names(recipe):
+    return [s.name for s in plan(recipe)]
+
+
+def test_plan_follows_the_recipe():
+    assert names(apply_overrides(Recipe(), {"recover.epochs": 0})) == ["prune", "export", "measure", "diagnose"]
+    assert names(FULL) == ["prune", "accuracy_baseline", "accuracy_pruned", "recalibrated", "finetuned", "export",
+                           "accuracy_onnx", "int8", "measure", "diagnose"]
+    no_recal = apply_overrides(FULL, {"recover.recalibrate": False, "latency.per_layer": False})
+    assert "recalibrated" not in names(no_recal) and "diagnose" not in names(no_recal)
+
+
+def test_model_dependency_is_the_latest_model_stage():
+    assert dependencies(BY_NAME["finetuned"], FULL) == ("recalibrated",)
+    assert dependencies(BY_NAME["export"], FULL) == ("finetuned",)
+    assert final_model_stage(FULL) == "finetuned"
+    no_recal = apply_overrides(FULL, {"recover.recalibrate": False})
+    assert dependencies(BY_NAME["finetuned"], no_recal) == ("prune",)
+    no_data = Recipe()
+    assert dependencies(BY_NAME["export"], no_data) == ("prune",) and final_model_stage(no_data) == "prune"
+
+
+def fill(store: StageStore, recipe: Recipe) -> None:
+    """Record every planned stage in order, as a run would (results are placeholders; files are touched)."""
+    for stage in plan(recipe):
+        for path in stage.writes:
+            (store.root / path).parent.mkdir(parents=True, exist_ok=True)
+            (store.root / path).write_text("x")
+        store.save(stage, recipe, {"stage": stage.name})
+
+
+def stale(store: StageStore, recipe: Recipe) -> list[str]:
+    """The stages a run of `recipe` would compute again, walking the plan as the pipeline does."""
+    out = []
+    for stage in plan(recipe):
+        if store.fresh(stage, recipe) is None:
+            out.append(stage.name)
+            store.save(stage, recipe, {"stage": stage.name, "recomputed": True})
+    return out
+
+
+def test_a_changed_export_invalidates_exactly_what_reads_the_onnx_file(tmp_path):
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert stale(store, FULL) == []
+    assert stale(store, apply_overrides(FULL, {"export.opset": 13})) == [
+        "export", "accuracy_onnx", "int8", "measure", "diagnose"]
+
+
+def test_a_changed_recovery_keeps_pruning_and_baseline_accuracy(tmp_path):
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert stale(store, apply_overrides(FULL, {"recover.epochs": 3})) == [
+        "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
+    assert stale(store, apply_overrides(FULL, {"recover.epochs": 3, "recover.calibration_images": 512})) == [
+        "recalibrated", "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
+
+
+def test_a_changed_target_recomputes_all_but_the_baseline_accuracy(tmp_path):
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    redone = stale(store, apply_overrides(FULL, {"prune.ratio": 0.3}))
+    assert redone == [n for n in names(FULL) if n != "accuracy_baseline"]
+
+
+def test_int8_options_touch_only_the_int8_stage_and_a_missing_file_recomputes_its_stage(tmp_path):
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert stale(store, apply_overrides(FULL, {"int8.calibration_images": 64})) == ["int8"]
+    (tmp_path / "model.int8.onnx").unlink()
+    assert stale(store, FULL) == ["int8"]
+
+
+def test_latency_options_reach_the_pruning_only_with_a_latency_target(tmp_path):
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert "prune" not in stale(store, apply_overrides(FULL, {"latency.repeats": 7}))
+    target = apply_overrides(FULL, {"prune.target_latency_ms": 1.0})
+    fill(store, target)
+    assert stale(store, apply_overrides(target, {"latency.repeats": 9}))[0] == "prune"
+
+
+def test_stages_no_longer_planned_are_forgotten(tmp_path):
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    store.drop_unplanned(apply_overrides(FULL, {"int8.enabled": False}))
+    assert store.record("int8") is None and not (tmp_path / "model.int8.onnx").exists()
+    assert store.record("measure") is not None and (tmp_path / "model.onnx").exists()
