@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--round-to", nargs="*", default=["none", "8", "16"])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--cuda", action="store_true", help="also time PyTorch on the GPU (when there is one)")
     args = parser.parse_args()
     if not args.round_to:
         parser.error("--round-to needs at least one value (none or a channel multiple)")
@@ -54,7 +56,7 @@ def main() -> None:
     target = ({"macs_reduction": args.macs_reduction} if args.macs_reduction is not None
               else {"ratio": args.ratio})
     export_opts = ExportOptions()
-    latency = LatencyOptions(repeats=args.repeats, cuda=False)  # the table is CPU only
+    latency = LatencyOptions(repeats=args.repeats, cuda=args.cuda)
     seed_everything(0)  # the random init of --weights none, as `edgeprune run` seeds it
 
     def log(msg: str) -> None:
@@ -80,8 +82,10 @@ def main() -> None:
             models[label], onnx_paths[label], pruned_with[label] = pruned, path, result
         # 2. Time all of them together: one call, models interleaved within each runtime.
         log(f"timing {len(models)} models side by side ({args.repeats} runs each per runtime)")
+        load_before = os.getloadavg()
         measured = measure({label: (models[label], onnx_paths[label]) for label in models}, size, latency,
                            quiet=False)
+        load_after = os.getloadavg()
     base = measured[BASELINE]
     rows = []
     for round_to in args.round_to:
@@ -102,6 +106,8 @@ def main() -> None:
         "latency": latency.model_dump(include={"threads", "warmup", "repeats", "batch_size"}),
         "timing": "every model below timed in one edgeprune.measure.measure call, interleaved round-robin "
                   "within each runtime",
+        "machine_load": {"cpus": os.cpu_count(), "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+                         "loadavg_1_5_15_after": [round(x, 2) for x in load_after]},
         "baseline": {**base.to_dict(), "parity": parity[BASELINE].to_dict()},
         "rows": rows,
     }
@@ -111,6 +117,16 @@ def main() -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(results))
     log(f"wrote {RESULTS / name}.json and .md")
+
+
+def load_sentence(load: dict) -> str:
+    before, after = load["loadavg_1_5_15_before"][0], load["loadavg_1_5_15_after"][0]
+    sentence = (f"1-minute load average {before:.2f} before timing and {after:.2f} after (this process included), "
+                f"on {load['cpus']} CPUs")
+    if max(before, after) > load["cpus"]:
+        sentence += (": other processes competed for the cores, so absolute ms are inflated (PyTorch's "
+                     "OpenMP workers most) and only figures from this one run compare")
+    return sentence + "."
 
 
 def markdown(results: dict) -> str:
@@ -124,7 +140,7 @@ def markdown(results: dict) -> str:
              f"{results['environment']['cpu']}. The baseline and every variant were timed side by side in one "
              "process (one measurement call, models interleaved round-robin within each runtime): every row's "
              f"\"before\" is the same baseline measurement (PyTorch {base['latency_ms']['torch_cpu']:.1f} ms, "
-             f"ONNX Runtime {base['latency_ms']['ort_cpu']:.1f} ms).", "",
+             f"ONNX Runtime {base['latency_ms']['ort_cpu']:.1f} ms). {load_sentence(results['machine_load'])}", "",
              "| round_to | ratio | MACs | params | ONNX MB | PyTorch CPU ms | ORT CPU ms | ORT speed-up | "
              "MACs reduction | parity |", "|---|---:|---|---|---|---|---|---:|---:|---:|"]
     for r in results["rows"]:
@@ -136,6 +152,20 @@ def markdown(results: dict) -> str:
             f"{base['latency_ms']['torch_cpu']:.1f} -> {p['latency_ms']['torch_cpu']:.1f} | "
             f"{base['latency_ms']['ort_cpu']:.1f} -> {p['latency_ms']['ort_cpu']:.1f} | "
             f"{r['speedup']['ort_cpu']:.2f}x | {r['macs_reduction_x']:.2f}x | {r['parity']['max_abs_diff']:.1e} |")
+    if "torch_cuda" in base["latency_ms"]:
+        gpu = results["environment"].get("gpu")
+        lines += ["", f"GPU ({gpu}, PyTorch eager, batch {lat['batch_size']}, synchronized):",
+                  "", "| round_to | PyTorch GPU ms | speed-up |", "|---|---|---:|"]
+        lines += [f"| {r['round_to']} | {base['latency_ms']['torch_cuda']:.2f} -> "
+                  f"{r['pruned']['latency_ms']['torch_cuda']:.2f} | {r['speedup']['torch_cuda']:.2f}x |"
+                  for r in results["rows"]]
+    same = {}  # variants that came out as one architecture: the gap between their times is noise
+    for r in results["rows"]:
+        p = r["pruned"]
+        same.setdefault((p["macs"], p["params"], p["onnx_bytes"]), []).append(r["round_to"])
+    for group in (g for g in same.values() if len(g) > 1):
+        lines += ["", f"round_to {' and '.join(group)} produced the same architecture (same MACs, parameters and "
+                  "ONNX size): the differences between their latencies are this run's measurement noise."]
     notes = [f"- {r['label']}: {note}" for r in results["rows"] for note in r["notes"]]
     if notes:
         lines += ["", "Pruning notes:", "", *notes]

@@ -210,7 +210,7 @@ def test_killed_run_resumes_to_the_same_model(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "stages" / "prune.json").exists() and not (out / "report.json").exists()
-    first = json.loads((out / "stages" / "prune.json").read_text())["history"]
+    first = json.loads((out / "stages" / "prune.json").read_text())["result"]["history"]
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "report.json").read_text())["prune"]["history"] == first

@@ -58,6 +58,44 @@ def test_pickled_modules_and_garbage_are_refused(tmp_path):
         create_model("cifar_resnet20", weights=tmp_path / "absent.pth")
 
 
+def test_truncated_and_foreign_checkpoints_are_refused_with_their_cause(tmp_path):
+    torch.save(create_model("cifar_resnet20").state_dict(), tmp_path / "good.pth")
+    good = (tmp_path / "good.pth").read_bytes()  # 1.1 MB
+    torch.save({"w": torch.ones(100, 100)}, tmp_path / "small.pth")
+    small = (tmp_path / "small.pth").read_bytes()  # 41 kB
+    torch.save({"w": torch.ones(64, 64)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = (tmp_path / "legacy.pth").read_bytes()
+    files = {  # what torch.load raises for each, as checked with torch 2.14
+        "truncated_zip.pth": (good[: len(good) // 2], RuntimeError),  # no central directory
+        "truncated_small_zip.pth": (small[: len(small) // 2], OSError),  # EINVAL: seeks before the start
+        "cut_header.pth": (good[:100], RuntimeError),
+        "truncated_legacy.pth": (legacy[: len(legacy) // 2], RuntimeError),
+        "empty.pth": (b"", EOFError),
+        "text.pth": (b"hello world\n" * 10, KeyError),
+    }
+    for name, (data, cause) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(EdgePruneError, match=f"checkpoint .*{name} cannot be read safely") as err:
+            load_checkpoint(create_model("cifar_resnet20"), tmp_path / name)
+        assert type(err.value.__cause__) is cause, name
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(EdgePruneError, match="is not a readable safetensors file") as err:
+        load_checkpoint(create_model("cifar_resnet20"), tmp_path / "cut.safetensors")
+    assert type(err.value.__cause__).__name__ == "SafetensorError"
+
+
+def test_a_machine_problem_reading_a_checkpoint_is_not_blamed_on_the_file(tmp_path, monkeypatch):
+    """An I/O error, unlike a truncated file, keeps its type and traceback."""
+    torch.save(create_model("cifar_resnet20").state_dict(), tmp_path / "good.pth")
+
+    def failing_load(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(OSError, match="Input/output error"):
+        load_checkpoint(create_model("cifar_resnet20"), tmp_path / "good.pth")
+
+
 def test_unknown_model_and_weights_are_clear_errors():
     with pytest.raises(EdgePruneError, match="unknown model 'resnet5o': did you mean resnet50"):
         create_model("resnet5o")

@@ -94,3 +94,10 @@ def test_stages_no_longer_planned_are_forgotten(tmp_path):
     store.drop_unplanned(apply_overrides(FULL, {"int8.enabled": False}))
     assert store.record("int8") is None and not (tmp_path / "model.int8.onnx").exists()
     assert store.record("measure") is not None and (tmp_path / "model.onnx").exists()
+
+
+def test_the_tracing_guard_limits_do_not_reach_the_result(tmp_path):
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert stale(store, apply_overrides(FULL, {"prune.trace_memory_gb": 2.0, "prune.trace_timeout_s": 60})) == []
+    assert stale(store, apply_overrides(FULL, {"prune.round_to": 8}))[0] == "prune"

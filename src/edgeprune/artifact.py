@@ -57,7 +57,7 @@ def load(path: str | os.PathLike) -> nn.Module:
         raise EdgePruneError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT}")
     model = create_model(spec.name, weights="none", num_classes=spec.num_classes)
     # DepGraph traces autograd, even if the caller is in no_grad; within the default tracing limits
-    with trace_guard(spec.name), quiet_stdout(), torch.enable_grad():
+    with quiet_stdout(), torch.enable_grad(), trace_guard(spec.name):
         graph = tp.DependencyGraph().build_dependency(model, spec.example_input())
     graph.load_pruning_history([tuple(h) for h in history])
     try:

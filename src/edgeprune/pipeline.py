@@ -92,6 +92,7 @@ class Runner:
         self.history: list | None = None
         self._splits: dict[bool, object] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="edgeprune-")
+        self.scratch = Path(self._scratch.name)  # files of this process alone (the baseline's ONNX, candidates)
         self._baseline_onnx: Path | None = None
 
     # --- what stages share -----------------------------------------------------------------------
@@ -99,7 +100,7 @@ class Runner:
         """The unpruned model exported to ONNX once per run (latency search, measurement, profiling)."""
         if self._baseline_onnx is None:
             self._baseline_onnx = export_onnx(self.baseline, self.spec.input_size,
-                                              Path(self._scratch.name) / "baseline.onnx", self.recipe.export)
+                                              self.scratch / "baseline.onnx", self.recipe.export)
         return self._baseline_onnx
 
     def split(self, train: bool):
@@ -190,7 +191,7 @@ def _prune(r: Runner) -> PruneResult:
     probe = None
     if opts.target_latency_ms is not None:
         probe = OnnxLatencyProbe(r.baseline, opts.latency_runtime, r.recipe.latency, r.recipe.export,
-                                 r._scratch.name, baseline_onnx=r.baseline_onnx())
+                                 r.scratch, baseline_onnx=r.baseline_onnx())
         r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; searching for "
               f"<= {opts.target_latency_ms:g} ms")
     pruned, result = prune(r.baseline, opts, calibration=calibration, latency_probe=probe, log=r.log)

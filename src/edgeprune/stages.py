@@ -46,7 +46,8 @@ def _has_data(recipe: Recipe) -> bool:
 
 
 def _prune_reads(recipe: Recipe) -> tuple[str, ...]:
-    reads = ("model", "prune", "seed")
+    # Every pruning option but the tracing guard's limits, which change whether it runs, not its result.
+    reads = ("model", "seed", *(f"prune.{k}" for k in type(recipe.prune).model_fields if not k.startswith("trace_")))
     if recipe.prune.target_latency_ms is not None:  # candidates are exported and timed
         reads += ("latency", "export")
     if recipe.prune.importance in ("taylor", "hessian"):  # gradients from training images

@@ -6,6 +6,7 @@ weight name such as `IMAGENET1K_V2`, or the path of a local checkpoint.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import pickle
 import warnings
@@ -25,6 +26,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MODELS = {f"cifar_resnet{d}": d for d in DEPTHS}
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".safetensors")
+# What torch.load(weights_only=True) raises on a truncated or foreign file: UnpicklingError (pickled
+# objects, random bytes), RuntimeError (zip reader: no central directory, not a torch archive; legacy
+# format cut short), EOFError (empty or cut-off pickle), KeyError/IndexError/ValueError/AssertionError
+# (the restricted unpickler on a stream that is not a pickle, e.g. a text file). A truncated zip archive
+# also surfaces as OSError EINVAL, handled apart so that other OSErrors keep their traceback.
+CHECKPOINT_READ_FAILURES: tuple[type[Exception], ...] = (
+    pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError, ValueError, AssertionError)
 
 
 @dataclass
@@ -155,18 +163,27 @@ def _read_checkpoint(path: Path) -> dict:
         from safetensors.torch import load_file
         try:
             return load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise EdgePruneError(f"checkpoint {path} is not a readable safetensors file ({exc})") from None
+        except SafetensorError as exc:  # truncated or foreign file; OSError (permissions, I/O) propagates
+            raise EdgePruneError(f"checkpoint {path} is not a readable safetensors file ({exc})") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except CHECKPOINT_READ_FAILURES as exc:
+        raise _unreadable(path, exc) from exc
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # permissions, I/O errors: a problem of the machine, not of the file
+            raise
+        raise _unreadable(path, exc) from exc  # torch's zip reader seeking past the end of a truncated file
+
+
+def _unreadable(path: Path, exc: Exception) -> EdgePruneError:
+    if isinstance(exc, pickle.UnpicklingError):
         reason = "it holds pickled Python objects, not only tensors, or is no PyTorch file"
-    except Exception as exc:  # torch raises many types for truncated or foreign files
+    else:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-    raise EdgePruneError(f"checkpoint {path} cannot be read safely ({reason}); it must be a state dict saved "
-                         "with torch.save (no pickled modules) or a .safetensors file")
+    return EdgePruneError(f"checkpoint {path} cannot be read safely ({reason}); it must be a state dict saved "
+                          "with torch.save (no pickled modules) or a .safetensors file")
 
 
 def _unwrap_state(obj) -> dict:

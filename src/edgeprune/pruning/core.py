@@ -23,6 +23,7 @@ from .rules import (
     model_name,
     out_channels,
     prunable_layers,
+    raised_in_torch_pruning,
     resolve_unpruned,
     unsupported,
 )
@@ -65,7 +66,7 @@ def prune_copy(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
     modules = dict(pruned.named_modules())
     importance = importance_for_grads(opts.importance)
     try:
-        with trace_guard(model_name(pruned), opts.trace_memory_gb, opts.trace_timeout_s), quiet_stdout():
+        with quiet_stdout(), trace_guard(model_name(pruned), opts.trace_memory_gb, opts.trace_timeout_s):
             pruner = tp.pruner.BasePruner(
                 pruned, example, importance=importance, pruning_ratio=ratio,
                 global_pruning=opts.global_pruning, round_to=opts.round_to,
@@ -73,6 +74,10 @@ def prune_copy(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
             )
             pruner.step()
     except TORCH_PRUNING_FAILURES as exc:  # Torch-Pruning raises bare errors on graphs it cannot handle
+        raise unsupported(pruned, exc) from exc
+    except TypeError as exc:
+        if not raised_in_torch_pruning(exc):
+            raise
         raise unsupported(pruned, exc) from exc
     finally:
         pruned.zero_grad(set_to_none=True)

@@ -8,12 +8,16 @@ tracing thread with an exception instead, which becomes a one-line `EdgePruneErr
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import resource
 import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
+
+import torch_pruning as tp
 
 from ..errors import EdgePruneError
 
@@ -21,6 +25,7 @@ POLL_S = 0.1  # how often the watchdog reads the process's memory and the clock
 DEFAULT_MEMORY_SHARE = 0.8  # without prune.trace_memory_gb: this share of the memory available at entry
 GB = 1024**3
 ADVICE = "raise the limit, prune a smaller model, or ignore its heavy blocks"
+TORCH_PRUNING_DIR = Path(tp.__file__).resolve().parent
 
 
 class TracingLimitExceeded(EdgePruneError):
@@ -58,6 +63,21 @@ def available_bytes() -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def in_torch_pruning(filename: str) -> bool:
+    """Whether `filename` (a code object's) is part of the Torch-Pruning package."""
+    return Path(filename).resolve().is_relative_to(TORCH_PRUNING_DIR)
+
+
+def memory_limit_bytes(memory_gb: float | None) -> float | None:
+    """How much the process may grow while tracing: `memory_gb`, or by default DEFAULT_MEMORY_SHARE of the
+    memory available now (None where that cannot be read: no memory limit)."""
+    if memory_gb is not None:
+        return memory_gb * GB
+    available = available_bytes()
+    return None if available is None else DEFAULT_MEMORY_SHARE * available
+
+
 def _async_raise(thread_id: int, exc_type: type[BaseException] | None) -> None:
     """Schedule `exc_type` in thread `thread_id` (None: clear a scheduled one)."""
     exc = ctypes.py_object(exc_type) if exc_type is not None else None
@@ -66,41 +86,30 @@ def _async_raise(thread_id: int, exc_type: type[BaseException] | None) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
 
 
-class trace_guard:  # noqa: N801 - used as a context manager, like contextlib's
-    """`with trace_guard("resnet18", memory_gb, timeout_s): ...` stops the block with an
-    `EdgePruneError` once the process's memory grows more than `memory_gb` above its level at entry
-    (None: 80% of the memory available then) or the block runs longer than `timeout_s` (None: no limit).
-
-    The limit is raised in the entering thread between Python bytecodes, which tracing runs plenty of.
-    It is raised again at every poll while the block still runs, since Torch-Pruning's tracer has a bare
-    `except:` that can swallow one. Leaving the block stops the watchdog under a lock and clears any
-    exception still scheduled, so none can arrive after the block; one arriving while leaving is
-    converted like one arriving inside it.
-    """
+class TraceGuard:
+    """See `trace_guard`."""
 
     def __init__(self, what: str, memory_gb: float | None = None, timeout_s: float | None = None):
         self.what, self.memory_gb, self.timeout_s = what, memory_gb, timeout_s
         self.detail: str | None = None  # set by the watchdog when a limit is passed
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._closed = False
+        self._closed = True
+        self._frame: FrameType | None = None
 
-    def __enter__(self) -> trace_guard:
+    def __enter__(self) -> TraceGuard:
         self._thread_id = threading.get_ident()
         self._start_rss = rss_bytes()
         self._start = time.monotonic()
-        if self.memory_gb is not None:
-            self._limit_bytes, self._limit_text = self.memory_gb * GB, "(limit prune.trace_memory_gb)"
-        else:
-            available = available_bytes()
-            self._limit_bytes = None if available is None else DEFAULT_MEMORY_SHARE * available
-            self._limit_text = (f"({DEFAULT_MEMORY_SHARE:.0%} of the memory available when it started; "
-                                "set prune.trace_memory_gb)")
+        self._limit_bytes = memory_limit_bytes(self.memory_gb)
+        self._limit_text = ("(limit prune.trace_memory_gb)" if self.memory_gb is not None else
+                            f"({DEFAULT_MEMORY_SHARE:.0%} of the memory available when it started; "
+                            "set prune.trace_memory_gb)")
         if self._limit_bytes is None and self.timeout_s is None:
-            self._closed = True  # nothing to watch
-            return self
-        self._watchdog = threading.Thread(target=self._watch, name=f"trace-guard {self.what}", daemon=True)
-        self._watchdog.start()
+            return self  # nothing to watch
+        self._frame = sys._getframe(1)  # the frame running the with statement
+        self._closed = False
+        threading.Thread(target=self._watch, name=f"trace-guard {self.what}", daemon=True).start()
         return self
 
     def _passed(self) -> str | None:
@@ -112,6 +121,15 @@ class trace_guard:  # noqa: N801 - used as a context manager, like contextlib's
                     f"{self._limit_text}; {ADVICE}")
         return None
 
+    def _where(self) -> tuple[bool, bool]:
+        """(whether the guarded thread still runs the with statement's frame, and whether it is inside
+        Torch-Pruning's code called from there)."""
+        frame, tracing = sys._current_frames().get(self._thread_id), False
+        while frame is not None and frame is not self._frame:
+            tracing = tracing or in_torch_pruning(frame.f_code.co_filename)
+            frame = frame.f_back
+        return frame is not None, tracing
+
     def _watch(self) -> None:
         signal = None
         while not self._stop.wait(POLL_S):
@@ -120,6 +138,12 @@ class trace_guard:  # noqa: N801 - used as a context manager, like contextlib's
                 if detail is None:
                     continue
                 signal = type("TracingLimitExceeded", (TracingLimitExceeded,), {"detail": detail})
+            else:  # signalled before: again only while the tracer (which may have swallowed it) still runs
+                running, tracing = self._where()
+                if not running:
+                    return
+                if not tracing:
+                    continue
             with self._lock:
                 if self._closed:
                     return
@@ -133,6 +157,7 @@ class trace_guard:  # noqa: N801 - used as a context manager, like contextlib's
                 self._closed = True
                 _async_raise(self._thread_id, None)
         self._stop.set()
+        self._frame = None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
@@ -145,3 +170,19 @@ class trace_guard:  # noqa: N801 - used as a context manager, like contextlib's
         # Passed a limit: whatever the block raised (or nothing, if tracing swallowed the signal), the
         # limit is the error; the exception it interrupted stays in the chain for --debug.
         raise EdgePruneError(self.detail or str(exc)) from exc
+
+
+def trace_guard(what: str, memory_gb: float | None = None, timeout_s: float | None = None) -> TraceGuard:
+    """`with trace_guard("resnet18", memory_gb, timeout_s): ...` stops the block with an
+    `EdgePruneError` once the process's memory grows more than `memory_gb` above its level at entry
+    (None: 80% of the memory available then) or the block runs longer than `timeout_s` (None: no limit).
+
+    A daemon watchdog polls every POLL_S and raises `TracingLimitExceeded` in the entering thread,
+    between Python bytecodes, of which tracing runs plenty. It raises it again at later polls while that
+    thread is still inside Torch-Pruning's code, whose tracer has a bare `except:` that can swallow one,
+    and never once the with statement's frame has returned. Leaving the block stops the watchdog under a
+    lock and clears any exception still scheduled, so none can arrive after the block; one arriving
+    while leaving is converted like one arriving inside it, and even one that escaped between the block's
+    last bytecode and `__exit__` is an EdgePruneError with the same message.
+    """
+    return TraceGuard(what, memory_gb, timeout_s)

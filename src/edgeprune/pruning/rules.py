@@ -11,7 +11,7 @@ import torch_pruning as tp
 from ..errors import EdgePruneError
 from ..quiet import quiet_stdout
 from ..recipe import PruneOptions
-from .guard import trace_guard
+from .guard import in_torch_pruning, trace_guard
 
 PAD_REASON = ("output channels are coupled through a zero-padding op (F.pad), whose channel offset "
               "DepGraph cannot index; pruning them would break the residual stream")
@@ -20,11 +20,23 @@ IGNORED_REASON = "ignored by the recipe"
 
 # What Torch-Pruning (and the forward pass of a model it pruned wrongly) raises on graphs it cannot
 # handle: e.g. ZeroDivisionError on ShuffleNet's channel shuffle, IndexError on concat/split offsets
-# and hard-coded reshapes, KeyError on unwrapped parameters, RuntimeError on shape mismatches,
-# AssertionError and ValueError from its internal checks. Anything else (OSError, TypeError,
-# AttributeError, NameError, ...) is a bug or an environment problem and propagates with its traceback.
+# and hard-coded reshapes, KeyError on unwrapped parameters, RuntimeError on shape mismatches (ViT's
+# reshape after pruning), AssertionError and ValueError from its internal checks. A TypeError counts
+# only where Torch-Pruning's own code raised it (Swin: a None channel count in its concat index
+# mapping). Anything else (OSError, TypeError elsewhere, AttributeError, NameError, ...) is a bug or
+# an environment problem and propagates with its traceback.
 TORCH_PRUNING_FAILURES: tuple[type[Exception], ...] = (
     RuntimeError, IndexError, ZeroDivisionError, AssertionError, ValueError, KeyError)
+
+
+def raised_in_torch_pruning(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of `exc`'s traceback is Torch-Pruning's code."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return in_torch_pruning(tb.tb_frame.f_code.co_filename)
 
 
 def model_name(model: nn.Module) -> str:
@@ -75,9 +87,13 @@ def build_graph(model: nn.Module, example: torch.Tensor, memory_gb: float | None
     """Torch-Pruning's dependency graph, traced within the memory and time limits; a graph it cannot
     trace is a clear error, not a traceback."""
     try:
-        with trace_guard(model_name(model), memory_gb, timeout_s), quiet_stdout():
+        with quiet_stdout(), trace_guard(model_name(model), memory_gb, timeout_s):
             return tp.DependencyGraph().build_dependency(model, example)
     except TORCH_PRUNING_FAILURES as exc:
+        raise unsupported(model, exc) from exc
+    except TypeError as exc:
+        if not raised_in_torch_pruning(exc):
+            raise
         raise unsupported(model, exc) from exc
 
 
