@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--name", default=None)
     parser.add_argument("--cuda", action="store_true", help="also time PyTorch on the GPU (when there is one)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per timed run")
     args = parser.parse_args()
     if not args.round_to:
         parser.error("--round-to needs at least one value (none or a channel multiple)")
@@ -56,7 +57,7 @@ def main() -> None:
     target = ({"macs_reduction": args.macs_reduction} if args.macs_reduction is not None
               else {"ratio": args.ratio})
     export_opts = ExportOptions()
-    latency = LatencyOptions(repeats=args.repeats, cuda=args.cuda)
+    latency = LatencyOptions(repeats=args.repeats, cuda=args.cuda, batch_size=args.batch_size)
     seed_everything(0)  # the random init of --weights none, as `edgeprune run` seeds it
 
     def log(msg: str) -> None:

@@ -91,7 +91,7 @@ def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path
     assert q["fp32"]["top1"] == report["onnx"]["top1"]  # the FP32 side is the run's own model.onnx
     assert q["fp32"]["top1"] - q["top1"] <= 0.5, q
     assert q["fp32"]["onnx_bytes"] >= 3 * q["onnx_bytes"], q
-    assert json.loads((out / "stages" / "int8.json").read_text())["onnx_bytes"] == q["onnx_bytes"]
+    assert json.loads((out / "stages" / "int8.json").read_text())["result"]["onnx_bytes"] == q["onnx_bytes"]
     assert "## INT8" in (out / "report.md").read_text() and (out / "report.html").exists()
 
 
@@ -123,7 +123,7 @@ def test_resnet50_pruned_for_half_its_measured_latency(tmp_path):
                if la["channels_after"] != la["channels_before"])
     assert report["pruned"]["macs"] < report["baseline"]["macs"]
     assert edgeprune.load(out).fc.out_features == 1000
-    assert "Target: at most" in (out / "report.md").read_text()
+    assert "Latency target: at most" in (out / "report.md").read_text()
 
 
 class MacsProbe:

@@ -109,3 +109,23 @@ def test_a_missing_output_folder_is_an_os_error(tmp_path):
     src = conv_graph(tmp_path / "conv.onnx")
     with pytest.raises(FileNotFoundError):
         quantize_int8(src, tmp_path / "absent" / "conv.int8.onnx", images(), Int8Options())
+
+
+def int8_weight_peak(path) -> int:
+    graph = onnx.load(str(path)).graph
+    return max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max()) for t in graph.initializer
+               if t.data_type == TensorProto.INT8 and len(t.dims) == 4)
+
+
+def test_7_bit_weights_where_the_cpu_lacks_vnni(fp32, tmp_path, cifar_test_subset):
+    """Full-range INT8 weights saturate the u8s8 kernels of CPUs without VNNI (AVX2 only)."""
+    from edgeprune.quantize import cpu_lacks_vnni, reduce_range
+
+    x, _ = cifar_test_subset
+    data = DataLoader(Images(x[:32]), batch_size=32)
+    full = quantize_int8(fp32, tmp_path / "full.onnx", data, Int8Options(reduce_range=False))
+    seven = quantize_int8(fp32, tmp_path / "seven.onnx", data, Int8Options(reduce_range=True))
+    assert int8_weight_peak(full) == 127 and int8_weight_peak(seven) <= 64
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    assert cpu_lacks_vnni() == (bool(flags) and "vnni" not in flags and "amx_int8" not in flags)
+    assert reduce_range(Int8Options()) == cpu_lacks_vnni() and reduce_range(Int8Options(reduce_range=False)) is False

@@ -168,6 +168,7 @@ def ort_layer_ms(onnx_path: Path, modules: set[str], input_size, opts: LatencyOp
 
 
 def _profile(model: nn.Module, onnx_path: Path, opts: LatencyOptions) -> dict:
+    model = model.cpu()  # evaluation or fine-tuning may have left it on a GPU; this profiles the CPU
     spec = model.edgeprune_spec
     example = spec.example_input()
     modules = set(prunable_layers(model))

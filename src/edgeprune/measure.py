@@ -7,6 +7,7 @@ element operations; functional ops (`torch.add`, `F.pad`) are not counted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -166,7 +167,9 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
         if use_cuda:
             import onnxruntime as ort
 
-            cuda_runners[f"{label}/torch_cuda"] = torch_runner(model, input_size, opts.batch_size, "cuda")
+            # A copy on the GPU: the CPU runner above keeps using the model itself, on the CPU.
+            cuda_runners[f"{label}/torch_cuda"] = torch_runner(copy.deepcopy(model), input_size, opts.batch_size,
+                                                               "cuda")
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 cuda_runners[f"{label}/ort_cuda"] = ort_runner(onnx_path, input_size, opts.batch_size,
                                                                opts.threads, "CUDAExecutionProvider")
@@ -177,9 +180,6 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
         group = {k: fn for k, fn in {**runners, **cuda_runners}.items() if k.endswith("/" + runtime)}
         if group:
             timed.update(time_interleaved(group, opts, quiet, runtime))
-    if cuda_runners:
-        for model, _ in models.values():
-            model.to("cpu")
     example = torch.randn(1, *input_size)
     results = {}
     for label, (model, onnx_path) in models.items():

@@ -26,7 +26,7 @@ from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import measure, onnx_bytes
 from .models import create_model
 from .pruning import OnnxLatencyProbe, PruneResult, prune
-from .quantize import calibration_data, compare_int8, quantize_int8
+from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range
 from .recipe import Recipe, apply_overrides, build
 from .recover import finetune, recalibrate_bn
 from .results import Diagnosis, ExportResult, Finetuning, Int8Result, Measured, Recalibration, from_json, to_json
@@ -167,15 +167,18 @@ class Runner:
         return result
 
     def publish_model(self, stage: str) -> None:
-        """The run folder's model.safetensors / model.json: the final model stage's files."""
+        """The run folder's model.safetensors / model.json: the final model stage's files, hard-linked."""
         for name in (artifact.WEIGHTS, artifact.META):
+            source, target = self.store.folder / stage / name, self.root / name
+            if target.exists() and os.path.samefile(source, target):
+                continue  # already published (rename() would leave a link to the same file in place)
             tmp = self.root / f".{name}.link.tmp"
             tmp.unlink(missing_ok=True)
             try:
-                os.link(self.store.folder / stage / name, tmp)
+                os.link(source, tmp)
             except OSError:  # a file system without hard links
-                shutil.copyfile(self.store.folder / stage / name, tmp)
-            os.replace(tmp, self.root / name)
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
 
     def close(self) -> None:
         self._scratch.cleanup()
@@ -269,7 +272,8 @@ def int8_stage(folder: Path, recipe: Recipe, spec, quiet: bool, log: Callable[[s
     compared = compare_int8(folder / ONNX_NAME, folder / INT8_NAME, loader(evaluation, recipe.data.eval_batch_size),
                             spec.input_size, recipe.latency, quiet)
     return from_json(Int8Result, {**compared, "calibration_images": min(opts.calibration_images, len(train)),
-                                  "method": opts.method, "per_channel": opts.per_channel})
+                                  "method": opts.method, "per_channel": opts.per_channel,
+                                  "reduce_range": reduce_range(opts)})
 
 
 def _measure(r: Runner) -> Measured:

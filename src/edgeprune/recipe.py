@@ -95,6 +95,9 @@ class Int8Options(_Strict):
     calibration_images: int = Field(default=256, ge=1, description="training images the activation ranges come from")
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = Field(default=True, description="one weight scale per output channel")
+    reduce_range: bool | None = Field(
+        default=None, description="7-bit weights; None: on where the CPU lacks VNNI (x86 without AVX512-VNNI or "
+        "AVX-VNNI), whose u8s8 kernels saturate on full-range 8-bit weights")
     data: str | None = Field(default=None, description="dataset for calibration and INT8 evaluation "
                              "(default: data.path)")
 

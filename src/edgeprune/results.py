@@ -76,6 +76,7 @@ class Int8Result:
     calibration_images: int
     method: str
     per_channel: bool
+    reduce_range: bool  # 7-bit weights (for CPUs without VNNI)
 
 
 @dataclass

@@ -92,7 +92,8 @@ def int8(report: dict) -> Table | None:
         rows += [["Top-1 (%)", f"{f['top1']:.2f}", f"{q['top1']:.2f}", f"{q['top1'] - f['top1']:+.2f} pts"],
                  ["Top-5 (%)", f"{f['top5']:.2f}", f"{q['top5']:.2f}", f"{q['top5'] - f['top5']:+.2f} pts"],
                  ["Top-1 agreement with FP32", "", f"{q['top1_agreement']:.2%}", ""]]
-    scales = "per-channel" if q["per_channel"] else "per-tensor"
+    scales = ("per-channel" if q["per_channel"] else "per-tensor") + (
+        " 7-bit" if q.get("reduce_range") else "")
     return Table(f"INT8 (ONNX Runtime static quantization, QDQ, {scales} weights, {q['method']} calibration on "
                  f"{q['calibration_images']} training images)", ["metric", "FP32 ONNX", "INT8 ONNX", "change"], rows)
 
