@@ -21,10 +21,11 @@ from pathlib import Path
 
 from edgeprune import run
 from edgeprune.data import load_split, loader, unaugmented
+from edgeprune.environment import environment
 from edgeprune.export import export_onnx
 from edgeprune.models import create_model
 from edgeprune.pipeline import profile_model
-from edgeprune.quantize import compare_int8, quantize_int8
+from edgeprune.quantize import compare_int8, cpu_lacks_vnni, quantize_int8, reduce_range
 from edgeprune.recipe import Recipe, apply_overrides
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,11 +39,14 @@ def int8_rows(epochs: int, repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, spec.input_size, Path(tmp) / "model.onnx", recipe.export)
         train = load_split("cifar10", spec, True)
-        int8 = quantize_int8(fp32, Path(tmp) / "model.int8.onnx", loader(unaugmented(train, spec), 32, limit=256),
-                             recipe.int8)
-        result = compare_int8(fp32, int8, loader(load_split("cifar10", spec, False), 500), spec.input_size,
-                              recipe.latency)
-    rows.append({"model": "ResNet-56 (unpruned)", **result})
+        # The default (7-bit weights where the CPU lacks VNNI) and both choices forced, on the same files.
+        for label, choice in (("default", None), ("7-bit weights", True), ("8-bit weights", False)):
+            opts = recipe.int8.model_copy(update={"reduce_range": choice})
+            int8 = quantize_int8(fp32, Path(tmp) / "model.int8.onnx", loader(unaugmented(train, spec), 32, limit=256),
+                                 opts)
+            result = compare_int8(fp32, int8, loader(load_split("cifar10", spec, False), 500), spec.input_size,
+                                  recipe.latency)
+            rows.append({"model": f"ResNet-56 (unpruned), {label}", "reduce_range": reduce_range(opts), **result})
     pruned = apply_overrides(Recipe(), {"model.name": "cifar_resnet56", "model.weights": "cifar10-jpeg",
                                         "data.path": "cifar10", "prune.macs_reduction": 0.5,
                                         "recover.epochs": epochs, "int8.enabled": True,
@@ -84,7 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     command = ("EDGEPRUNE_HOME=../shared/data python bench/deploy.py " + shlex.join(sys.argv[1:])).strip()
-    results = {"command": command, "int8": int8_rows(args.epochs, args.repeats)}
+    results = {"command": command, "environment": environment(), "cpu_lacks_vnni": cpu_lacks_vnni(),
+               "int8": int8_rows(args.epochs, args.repeats)}
     print(json.dumps(results["int8"], indent=1), flush=True)
     results["latency_target"] = latency_target(args.repeats)
     print(json.dumps(results["latency_target"], indent=1), flush=True)
@@ -94,6 +99,7 @@ def main() -> None:
     (RESULTS / "deploy.json").write_text(json.dumps(results, indent=2))
     lines = ["# Deployment figures", "", f"Command: `{command}`", "", "## INT8 (ONNX Runtime static QDQ, per-channel, "
              "256 calibration images), all 10,000 cifar10-jpeg test images", "",
+             f"CPU: {results['environment']['cpu']}, {'without' if results['cpu_lacks_vnni'] else 'with'} VNNI.", "",
              "| model | top-1 FP32 -> INT8 | agreement | ONNX MB | ORT CPU ms (same run) |", "|---|---|---:|---|---|"]
     for r in results["int8"]:
         f = r["fp32"]

@@ -141,12 +141,12 @@ def test_evaluate_reproduces_the_published_accuracy(data_dir):
     assert (acc["top1"], acc["top5"], acc["images"]) == (90.01, 99.7, 10000)  # shared data README
 
 
-def write_recipe(path, epochs=2):
+def write_recipe(path, epochs=2, train_images=2048):
     path.write_text(f"""
 model: {{name: cifar_resnet20, weights: cifar10-jpeg}}
 data: {{path: cifar10, eval_images: 1000}}
 prune: {{ratio: 0.5}}
-recover: {{epochs: {epochs}, train_images: 2048, calibration_images: 256, batch_size: 64}}
+recover: {{epochs: {epochs}, train_images: {train_images}, calibration_images: 256, batch_size: 64}}
 latency: {{warmup: 1, repeats: 3}}
 """)
     return path
@@ -174,7 +174,7 @@ def test_torchrun_two_processes_match_one_in_a_sweep(tmp_path):
 def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path):
     from safetensors.torch import load_file
 
-    recipe = write_recipe(tmp_path / "r.yaml", epochs=3)
+    recipe = write_recipe(tmp_path / "r.yaml", epochs=3, train_images=1024)
     whole = run_cli("run", str(recipe), "--out", str(tmp_path / "whole"), "-q")
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"
@@ -201,7 +201,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path):
 def test_killed_run_resumes_to_the_same_model(tmp_path):
     out = tmp_path / "killed"
     args = ["prune", "--model", "resnet18", "--weights", "none", "--ratio", "0.5", "--out", str(out),
-            "--warmup", "2", "--repeats", "200", "--quiet"]
+            "--warmup", "2", "--repeats", "200", "--set", "latency.per_layer=false", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ})
     deadline = time.time() + 120

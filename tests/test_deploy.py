@@ -77,6 +77,7 @@ def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path
     out = tmp_path / "r56"
     proc = run_cli("prune", "--model", "cifar_resnet56", "--weights", "cifar10-jpeg", "--macs-reduction", "0.5",
                    "--data", "cifar10", "--epochs", "1", "--set", "recover.train_images=2560",
+                   "--set", "data.eval_images=2000",
                    "--set", "latency.per_layer=false", "--out", str(out), *FAST, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert not (out / "model.int8.onnx").exists()
@@ -86,7 +87,7 @@ def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path
     report = json.loads((out / "report.json").read_text())
     q = report["int8"]
     assert {"top1", "onnx_bytes", "latency_ms", "top1_agreement"} <= set(q)
-    assert q["top1_agreement"] >= 0.97 and q["images"] == 10000
+    assert q["top1_agreement"] >= 0.97 and q["images"] == 2000
     assert report["finetuned"]["top1"] > 80  # recovered, not just pruned
     assert q["fp32"]["top1"] == report["onnx"]["top1"]  # the FP32 side is the run's own model.onnx
     assert q["fp32"]["top1"] - q["top1"] <= 0.5, q
