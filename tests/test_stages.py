@@ -34,16 +34,17 @@ def fill(store: StageStore, recipe: Recipe) -> None:
         for path in stage.writes:
             (store.root / path).parent.mkdir(parents=True, exist_ok=True)
             (store.root / path).write_text("x")
-        store.save(stage, recipe, {"stage": stage.name})
+        store.save(stage, store.fingerprint(stage, recipe), {"stage": stage.name})
 
 
 def stale(store: StageStore, recipe: Recipe) -> list[str]:
     """The stages a run of `recipe` would compute again, walking the plan as the pipeline does."""
     out = []
     for stage in plan(recipe):
-        if store.fresh(stage, recipe) is None:
+        fingerprint = store.fingerprint(stage, recipe)
+        if store.fresh(stage, fingerprint) is None:
             out.append(stage.name)
-            store.save(stage, recipe, {"stage": stage.name, "recomputed": True})
+            store.save(stage, fingerprint, {"stage": stage.name, "recomputed": True})
     return out
 
 

@@ -1,6 +1,7 @@
 """What a measurement ran on: CPU, GPU and library versions, recorded in every report."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 from pathlib import Path
@@ -15,14 +16,28 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def cpu_name() -> str:
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str] | None:
+    """The x86 feature flags, or None where /proc/cpuinfo lists none (ARM says "Features")."""
+    flags = _cpuinfo().get("flags")
+    return None if flags is None else set(flags.split())
 
 
 def environment() -> dict[str, str]:

@@ -13,7 +13,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from .errors import EdgePruneError
+from .errors import EdgePruneError, first_line
 from .measure import ort_session
 from .quiet import quiet_stdout
 from .recipe import ExportOptions
@@ -50,14 +50,10 @@ def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opts: ExportOpt
             except RuntimeError as exc:  # every exporter error (OnnxExporterError, tracing) is one
                 path.unlink(missing_ok=True)
                 if on_fallback is not None:
-                    on_fallback(f"{type(exc).__name__}: {_first_line(exc)}")
+                    on_fallback(f"{type(exc).__name__}: {first_line(exc)}")
         torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opts.opset,
                           input_names=["input"], output_names=["logits"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: ExportOptions,
@@ -87,7 +83,7 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
                       location=f"{path.name}.data")
             onnx.checker.check_model(str(final), full_check=True)
         except (RuntimeError, onnx.checker.ValidationError) as exc:  # exporter errors, an invalid graph
-            raise EdgePruneError(f"ONNX export failed ({type(exc).__name__}: {_first_line(exc)}); "
+            raise EdgePruneError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc)}); "
                                  "try another --opset") from exc
         data = final.parent / f"{path.name}.data"
         if data.exists():

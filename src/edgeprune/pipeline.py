@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_type_hints
 
 import torch.nn as nn
 
@@ -31,10 +32,10 @@ from .recipe import Recipe, apply_overrides, build
 from .recover import finetune, recalibrate_bn
 from .results import Diagnosis, ExportResult, Finetuning, Int8Result, Measured, Recalibration, from_json, to_json
 from .stages import (
+    BY_NAME,
     FINETUNE_CHECKPOINT,
     INT8_NAME,
     ONNX_NAME,
-    STAGES,
     Stage,
     StageStore,
     dependencies,
@@ -43,11 +44,6 @@ from .stages import (
 )
 
 FINAL_REPEATS = 100  # timed runs behind a latency target's verdict: short load spikes cannot move the median
-RESULT_TYPES: dict[str, type] = {
-    "prune": PruneResult, "accuracy_baseline": Accuracy, "accuracy_pruned": Accuracy, "recalibrated": Recalibration,
-    "finetuned": Finetuning, "export": ExportResult, "accuracy_onnx": Accuracy, "int8": Int8Result,
-    "measure": Measured, "diagnose": Diagnosis,
-}
 
 
 def stderr_logger(quiet: bool) -> Callable[[str], None]:
@@ -89,8 +85,9 @@ class Runner:
         self.baseline = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
         self.spec = self.baseline.edgeprune_spec
         self.models: dict[str, nn.Module] = {}
+        self.fingerprints: dict[str, str] = {}  # of the stages run (or found done) in this process
         self.history: list | None = None
-        self._splits: dict[bool, object] = {}
+        self._splits: dict[tuple[str, bool], object] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="edgeprune-")
         self.scratch = Path(self._scratch.name)  # files of this process alone (the baseline's ONNX, candidates)
         self._baseline_onnx: Path | None = None
@@ -103,13 +100,15 @@ class Runner:
                                               self.scratch / "baseline.onnx", self.recipe.export)
         return self._baseline_onnx
 
-    def split(self, train: bool):
-        if train not in self._splits:
-            self._splits[train] = load_split(self.recipe.data.path, self.spec, train, self.quiet)
-        return self._splits[train]
+    def split(self, train: bool, data: str | None = None):
+        """A split of `data` (default: the recipe's dataset), loaded once per run."""
+        key = (data or self.recipe.data.path, train)
+        if key not in self._splits:
+            self._splits[key] = load_split(key[0], self.spec, train, self.quiet)
+        return self._splits[key]
 
-    def eval_set(self):
-        return even_subset(self.split(False), self.recipe.data.eval_images)
+    def eval_set(self, data: str | None = None):
+        return even_subset(self.split(False, data), self.recipe.data.eval_images)
 
     def accuracy(self, model: nn.Module, label: str) -> Accuracy:
         self.log(f"evaluating {label} on {self.recipe.data.path}")
@@ -125,7 +124,7 @@ class Runner:
 
     def input_model(self, stage: str) -> nn.Module:
         """A copy of the model `stage` starts from (stages that change weights work on their own copy)."""
-        return copy.deepcopy(self.model_at(dependencies(STAGES_BY_NAME[stage], self.recipe)[0]))
+        return copy.deepcopy(self.model_at(dependencies(BY_NAME[stage], self.recipe)[0]))
 
     def keep_model(self, stage: str, model: nn.Module) -> None:
         self.models[stage] = model
@@ -145,6 +144,7 @@ class Runner:
         """Every planned stage, skipping those already done; the results by stage (main process)."""
         planned = plan(self.recipe)
         last_collective = max(i for i, s in enumerate(planned) if s.collective or s.name == "prune")
+        final_model = final_model_stage(self.recipe)
         results: dict[str, object] = {}
         for i, stage in enumerate(planned):
             if i > last_collective and not self.rt.is_main:
@@ -153,17 +153,18 @@ class Runner:
                 results[stage.name] = self.execute(stage)
             if i <= last_collective:
                 self.rt.barrier()
-            if stage.name == final_model_stage(self.recipe) and self.rt.is_main:
+            if stage.name == final_model and self.rt.is_main:
                 self.publish_model(stage.name)
         return results
 
     def execute(self, stage: Stage):
-        done = self.store.fresh(stage, self.recipe)
+        fingerprint = self.fingerprints[stage.name] = self.store.fingerprint(stage, self.recipe)
+        done = self.store.fresh(stage, fingerprint)
         if done is not None:
             return from_json(RESULT_TYPES[stage.name], done)
         result = COMPUTE[stage.name](self)
         if self.rt.is_main:
-            self.store.save(stage, self.recipe, to_json(result))
+            self.store.save(stage, fingerprint, to_json(result))
         return result
 
     def publish_model(self, stage: str) -> None:
@@ -234,7 +235,7 @@ def _finetuned(r: Runner) -> Finetuning:
           f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
     training = finetune(model, teacher, r.split(True), r.eval_set() if opts.eval_every_epoch else None, opts, r.rt,
                         r.root / FINETUNE_CHECKPOINT, r.resume, r.recipe.seed, r.quiet,
-                        tag=r.store.fingerprint(STAGES_BY_NAME["finetuned"], r.recipe))
+                        tag=r.fingerprints["finetuned"])
     r.keep_model("finetuned", model)
     if r.rt.is_main:
         (r.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)  # the stage's result supersedes it
@@ -258,19 +259,15 @@ def _accuracy_onnx(r: Runner) -> Accuracy:
 
 
 def _int8(r: Runner) -> Int8Result:
-    return int8_stage(r.root, r.recipe, r.spec, r.quiet, r.log)
-
-
-def int8_stage(folder: Path, recipe: Recipe, spec, quiet: bool, log: Callable[[str], None]) -> Int8Result:
-    """Quantize folder/model.onnx to folder/model.int8.onnx and compare the two on the evaluation split."""
-    opts = recipe.int8
-    data = opts.data or recipe.data.path
-    log(f"quantizing to INT8 (calibration on {opts.calibration_images} training images of {data})")
-    train = load_split(data, spec, True, quiet)
-    evaluation = even_subset(load_split(data, spec, False, quiet), recipe.data.eval_images)
-    quantize_int8(folder / ONNX_NAME, folder / INT8_NAME, calibration_data(train, spec, opts.calibration_images), opts)
-    compared = compare_int8(folder / ONNX_NAME, folder / INT8_NAME, loader(evaluation, recipe.data.eval_batch_size),
-                            spec.input_size, recipe.latency, quiet)
+    """Quantize model.onnx to model.int8.onnx and compare the two on the evaluation split."""
+    opts, data = r.recipe.int8, r.recipe.int8_data
+    r.log(f"quantizing to INT8 (calibration on {opts.calibration_images} training images of {data})")
+    train = r.split(True, data)
+    quantize_int8(r.root / ONNX_NAME, r.root / INT8_NAME, calibration_data(train, r.spec, opts.calibration_images),
+                  opts)
+    compared = compare_int8(r.root / ONNX_NAME, r.root / INT8_NAME,
+                            loader(r.eval_set(data), r.recipe.data.eval_batch_size), r.spec.input_size,
+                            r.recipe.latency, r.quiet)
     return from_json(Int8Result, {**compared, "calibration_images": min(opts.calibration_images, len(train)),
                                   "method": opts.method, "per_channel": opts.per_channel,
                                   "reduce_range": reduce_range(opts)})
@@ -301,8 +298,9 @@ COMPUTE: dict[str, Callable[[Runner], object]] = {
     "recalibrated": _recalibrated, "finetuned": _finetuned, "export": _export, "accuracy_onnx": _accuracy_onnx,
     "int8": _int8, "measure": _measure, "diagnose": _diagnose,
 }
-STAGES_BY_NAME = {s.name: s for s in STAGES}
-assert set(COMPUTE) == set(STAGES_BY_NAME) == set(RESULT_TYPES)
+# What each stage's result is, read off its function's return annotation.
+RESULT_TYPES: dict[str, type] = {name: get_type_hints(fn)["return"] for name, fn in COMPUTE.items()}
+assert set(COMPUTE) == set(BY_NAME)
 
 
 # --- the public entry points ---------------------------------------------------------------------
@@ -356,7 +354,7 @@ def export_run(out: str | Path, opset: int | None = None, simplify: bool | None 
     recipe = build(Recipe, read_json(root / "recipe.json"))
     overrides: dict = {k: v for k, v in (("export.opset", opset), ("export.simplify", simplify)) if v is not None}
     if int8:
-        if not (data or recipe.int8.data or recipe.data.path):
+        if not (data or recipe.int8_data):
             raise EdgePruneError("--int8 needs --data: INT8 calibration reads a few hundred training images")
         overrides["int8.enabled"] = True
         if data:

@@ -141,9 +141,14 @@ class Recipe(_Strict):
     recover: RecoverOptions = Field(default_factory=RecoverOptions)
     seed: int = 0
 
+    @property
+    def int8_data(self) -> str | None:
+        """The dataset INT8 calibrates and is evaluated on."""
+        return self.int8.data or self.data.path
+
     @model_validator(mode="after")
     def _int8_needs_data(self):
-        if self.int8.enabled and not (self.data.path or self.int8.data):
+        if self.int8.enabled and not self.int8_data:
             raise ValueError("INT8 calibration needs a dataset: set data.path (--data)")
         return self
 

@@ -127,17 +127,18 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
                                                                            opts.warmup))
     result = FinetuneResult(world_size=rt.world_size)
     start = 0
-    if checkpoint is not None and checkpoint.exists() and \
-            torch.load(checkpoint, map_location="cpu", weights_only=True).get("tag") != tag:
-        rt.barrier()  # every process has read it before the main one removes it
-        if rt.is_main:
-            checkpoint.unlink()
-        rt.barrier()
+    state = None
     if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("tag") != tag:  # the checkpoint of another fine-tune's inputs: start afresh
+            state = None
+            rt.barrier()  # every process has read it before the main one removes it
+            if rt.is_main:
+                checkpoint.unlink()
+    if state is not None:
         if not resume:
             raise EdgePruneError(f"{checkpoint} holds an interrupted fine-tune; pass --resume to continue it or "
                                  "--overwrite to start again")
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

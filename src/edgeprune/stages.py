@@ -82,7 +82,8 @@ def plan(recipe: Recipe, table: tuple[Stage, ...] = STAGES) -> list[Stage]:
 
 def dependencies(stage: Stage, recipe: Recipe, table: tuple[Stage, ...] = STAGES) -> tuple[str, ...]:
     """The stages `stage` reads, with MODEL resolved to the latest model stage the recipe runs before it."""
-    before = [s.name for s in plan(recipe, table)[: plan(recipe, table).index(stage)] if s.makes_model]
+    planned = plan(recipe, table)
+    before = [s.name for s in planned[: planned.index(stage)] if s.makes_model]
     return tuple(before[-1] if d == MODEL else d for d in stage.after)
 
 
@@ -121,18 +122,17 @@ class StageStore:
             deps[dep] = _digest(record) if record is not None else None
         return _digest({"reads": {f: _field(recipe_json, f) for f in stage.fields(recipe)}, "after": deps})
 
-    def fresh(self, stage: Stage, recipe: Recipe) -> dict | None:
-        """The stored result when it still describes this recipe and its files are all there."""
+    def fresh(self, stage: Stage, fingerprint: str) -> dict | None:
+        """The stored result when it was computed from inputs with this fingerprint and its files are all there."""
         record = self.record(stage.name)
-        if record is None or record.get("fingerprint") != self.fingerprint(stage, recipe):
+        if record is None or record.get("fingerprint") != fingerprint:
             return None
         if not all((self.root / f).exists() for f in stage.writes):
             return None
         return record["result"]
 
-    def save(self, stage: Stage, recipe: Recipe, result: dict) -> None:
-        write_json(self.folder / f"{stage.name}.json",
-                   {"fingerprint": self.fingerprint(stage, recipe), "result": result})
+    def save(self, stage: Stage, fingerprint: str, result: dict) -> None:
+        write_json(self.folder / f"{stage.name}.json", {"fingerprint": fingerprint, "result": result})
 
     def drop_unplanned(self, recipe: Recipe) -> None:
         """Forget stages the recipe no longer asks for, so the report cannot show them."""
@@ -140,11 +140,9 @@ class StageStore:
         for stage in self.table:
             if stage.name not in wanted:
                 (self.folder / f"{stage.name}.json").unlink(missing_ok=True)
-                if stage.makes_model:
-                    shutil.rmtree(self.folder / stage.name, ignore_errors=True)
+                shutil.rmtree(self.folder / stage.name, ignore_errors=True)  # a model stage's weights
                 for path in stage.writes:
-                    if not path.startswith("stages/"):
-                        (self.root / path).unlink(missing_ok=True)
+                    (self.root / path).unlink(missing_ok=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

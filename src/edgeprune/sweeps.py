@@ -65,22 +65,24 @@ def _baseline_files(model, folder: Path, recipe: Recipe, quiet: bool) -> Accurac
     """Export (and with INT8 enabled, quantize and evaluate) the unpruned model in `folder`."""
     store = StageStore(folder, BASELINE_STAGES)
     export, int8 = BASELINE_STAGES
-    if store.fresh(export, recipe) is None:
+    fingerprint = store.fingerprint(export, recipe)
+    if store.fresh(export, fingerprint) is None:
         export_onnx(model, model.edgeprune_spec.input_size, folder / ONNX_NAME, recipe.export)
-        store.save(export, recipe, {"onnx_bytes": onnx_bytes(folder / ONNX_NAME)})
+        store.save(export, fingerprint, {"onnx_bytes": onnx_bytes(folder / ONNX_NAME)})
     if not recipe.int8.enabled:
         return None
-    done = store.fresh(int8, recipe)
+    fingerprint = store.fingerprint(int8, recipe)
+    done = store.fresh(int8, fingerprint)
     if done is not None:
         return from_json(Accuracy, done)
-    spec, data = model.edgeprune_spec, recipe.int8.data or recipe.data.path
+    spec, data = model.edgeprune_spec, recipe.int8_data
     train = load_split(data, spec, True, quiet)
     quantize_int8(folder / ONNX_NAME, folder / INT8_NAME,
                   calibration_data(train, spec, recipe.int8.calibration_images), recipe.int8)
     evaluation = even_subset(load_split(data, spec, False, quiet), recipe.data.eval_images)
     result = evaluate_onnx(folder / INT8_NAME, loader(evaluation, recipe.data.eval_batch_size),
                            recipe.latency.threads, quiet)
-    store.save(int8, recipe, to_json(result))
+    store.save(int8, fingerprint, to_json(result))
     return result
 
 

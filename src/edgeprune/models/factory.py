@@ -19,7 +19,7 @@ import torch.nn as nn
 import torchvision
 
 from ..assets import ASSETS, edgeprune_home, resolve_asset
-from ..errors import EdgePruneError
+from ..errors import EdgePruneError, first_line
 from .cifar_resnet import DEPTHS, CifarResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -181,7 +181,7 @@ def _unreadable(path: Path, exc: Exception) -> EdgePruneError:
     if isinstance(exc, pickle.UnpicklingError):
         reason = "it holds pickled Python objects, not only tensors, or is no PyTorch file"
     else:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        reason = first_line(exc, 120)
     return EdgePruneError(f"checkpoint {path} cannot be read safely ({reason}); it must be a state dict saved "
                           "with torch.save (no pickled modules) or a .safetensors file")
 

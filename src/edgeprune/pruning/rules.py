@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..errors import EdgePruneError
+from ..errors import EdgePruneError, first_line
 from ..quiet import quiet_stdout
 from ..recipe import PruneOptions
 from .guard import in_torch_pruning, trace_guard
@@ -46,9 +46,8 @@ def model_name(model: nn.Module) -> str:
 
 def unsupported(model: nn.Module, exc: BaseException) -> EdgePruneError:
     """The one-line error for a graph DepGraph could not prune; raise it `from exc`."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     return EdgePruneError(f"{model_name(model)} cannot be pruned safely with DepGraph ({type(exc).__name__}: "
-                          f"{first}); add the failing layers to prune.ignore or choose another model")
+                          f"{first_line(exc)}); add the failing layers to prune.ignore or choose another model")
 
 
 def out_channels(module: nn.Module) -> int:
