@@ -55,7 +55,8 @@ def load(path: str | os.PathLike) -> nn.Module:
         raise EdgePruneError(f"{meta_path} is corrupt ({exc}); re-run edgeprune prune") from None
     if meta.get("format") != FORMAT:
         raise EdgePruneError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT}")
-    model = create_model(spec.name, weights="none", num_classes=spec.num_classes)
+    imgsz = spec.input_size[-1] if spec.task == "detect" else None
+    model = create_model(spec.name, weights="none", num_classes=spec.num_classes, imgsz=imgsz)
     # DepGraph traces autograd, even if the caller is in no_grad; within the default tracing limits
     with quiet_stdout(), torch.enable_grad(), trace_guard(spec.name):
         graph = tp.DependencyGraph().build_dependency(model, spec.example_input())

@@ -138,6 +138,10 @@ def prune_cmd(
                                        "torchvision weight name, or a checkpoint path; default: the recipe's, else "
                                        "default"),
     num_classes: int | None = ClassesOpt,
+    imgsz: int | None = typer.Option(None, "--imgsz", help="YOLO detectors: square input size (default: the "
+                                     "checkpoint's training size, else 640)"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="load an Ultralytics .pt checkpoint (a pickle "
+                                      "that can run code: only for files you trust)"),
     ratio: float | None = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1); "
                                        "default: the recipe's target, else 0.5"),
     macs_reduction: float | None = typer.Option(None, "--macs-reduction",
@@ -159,8 +163,8 @@ def prune_cmd(
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for PyTorch and ONNX Runtime (default 2)"),
     warmup: int | None = typer.Option(None, "--warmup", help="untimed runs before timing (default 5)"),
     repeats: int | None = typer.Option(None, "--repeats", help="timed runs; median and p90 reported (default 30)"),
-    data: str | None = typer.Option(None, "--data", help="evaluate and recover on this dataset: cifar10 or an "
-                                    "ImageFolder root with train/ and val/"),
+    data: str | None = typer.Option(None, "--data", help="evaluate and recover on this dataset: cifar10, an "
+                                    "ImageFolder root with train/ and val/, or a YOLO data.yaml"),
     epochs: int | None = typer.Option(None, "--epochs", help="fine-tuning epochs with distillation (needs --data; "
                                       "default: the recipe's, else 0)"),
     int8: bool = typer.Option(False, "--int8", help="also quantize to INT8 with ONNX Runtime (needs --data)"),
@@ -183,7 +187,7 @@ def prune_cmd(
         raise EdgePruneError(f"give one of --ratio, --macs-reduction, --target-latency-ms, not {' and '.join(given)}")
     overrides = _given({
         "model.name": model, "model.weights": weights, "model.num_classes": num_classes, "data.path": data,
-        "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
+        "model.imgsz": imgsz, "model.trust_pickle": True if trust_pickle else None, "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
         "prune.macs_reduction": macs_reduction, "prune.target_latency_ms": target_latency_ms,
         "prune.latency_runtime": latency_runtime, "prune.importance": importance,
         "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,

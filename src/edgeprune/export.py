@@ -97,14 +97,26 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
 @torch.no_grad()
 def check_parity(model: nn.Module, onnx_path: str | os.PathLike, input_size, opts: ExportOptions,
                  inputs: torch.Tensor | None = None) -> Parity:
-    """Run PyTorch and ONNX Runtime on the same batch; a mismatch raises EdgePruneError."""
+    """Run PyTorch and ONNX Runtime on the same batch; a mismatch raises EdgePruneError.
+
+    A detector's boxes are compared in units of the image size (so that one tolerance serves boxes and
+    scores alike) and its agreement is that of the top class at every anchor."""
+    detector = getattr(getattr(model, "edgeprune_spec", None), "task", "classify") == "detect"
     if inputs is None:
-        inputs = torch.randn(opts.parity_batch, *input_size, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        shape = (opts.parity_batch, *input_size)
+        inputs = torch.rand(shape, generator=gen) if detector else torch.randn(shape, generator=gen)
     ref = model.eval().cpu()(inputs).numpy()
     sess = ort_session(onnx_path, threads=torch.get_num_threads())
     got = sess.run(None, {sess.get_inputs()[0].name: inputs.numpy()})[0]
+    if detector:
+        scale = np.ones((1, ref.shape[1], 1), dtype=ref.dtype)
+        scale[:, :4] = 1 / input_size[-1]
+        ref, got = ref * scale, got * scale
+        agree = float(np.mean(ref[:, 4:].argmax(1) == got[:, 4:].argmax(1)))
+    else:
+        agree = float(np.mean(ref.argmax(1) == got.argmax(1)))
     diff = float(np.max(np.abs(ref - got)))
-    agree = float(np.mean(ref.argmax(1) == got.argmax(1)))
     tol = opts.parity_atol + opts.parity_rtol * float(np.max(np.abs(ref)))
     parity = Parity(max_abs_diff=diff, top1_agreement=agree, batch=len(inputs), tolerance=tol,
                     passed=diff <= tol and agree == 1.0)

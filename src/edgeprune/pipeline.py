@@ -82,7 +82,7 @@ class Runner:
         self.root = store.root
         self.quiet = quiet or not rt.is_main
         self.log = stderr_logger(self.quiet)
-        self.baseline = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
+        self.baseline = create_model(**recipe.model.model_dump())
         self.spec = self.baseline.edgeprune_spec
         self.models: dict[str, nn.Module] = {}
         self.fingerprints: dict[str, str] = {}  # of the stages run (or found done) in this process

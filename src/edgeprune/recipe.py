@@ -21,6 +21,10 @@ class ModelConfig(_Strict):
     name: str = "cifar_resnet56"
     weights: str = "default"
     num_classes: int | None = Field(default=None, gt=0)
+    imgsz: int | None = Field(default=None, ge=32, description="YOLO detectors: the square input size (default: "
+                              "the checkpoint's training size, else 640)")
+    trust_pickle: bool = Field(default=False, description="load an Ultralytics .pt checkpoint, a pickle that can "
+                               "run code: only for files from a source you trust")
 
 
 class LatencyOptions(_Strict):
@@ -103,7 +107,8 @@ class Int8Options(_Strict):
 
 
 class DataOptions(_Strict):
-    path: str | None = Field(default=None, description="cifar10, or an ImageFolder root with train/ and val/")
+    path: str | None = Field(default=None, description="cifar10, an ImageFolder root with train/ and val/, or "
+                             "(YOLO detectors) an Ultralytics data.yaml")
     eval_images: int | None = Field(default=None, ge=1, description="evaluate on an even subset (quick runs)")
     eval_batch_size: int = Field(default=500, ge=1)
     workers: int = Field(default=0, ge=0)

@@ -122,7 +122,7 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
             points.append({"label": f"{label} INT8", "folder": str(folder), "macs": report[stage]["macs"],
                            "params": report[stage]["params"], "bytes": q["onnx_bytes"], "top1": q.get("top1"),
                            "onnx": str(folder / INT8_NAME)})
-    model = create_model(recipe.model.name, recipe.model.weights, recipe.model.num_classes)
+    model = create_model(**recipe.model.model_dump())
     lat = recipe.latency
     points[0]["onnx"] = str(out / "baseline" / ONNX_NAME)
     if recipe.int8.enabled:  # INT8 alone, unpruned: often the point to beat

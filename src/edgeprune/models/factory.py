@@ -21,6 +21,7 @@ import torchvision
 from ..assets import ASSETS, edgeprune_home, resolve_asset
 from ..errors import EdgePruneError, first_line
 from .cifar_resnet import DEPTHS, CifarResNet
+from .yolo import create_detector, is_yolo_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +47,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     weights: str = "none"
     builder_kwargs: dict = field(default_factory=dict)
+    task: str = "classify"  # or "detect" (YOLO: outputs (B, 4 + nc, anchors) before NMS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +70,8 @@ def list_models() -> list[str]:
 
 def _unknown_model(name: str) -> EdgePruneError:
     close = difflib.get_close_matches(name, list_models(), n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else "run `edgeprune models` to list them"
+    hint = (f"did you mean {', '.join(close)}?" if close else "run `edgeprune models` to list them (YOLO "
+            "detectors: an Ultralytics YAML such as yolov8n.yaml)")
     return EdgePruneError(f"unknown model {name!r}: {hint}")
 
 
@@ -86,10 +89,19 @@ def _torchvision_input_size(name: str) -> int:
 
 
 def create_model(name: str, weights: str | os.PathLike | None = "none",
-                 num_classes: int | None = None) -> nn.Module:
-    """Build `name` in eval mode; its `ModelSpec` is attached as `model.edgeprune_spec`."""
+                 num_classes: int | None = None, imgsz: int | None = None, trust_pickle: bool = False) -> nn.Module:
+    """Build `name` in eval mode; its `ModelSpec` is attached as `model.edgeprune_spec`.
+
+    YOLO detectors (`yolov8n.yaml`, ...) also take `imgsz` (default: the checkpoint's training size, else
+    640) and load an Ultralytics `.pt` pickle only with `trust_pickle`."""
     weights = "none" if weights is None else str(weights)
-    if name in CIFAR_MODELS:
+    if is_yolo_name(name):
+        model, nc, size = create_detector(name, weights, num_classes, imgsz, trust_pickle)
+        spec = ModelSpec(name=name, num_classes=nc, input_size=(3, size, size), mean=(0.0, 0.0, 0.0),
+                         std=(1.0, 1.0, 1.0), weights=weights, task="detect")
+    elif imgsz is not None:
+        raise EdgePruneError(f"--imgsz is for YOLO detectors; {name} takes its own input size")
+    elif name in CIFAR_MODELS:
         model, spec = _create_cifar(name, weights, num_classes)
     elif name in torchvision.models.list_models(module=torchvision.models):
         model, spec = _create_torchvision(name, weights, num_classes)

@@ -16,6 +16,8 @@ from .guard import in_torch_pruning, trace_guard
 PAD_REASON = ("output channels are coupled through a zero-padding op (F.pad), whose channel offset "
               "DepGraph cannot index; pruning them would break the residual stream")
 HEAD_REASON = "classifier head: its outputs are the classes"
+DETECT_HEAD_REASON = "detection head: its outputs are the box distributions and class scores (and the fixed DFL)"
+ATTENTION_REASON = "inside an attention block, whose channels are reshaped into heads"
 IGNORED_REASON = "ignored by the recipe"
 
 # What Torch-Pruning (and the forward pass of a model it pruned wrongly) raises on graphs it cannot
@@ -115,7 +117,13 @@ def find_pad_coupled(model: nn.Module, example: torch.Tensor, ignored: list[nn.M
 def resolve_unpruned(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> dict[str, str]:
     """The layers never pruned, each with the reason: heads, the recipe's ignores, pad-coupled layers."""
     modules = dict(model.named_modules())
-    unpruned = {name: HEAD_REASON for name in find_heads(model, example)}
+    declared = getattr(model, "edgeprune_heads", None)  # set by the model's builder (YOLO detectors)
+    if declared:
+        unpruned = {name: DETECT_HEAD_REASON for name in declared}
+    else:
+        unpruned = {name: HEAD_REASON for name in find_heads(model, example)}
+    for name in getattr(model, "edgeprune_frozen", ()):
+        unpruned.setdefault(name, ATTENTION_REASON)
     for pattern in opts.ignore:
         hits = [n for n in prunable_layers(model) if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
