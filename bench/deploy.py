@@ -25,7 +25,7 @@ from edgeprune.environment import environment
 from edgeprune.export import export_onnx
 from edgeprune.models import create_model
 from edgeprune.pipeline import profile_model
-from edgeprune.quantize import compare_int8, cpu_lacks_vnni, quantize_int8, reduce_range
+from edgeprune.quantize import compare_int8, cpu_lacks_vnni, quantize_int8, reduce_range, top1_of
 from edgeprune.recipe import Recipe, apply_overrides
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,7 +44,7 @@ def int8_rows(epochs: int, repeats: int) -> list[dict]:
             opts = recipe.int8.model_copy(update={"reduce_range": choice})
             int8 = quantize_int8(fp32, Path(tmp) / "model.int8.onnx", loader(unaugmented(train, spec), 32, limit=256),
                                  opts)
-            result = compare_int8(fp32, int8, loader(load_split("cifar10", spec, False), 500), spec.input_size,
+            result = compare_int8(fp32, int8, top1_of(loader(load_split("cifar10", spec, False), 500)), spec.input_size,
                                   recipe.latency)
             rows.append({"model": f"ResNet-56 (unpruned), {label}", "reduce_range": reduce_range(opts), **result})
     pruned = apply_overrides(Recipe(), {"model.name": "cifar_resnet56", "model.weights": "cifar10-jpeg",

@@ -13,7 +13,7 @@ from edgeprune.data import load_split, loader, unaugmented
 from edgeprune.export import export_onnx
 from edgeprune.models import create_model
 from edgeprune.pruning import prune
-from edgeprune.quantize import compare_int8, quantize_int8
+from edgeprune.quantize import compare_int8, quantize_int8, top1_of
 from edgeprune.recipe import ExportOptions, Int8Options, LatencyOptions, PruneOptions
 from edgeprune.sweeps import pareto
 
@@ -63,7 +63,7 @@ def test_int8_of_the_jpeg_resnet56_keeps_accuracy_and_is_3x_smaller(tmp_path):
     train = load_split("cifar10", spec, train=True)
     int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx", loader(unaugmented(train, spec), 32, limit=256),
                          Int8Options())
-    result = compare_int8(fp32, int8, loader(load_split("cifar10", spec, train=False), 500), spec.input_size,
+    result = compare_int8(fp32, int8, top1_of(loader(load_split("cifar10", spec, train=False), 500)), spec.input_size,
                           LatencyOptions(warmup=5, repeats=40))
     assert result["images"] == 10000
     assert result["fp32"]["top1"] - result["top1"] <= 0.5, result

@@ -17,9 +17,13 @@ from .errors import EdgePruneError
 
 @dataclass
 class Accuracy:
-    top1: float  # percent
-    top5: float  # percent
+    """Classifiers: top-1 / top-5; detectors: mAP50-95 / mAP50 (all percent)."""
+
+    top1: float | None  # percent
+    top5: float | None  # percent
     images: int
+    map50_95: float | None = None  # percent
+    map50: float | None = None  # percent
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[int, int]:

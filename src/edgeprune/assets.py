@@ -48,6 +48,11 @@ ASSETS: dict[str, dict[str, Asset]] = {
         "cifar10-jpeg": Asset("resnet56-cifar10jpeg.pth", None,
                               "e9328ee872642418f7333697c41c4c1ef54d77b8fffa6f79bd567d2088f53d8b"),
     },
+    # A YOLOv8n trained on cifar10-det (shared data README); a safetensors state dict, no pickle.
+    "yolov8n.yaml": {
+        "cifar10-det": Asset("yolov8n-cifar10det.safetensors", None,
+                             "c9710fd65ab6bedbeff09aee8613098d69666f80899b730c8977afe3e3bacb44"),
+    },
     "cifar_resnet110": {"default": _akamaster(
             "resnet110-1d1ed7c2.th", "1d1ed7c2")},
 }
@@ -55,6 +60,12 @@ ASSETS: dict[str, dict[str, Asset]] = {
 
 def edgeprune_home() -> Path:
     return Path(os.environ.get("EDGEPRUNE_HOME", Path.home() / ".cache" / "edgeprune")).expanduser()
+
+
+def cache_home() -> Path:
+    """Where edgeprune keeps what it writes for itself (Ultralytics' settings and label caches):
+    EDGEPRUNE_CACHE, else ~/.cache/edgeprune. Not EDGEPRUNE_HOME, which may be a read-only data folder."""
+    return Path(os.environ.get("EDGEPRUNE_CACHE", Path.home() / ".cache" / "edgeprune")).expanduser()
 
 
 def sha256_of(path: Path) -> str:

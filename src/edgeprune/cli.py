@@ -178,23 +178,31 @@ def prune_cmd(
 ):
     """Prune a model structurally (to a channel ratio, a MACs reduction or a measured latency), export it
     to ONNX with a parity check, and report before/after with a per-layer profile."""
+    from .models.yolo import is_yolo_name
     from .pipeline import run
-    from .recipe import Recipe, apply_overrides, load_recipe
+    from .recipe import DETECTION_RECIPE, Recipe, apply_overrides, load_recipe
 
     targets = {"--ratio": ratio, "--macs-reduction": macs_reduction, "--target-latency-ms": target_latency_ms}
     given = [flag for flag, v in targets.items() if v is not None]
     if len(given) > 1:
         raise EdgePruneError(f"give one of --ratio, --macs-reduction, --target-latency-ms, not {' and '.join(given)}")
     overrides = _given({
-        "model.name": model, "model.weights": weights, "model.num_classes": num_classes, "data.path": data,
-        "model.imgsz": imgsz, "model.trust_pickle": True if trust_pickle else None, "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
+        "model.name": model, "model.weights": weights, "model.num_classes": num_classes,
+        "data.path": data, "model.imgsz": imgsz, "model.trust_pickle": True if trust_pickle else None,
+        "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
         "prune.macs_reduction": macs_reduction, "prune.target_latency_ms": target_latency_ms,
         "prune.latency_runtime": latency_runtime, "prune.importance": importance,
         "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
         "prune.ignore": ignore or None, "export.opset": opset, "latency.threads": threads, "latency.warmup": warmup,
         "latency.repeats": repeats})
     overrides.update(_parse_settings(settings or []))
-    base = load_recipe(recipe) if recipe else apply_overrides(Recipe(), PRUNE_DEFAULTS)
+    if recipe:
+        base = load_recipe(recipe)
+    else:
+        base = apply_overrides(Recipe(), PRUNE_DEFAULTS)
+        if is_yolo_name(model or ""):
+            base = load_recipe(DETECTION_RECIPE, {"model.weights": "none", "data.path": None, "int8.enabled": False,
+                                                  **PRUNE_DEFAULTS})
     report = run(apply_overrides(base, overrides), out, quiet=quiet, overwrite=overwrite, resume=resume)
     _finish(report, out, as_json)
 

@@ -26,8 +26,9 @@ from .export import check_parity, export_onnx
 from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import measure, onnx_bytes
 from .models import create_model
+from .models.yolo import is_yolo_name
 from .pruning import OnnxLatencyProbe, PruneResult, prune
-from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range
+from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range, top1_of
 from .recipe import Recipe, apply_overrides, build
 from .recover import finetune, recalibrate_bn
 from .results import Diagnosis, ExportResult, Finetuning, Int8Result, Measured, Recalibration, from_json, to_json
@@ -84,6 +85,7 @@ class Runner:
         self.log = stderr_logger(self.quiet)
         self.baseline = create_model(**recipe.model.model_dump())
         self.spec = self.baseline.edgeprune_spec
+        self.detection = self.spec.task == "detect"
         self.models: dict[str, nn.Module] = {}
         self.fingerprints: dict[str, str] = {}  # of the stages run (or found done) in this process
         self.history: list | None = None
@@ -107,11 +109,25 @@ class Runner:
             self._splits[key] = load_split(key[0], self.spec, train, self.quiet)
         return self._splits[key]
 
+    def detection_data(self, data: str | None = None):
+        """The YOLO dataset `data` (default: the recipe's), read and checked once per run."""
+        from .detection.data import load_detection_data
+
+        key = (data or self.recipe.data.path, "detect")
+        if key not in self._splits:
+            self._splits[key] = check_detection_data(load_detection_data(key[0]), self.spec)
+        return self._splits[key]
+
     def eval_set(self, data: str | None = None):
         return even_subset(self.split(False, data), self.recipe.data.eval_images)
 
     def accuracy(self, model: nn.Module, label: str) -> Accuracy:
         self.log(f"evaluating {label} on {self.recipe.data.path}")
+        if self.detection:
+            from .detection.metrics import evaluate_model as map_of
+
+            return map_of(model, self.detection_data(), limit=self.recipe.data.eval_images, quiet=self.quiet,
+                          desc=f"mAP {label}")
         ds = shard(self.eval_set(), self.rt.rank, self.rt.world_size)
         return evaluate_model(model, loader(ds, self.recipe.data.eval_batch_size, workers=self.recipe.data.workers),
                               self.rt, self.quiet, desc=f"evaluate {label}")
@@ -185,6 +201,36 @@ class Runner:
         self._scratch.cleanup()
 
 
+def check_detection_data(data, spec):
+    """A YOLO dataset matching the detector, both splits scanned (corrupt images, class ids) up front."""
+    from .detection.data import dataset
+
+    if data.nc != spec.num_classes:
+        raise EdgePruneError(f"{data.yaml} has {data.nc} classes but {spec.name} outputs {spec.num_classes}; pass "
+                             f"--num-classes {data.nc} with --weights none, or the dataset the weights were trained on")
+    for split in ("train", "val"):
+        dataset(data, split, spec.input_size[-1])
+    return data
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check what a run reads before it writes anything: a detector's dataset (images and labels)."""
+    from .detection.data import is_detection_data
+
+    for path in dict.fromkeys(p for p in (recipe.data.path, recipe.int8.data) if p):
+        yolo = is_yolo_name(recipe.model.name)
+        if yolo and not is_detection_data(path):
+            raise EdgePruneError(f"{recipe.model.name} is a detector: --data must be a YOLO data.yaml, not {path}")
+        if not yolo and is_detection_data(path):
+            raise EdgePruneError(f"{path} is a detection dataset; {recipe.model.name} is a classifier (pass a "
+                                 "YOLO model such as yolov8n.yaml, or an ImageFolder root)")
+        if yolo:
+            from .detection.data import load_detection_data
+
+            m = recipe.model
+            check_detection_data(load_detection_data(path), create_model(**m.model_dump()).edgeprune_spec)
+
+
 # --- the stages ----------------------------------------------------------------------------------
 def _prune(r: Runner) -> PruneResult:
     opts = r.recipe.prune
@@ -206,6 +252,8 @@ def _prune(r: Runner) -> PruneResult:
 
 def _accuracy_baseline(r: Runner) -> Accuracy:
     acc = r.accuracy(r.baseline, "the baseline")
+    if r.detection:
+        return acc
     chance = 100 / r.spec.num_classes
     if r.recipe.model.weights != "none" and acc.top1 < 2 * chance:
         r.log(f"[bold red]warning:[/] the unpruned model scores {acc.top1:.1f}% (chance is {chance:.1f}%): do the "
@@ -221,8 +269,14 @@ def _recalibrated(r: Runner) -> Recalibration:
     opts = r.recipe.recover
     model = r.input_model("recalibrated")
     r.log(f"re-calibrating BatchNorm on {opts.calibration_images} training images")
-    layers = recalibrate_bn(model, r.split(True), opts.calibration_images, opts.batch_size, r.rt.device,
-                            r.recipe.seed, r.quiet)
+    if r.detection:
+        from .detection.train import recalibrate
+
+        layers = recalibrate(model, r.detection_data(), opts.calibration_images, opts.batch_size, r.recipe.seed,
+                             r.quiet)
+    else:
+        layers = recalibrate_bn(model, r.split(True), opts.calibration_images, opts.batch_size, r.rt.device,
+                                r.recipe.seed, r.quiet)
     r.keep_model("recalibrated", model)
     return Recalibration(accuracy=r.accuracy(model, "the re-calibrated model"), bn_layers=layers)
 
@@ -233,9 +287,17 @@ def _finetuned(r: Runner) -> Finetuning:
     teacher = r.baseline if opts.distill else None
     r.log(f"fine-tuning {opts.epochs} epoch(s) on {r.rt.world_size} process(es), "
           f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
-    training = finetune(model, teacher, r.split(True), r.eval_set() if opts.eval_every_epoch else None, opts, r.rt,
-                        r.root / FINETUNE_CHECKPOINT, r.resume, r.recipe.seed, r.quiet,
-                        tag=r.fingerprints["finetuned"])
+    if r.detection:
+        from .detection.train import finetune as finetune_detector
+
+        training = finetune_detector(model, teacher, r.detection_data(), opts, r.root / FINETUNE_CHECKPOINT, r.resume,
+                                     r.recipe.seed, r.quiet, tag=r.fingerprints["finetuned"],
+                                     evaluate=(lambda m: r.accuracy(m, "the EMA model")) if opts.eval_every_epoch
+                                     else None)
+    else:
+        training = finetune(model, teacher, r.split(True), r.eval_set() if opts.eval_every_epoch else None, opts,
+                            r.rt, r.root / FINETUNE_CHECKPOINT, r.resume, r.recipe.seed, r.quiet,
+                            tag=r.fingerprints["finetuned"])
     r.keep_model("finetuned", model)
     if r.rt.is_main:
         (r.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)  # the stage's result supersedes it
@@ -254,6 +316,11 @@ def _export(r: Runner) -> ExportResult:
 
 def _accuracy_onnx(r: Runner) -> Accuracy:
     r.log("evaluating the exported model with ONNX Runtime")
+    if r.detection:
+        from .detection.metrics import evaluate_onnx as map_of_onnx
+
+        return map_of_onnx(r.root / ONNX_NAME, r.detection_data(), r.spec.input_size[-1], r.recipe.latency.threads,
+                           limit=r.recipe.data.eval_images, quiet=r.quiet)
     return evaluate_onnx(r.root / ONNX_NAME, loader(r.eval_set(), r.recipe.data.eval_batch_size),
                          r.recipe.latency.threads, r.quiet)
 
@@ -262,13 +329,25 @@ def _int8(r: Runner) -> Int8Result:
     """Quantize model.onnx to model.int8.onnx and compare the two on the evaluation split."""
     opts, data = r.recipe.int8, r.recipe.int8_data
     r.log(f"quantizing to INT8 (calibration on {opts.calibration_images} training images of {data})")
-    train = r.split(True, data)
-    quantize_int8(r.root / ONNX_NAME, r.root / INT8_NAME, calibration_data(train, r.spec, opts.calibration_images),
-                  opts)
-    compared = compare_int8(r.root / ONNX_NAME, r.root / INT8_NAME,
-                            loader(r.eval_set(data), r.recipe.data.eval_batch_size), r.spec.input_size,
-                            r.recipe.latency, r.quiet)
-    return from_json(Int8Result, {**compared, "calibration_images": min(opts.calibration_images, len(train)),
+    fp32, int8 = r.root / ONNX_NAME, r.root / INT8_NAME
+    if r.detection:
+        from .detection import metrics
+
+        det = r.detection_data(data)
+        size = r.spec.input_size[-1]
+        calibration = metrics.calibration_loader(det, size, opts.calibration_images, r.recipe.seed)
+        quantize_int8(fp32, int8, calibration, opts, exclude=metrics.head_nodes(fp32), symbolic_shapes=False)
+        compared = compare_int8(fp32, int8, lambda path: (metrics.evaluate_onnx(
+            path, det, size, r.recipe.latency.threads, limit=r.recipe.data.eval_images, quiet=r.quiet), None),
+            r.spec.input_size, r.recipe.latency, r.quiet)
+    else:
+        train = r.split(True, data)
+        calibration = calibration_data(train, r.spec, opts.calibration_images)
+        quantize_int8(fp32, int8, calibration, opts)
+        batches = loader(r.eval_set(data), r.recipe.data.eval_batch_size)
+        compared = compare_int8(fp32, int8, top1_of(batches, r.recipe.latency.threads, r.quiet), r.spec.input_size,
+                                r.recipe.latency, r.quiet)
+    return from_json(Int8Result, {**compared, "calibration_images": len(calibration.dataset),
                                   "method": opts.method, "per_channel": opts.per_channel,
                                   "reduce_range": reduce_range(opts)})
 
@@ -318,6 +397,7 @@ def _execute(recipe: Recipe, out: str | Path, quiet: bool, overwrite: bool = Fal
              changing: bool = False) -> dict | None:
     rt = runtime()
     seed_everything(recipe.seed)
+    preflight(recipe)
     store = open_run_folder(out, recipe, overwrite, changing) if rt.is_main else StageStore(Path(out))
     rt.barrier()
     runner = Runner(recipe, store, rt, quiet, resume)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from .accuracy import evaluate_onnx_predictions
+from .accuracy import Accuracy, evaluate_onnx_predictions
 from .data import loader, unaugmented
 from .environment import cpu_flags
 from .errors import EdgePruneError, first_line
@@ -81,8 +82,11 @@ def _failed(fp32_path: Path, exc: Exception) -> EdgePruneError:
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: DataLoader,
-                  opts: Int8Options) -> Path:
-    """Write the INT8 (QDQ) version of `fp32_path` to `out_path`; the file appears only whole."""
+                  opts: Int8Options, exclude: list[str] | None = None, symbolic_shapes: bool = True) -> Path:
+    """Write the INT8 (QDQ) version of `fp32_path` to `out_path`; the file appears only whole. The nodes
+    named in `exclude` stay in float (a detector's box decoding, whose outputs mix pixels and scores).
+    `symbolic_shapes=False` skips ONNX Runtime's symbolic shape inference, which cannot follow a
+    detector's anchor decoding."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -99,11 +103,12 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     try:
         with tempfile.TemporaryDirectory(prefix=".export-int8-", dir=out_path.parent) as tmp, quiet_stdout():
             pre, quantized = Path(tmp) / "pre.onnx", Path(tmp) / out_path.name
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=not symbolic_shapes)
             quantize_static(str(pre), str(quantized), _Calibration(input_name, calibration),
                             quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=method, reduce_range=reduce_range(opts))
+                            calibrate_method=method, reduce_range=reduce_range(opts),
+                            nodes_to_exclude=exclude or [])
             os.replace(quantized, out_path)
     except quantization_failures() as exc:
         raise _failed(fp32_path, exc) from exc
@@ -117,26 +122,40 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     return out_path
 
 
-def compare_int8(fp32_path: Path, int8_path: Path, eval_data: DataLoader, input_size, latency: LatencyOptions,
+Evaluate = Callable[[Path], tuple[Accuracy, "np.ndarray | None"]]
+
+
+def top1_of(data: DataLoader, threads: int = 2, quiet: bool = True) -> Evaluate:
+    """A classifier's `evaluate` for compare_int8: top-1/top-5 and per-image classes on `data`."""
+    return lambda path: evaluate_onnx_predictions(path, data, threads, quiet)
+
+
+def compare_int8(fp32_path: Path, int8_path: Path, evaluate: Evaluate, input_size, latency: LatencyOptions,
                  quiet: bool = True) -> dict:
-    """Accuracy, agreement, size and ONNX Runtime CPU latency of the INT8 model next to its FP32 source,
-    timed side by side in one call."""
-    fp32_acc, fp32_pred = evaluate_onnx_predictions(fp32_path, eval_data, latency.threads, quiet)
-    int8_acc, int8_pred = evaluate_onnx_predictions(int8_path, eval_data, latency.threads, quiet)
+    """Accuracy (top-1 / top-5, or mAP), agreement, size and ONNX Runtime CPU latency of the INT8 model
+    next to its FP32 source, timed side by side in one call. `evaluate(path)` gives a file's accuracy
+    and its per-image top-1 classes (None for detectors)."""
+    fp32_acc, fp32_pred = evaluate(fp32_path)
+    int8_acc, int8_pred = evaluate(int8_path)
     fp32, int8 = asdict(fp32_acc), asdict(int8_acc)
-    agreement = float(np.mean(fp32_pred == int8_pred))
+    agreement = float(np.mean(fp32_pred == int8_pred)) if fp32_pred is not None else None
     runners = {name: ort_runner(path, input_size, latency.batch_size, latency.threads, spinning=latency.ort_spinning)
                for name, path in (("fp32", fp32_path), ("int8", int8_path))}
     timed = time_interleaved(runners, latency, quiet, "INT8 latency")
     sizes = {"fp32": onnx_bytes(fp32_path), "int8": onnx_bytes(int8_path)}
+    metrics = ("top1", "top5", "map50_95", "map50")
+
+    def drop(key: str) -> float | None:
+        return None if fp32[key] is None else round(fp32[key] - int8[key], 3)
+
     return {
-        "top1": int8["top1"], "top5": int8["top5"], "images": int8["images"], "top1_agreement": agreement,
+        **{k: int8[k] for k in metrics}, "images": int8["images"], "top1_agreement": agreement,
         "onnx_bytes": sizes["int8"],
         "latency_ms": {"ort_cpu": timed["int8"].median_ms}, "latency_p90_ms": {"ort_cpu": timed["int8"].p90_ms},
-        "fp32": {"top1": fp32["top1"], "top5": fp32["top5"], "onnx_bytes": sizes["fp32"],
+        "fp32": {**{k: fp32[k] for k in metrics}, "onnx_bytes": sizes["fp32"],
                  "latency_ms": {"ort_cpu": timed["fp32"].median_ms},
                  "latency_p90_ms": {"ort_cpu": timed["fp32"].p90_ms}},
         "speedup_vs_fp32": round(timed["fp32"].median_ms / timed["int8"].median_ms, 3),
         "size_reduction_x": round(sizes["fp32"] / sizes["int8"], 3),
-        "top1_drop_pts": round(fp32["top1"] - int8["top1"], 3),
+        "top1_drop_pts": drop("top1"), "map50_95_drop_pts": drop("map50_95"), "map50_drop_pts": drop("map50"),
     }

@@ -131,6 +131,10 @@ class RecoverOptions(_Strict):
     distill: bool = Field(default=True, description="distil from the unpruned model")
     distill_alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the distillation term")
     temperature: float = Field(default=4.0, gt=0)
+    distill_gain: float = Field(default=1.0, gt=0, description="detectors: scale of the distillation term "
+                                "against Ultralytics' detection loss")
+    close_mosaic: int = Field(default=2, ge=0, description="detectors: last epochs trained without mosaic "
+                              "augmentation")
     amp: bool = Field(default=True, description="mixed precision on CUDA")
     eval_every_epoch: bool = Field(default=False, description="evaluate after every epoch, not only the last")
     workers: int = Field(default=0, ge=0)
@@ -173,6 +177,7 @@ def build(cls, data: dict):
 
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
+DETECTION_RECIPE = Path(__file__).parent / "recipes" / "yolov8n-cifar10det.yaml"  # also the detectors' defaults
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Recipe:

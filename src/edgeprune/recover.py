@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,11 +27,18 @@ from .fsio import atomic_path
 from .recipe import RecoverOptions
 
 
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, train_ds: Dataset, images: int, batch_size: int, device: str = "cpu",
                    seed: int = 0, quiet: bool = True) -> int:
     """Re-estimate every BatchNorm's running statistics on `images` training images (cumulative
     average, not momentum); returns the number of BatchNorm layers reset."""
+    batches = (x for x, _ in loader(train_ds, batch_size, shuffle=True, limit=images, seed=seed))
+    return recalibrate_bn_on(model, batches, device, seed, quiet)
+
+
+@torch.no_grad()
+def recalibrate_bn_on(model: nn.Module, batches: Iterable[torch.Tensor], device: str = "cpu", seed: int = 0,
+                      quiet: bool = True, total: int | None = None) -> int:
+    """`recalibrate_bn` over any iterable of input batches (detectors: letterboxed images)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
@@ -43,8 +50,7 @@ def recalibrate_bn(model: nn.Module, train_ds: Dataset, images: int, batch_size:
         bn.train()
     torch.manual_seed(seed)
     try:
-        for x, _ in tqdm(loader(train_ds, batch_size, shuffle=True, limit=images, seed=seed),
-                         desc="BN re-calibration", disable=quiet, leave=False):
+        for x in tqdm(batches, desc="BN re-calibration", disable=quiet, leave=False, total=total):
             model(x.to(device))
     finally:
         for bn, momentum in zip(bns, saved, strict=True):
@@ -72,7 +78,7 @@ def _optimizer(params, opts: RecoverOptions) -> torch.optim.Optimizer:
                            weight_decay=opts.weight_decay)
 
 
-def _warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
+def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
     warm = max(1, int(total_steps * warmup))
 
     def factor(step: int) -> float:
@@ -91,6 +97,8 @@ class EpochResult:
     seconds: float
     top1: float | None = None
     top5: float | None = None
+    map50_95: float | None = None  # detectors
+    map50: float | None = None
 
 
 @dataclass
@@ -123,7 +131,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     train_images = min(opts.train_images or len(train_ds), len(train_ds))
     steps_per_epoch = math.ceil(math.ceil(train_images / rt.world_size) / per_rank_batch)
     optimizer = _optimizer(student.parameters(), opts)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(opts.epochs * steps_per_epoch,
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.epochs * steps_per_epoch,
                                                                            opts.warmup))
     result = FinetuneResult(world_size=rt.world_size)
     start = 0

@@ -21,6 +21,8 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict) -> dict
         if result is None:
             return {}
         accuracy = getattr(result, "accuracy", result)
+        if accuracy.map50_95 is not None:
+            return {"map50_95": accuracy.map50_95, "map50": accuracy.map50}
         return {"top1": accuracy.top1, "top5": accuracy.top5}
 
     report: dict = {"baseline": {**baseline, **acc("accuracy_baseline")},

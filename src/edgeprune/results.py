@@ -56,6 +56,8 @@ class OnnxFigures:
     onnx_bytes: int
     latency_ms: dict[str, float]
     latency_p90_ms: dict[str, float]
+    map50_95: float | None = None  # detectors
+    map50: float | None = None
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Int8Result:
     top1: float | None
     top5: float | None
     images: int
-    top1_agreement: float
+    top1_agreement: float | None  # classifiers: share of images whose top-1 class is FP32's
     onnx_bytes: int
     latency_ms: dict[str, float]
     latency_p90_ms: dict[str, float]
@@ -77,6 +79,10 @@ class Int8Result:
     method: str
     per_channel: bool
     reduce_range: bool  # 7-bit weights (for CPUs without VNNI)
+    map50_95: float | None = None  # detectors
+    map50: float | None = None
+    map50_95_drop_pts: float | None = None
+    map50_drop_pts: float | None = None
 
 
 @dataclass

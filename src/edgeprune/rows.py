@@ -18,7 +18,13 @@ METRICS = [
     ("GPU ms, ONNX Runtime", ("latency_ms", "ort_cuda"), lambda v: f"{v:.2f}"),
     ("Top-1 (%)", ("top1",), lambda v: f"{v:.2f}"),
     ("Top-5 (%)", ("top5",), lambda v: f"{v:.2f}"),
+    ("mAP50-95 (%)", ("map50_95",), lambda v: f"{v:.2f}"),
+    ("mAP50 (%)", ("map50",), lambda v: f"{v:.2f}"),
 ]
+# The accuracy figures of a classifier and of a detector: (key, column label)
+ACCURACY_KEYS = {"top1": [("top1", "top-1 (%)"), ("top5", "top-5 (%)")],
+                 "map50_95": [("map50_95", "mAP50-95 (%)"), ("map50", "mAP50 (%)")]}
+POINTS = {("top1",), ("top5",), ("map50_95",), ("map50",)}
 # Stages of the pruned architecture, in pipeline order; the last one present is "after".
 ACCURACY_STAGES = ("pruned", "recalibrated", "finetuned")
 STAGE_LABELS = {"baseline": "baseline (unpruned)", "pruned": "right after pruning",
@@ -59,7 +65,7 @@ def comparison(report: dict) -> Table:
         if before is None or after is None:
             continue
         change, factor = "", ""
-        if path in (("top1",), ("top5",)):
+        if path in POINTS:
             change = f"{after - before:+.2f} pts"
         elif before:
             change = f"{(after - before) / before:+.1%}"
@@ -69,13 +75,23 @@ def comparison(report: dict) -> Table:
                  ["metric", "before", "after", "change", "factor"], rows)
 
 
+def accuracy_keys(figures: dict) -> list[tuple[str, str]]:
+    """The accuracy figures `figures` holds: top-1/top-5 (classifiers) or mAP50-95/mAP50 (detectors)."""
+    for first, keys in ACCURACY_KEYS.items():
+        if figures.get(first) is not None:
+            return keys
+    return []
+
+
 def accuracy(report: dict) -> Table | None:
-    rows = [[STAGE_LABELS[s], f"{report[s]['top1']:.2f}", f"{report[s]['top5']:.2f}"]
-            for s in ("baseline", *ACCURACY_STAGES, "onnx") if s in report and "top1" in report[s]]
+    keys = accuracy_keys(report.get("baseline", {}))
+    rows = [[STAGE_LABELS[s], *(f"{report[s][k]:.2f}" for k, _ in keys)]
+            for s in ("baseline", *ACCURACY_STAGES, "onnx") if s in report and report[s].get(keys[0][0]) is not None] \
+        if keys else []
     if not rows:
         return None
     return Table(f"Accuracy by stage ({report['recipe']['data']['path']}, {report['eval_images']} images)",
-                 ["stage", "top-1 (%)", "top-5 (%)"], rows)
+                 ["stage", *(label for _, label in keys)], rows)
 
 
 def int8(report: dict) -> Table | None:
@@ -88,10 +104,10 @@ def int8(report: dict) -> Table | None:
              f"{q['size_reduction_x']:.2f}x smaller"],
             ["CPU ms, ONNX Runtime", f"{f['latency_ms']['ort_cpu']:.2f}", f"{q['latency_ms']['ort_cpu']:.2f}",
              f"{q['speedup_vs_fp32']:.2f}x faster"]]
-    if q.get("top1") is not None:
-        rows += [["Top-1 (%)", f"{f['top1']:.2f}", f"{q['top1']:.2f}", f"{q['top1'] - f['top1']:+.2f} pts"],
-                 ["Top-5 (%)", f"{f['top5']:.2f}", f"{q['top5']:.2f}", f"{q['top5'] - f['top5']:+.2f} pts"],
-                 ["Top-1 agreement with FP32", "", f"{q['top1_agreement']:.2%}", ""]]
+    for key, label in accuracy_keys(q):
+        rows.append([label[0].upper() + label[1:], f"{f[key]:.2f}", f"{q[key]:.2f}", f"{q[key] - f[key]:+.2f} pts"])
+    if q.get("top1_agreement") is not None:
+        rows.append(["Top-1 agreement with FP32", "", f"{q['top1_agreement']:.2%}", ""])
     scales = ("per-channel" if q["per_channel"] else "per-tensor") + (
         " 7-bit" if q.get("reduce_range") else "")
     return Table(f"INT8 (ONNX Runtime static quantization, QDQ, {scales} weights, {q['method']} calibration on "

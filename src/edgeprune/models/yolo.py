@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..assets import edgeprune_home
+from ..assets import ASSETS, cache_home, resolve_asset
 from ..errors import EdgePruneError
 
 DEFAULT_IMGSZ = 640
@@ -35,7 +35,7 @@ def ultralytics():
     """Import ultralytics offline and quiet (no update checks, fonts or telemetry); one line when missing."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(edgeprune_home() / "ultralytics"))
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(cache_home() / "ultralytics"))
     try:
         import ultralytics as ul
     except ImportError:
@@ -171,14 +171,16 @@ def create_detector(name: str, weights: str, num_classes: int | None, imgsz: int
                     trust_pickle: bool = False):
     """(model, spec fields) for a YOLO detection YAML; weights `none`, a .safetensors state dict or a .pt."""
     check_name(name)
-    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.nn.tasks import DetectionModel  # noqa: I001 (imported once ultralytics is set up offline)
 
     from ..quiet import quiet_stdout
     from .factory import _load_state
 
     if weights.lower() in ("default", "pretrained"):
-        raise EdgePruneError("YOLO detectors have no built-in weights: pass --weights none, a .safetensors state dict, "
-                             "or an Ultralytics .pt with --trust-pickle")
+        raise EdgePruneError("YOLO detectors have no default weights: pass --weights none, a .safetensors state dict, "
+                             "an Ultralytics .pt with --trust-pickle, or a known tag (cifar10-det for yolov8n.yaml)")
+    if weights in ASSETS.get(name, {}):
+        weights = str(resolve_asset(name, weights))
     state, meta = ({}, {}) if weights.lower() == "none" else _read_weights(weights, trust_pickle)
     nc = num_classes or int(meta.get("nc") or 0) or 80
     if meta.get("nc") and num_classes and int(meta["nc"]) != num_classes:

@@ -1,0 +1,179 @@
+"""Recovering a pruned detector: BatchNorm re-calibration on training images, then fine-tuning the
+pruned model itself (never rebuilt from its YAML) with Ultralytics' detection loss, its augmentation
+(mosaic, closed for the last epochs) and an EMA of the weights, distilling from the unpruned detector.
+
+Distillation matches the student's raw head outputs to the teacher's at every anchor: class scores by
+binary cross-entropy against the teacher's probabilities, and box side distributions (DFL bins) by KL
+divergence, weighted by the teacher's confidence so that background anchors count little.
+
+A checkpoint (tensors only, loaded with weights_only) is written after every epoch; `resume`
+continues from it, with each epoch's shuffling and augmentation seeded from (seed, epoch).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import EdgePruneError
+from ..fsio import atomic_path
+from ..models.yolo import detect_head, ultralytics
+from ..recipe import RecoverOptions
+from ..recover import EpochResult, FinetuneResult, recalibrate_bn_on, warmup_cosine
+from .data import DetectionData, dataset, loader
+
+GRAD_CLIP = 10.0  # Ultralytics' max gradient norm
+
+
+def _images(batch: dict) -> torch.Tensor:
+    return batch["img"].float() / 255
+
+
+def recalibrate(model: nn.Module, data: DetectionData, images: int, batch_size: int, seed: int = 0,
+                quiet: bool = True) -> int:
+    """BatchNorm statistics re-estimated on `images` training images, letterboxed as at evaluation."""
+    train = dataset(data, "train", model.edgeprune_spec.input_size[-1])
+    idx = np.random.default_rng(seed).permutation(len(train))[:images].tolist()
+    batches = (_images(b) for b in loader(torch.utils.data.Subset(train, idx), batch_size))
+    return recalibrate_bn_on(model, batches, "cpu", seed, quiet, total=math.ceil(len(idx) / batch_size))
+
+
+def _raw_head(model: nn.Module, x: torch.Tensor, train: bool) -> dict:
+    """The Detect head's raw outputs: {"boxes": (B, 4 * reg_max, A), "scores": (B, nc, A)}.
+    The teacher runs in eval mode (frozen BatchNorm) with only its head asked for the raw outputs."""
+    if train:
+        return model(x)
+    head = detect_head(model)
+    head.training = True  # the head's own flag alone: its BatchNorms stay in eval mode
+    try:
+        return model(x)
+    finally:
+        head.training = False
+
+
+def distillation(student: dict, teacher: dict, reg_max: int, temperature: float) -> torch.Tensor:
+    """Per-anchor distillation of class scores (BCE to the teacher's probabilities) and box bins (KL)."""
+    t_prob = teacher["scores"].sigmoid()
+    weight = t_prob.amax(1)  # (B, A): the teacher's confidence that an object is there
+    norm = weight.sum().clamp(min=1.0)
+    cls = F.binary_cross_entropy_with_logits(student["scores"], t_prob, reduction="none").mean(1)
+    b, _, a = student["boxes"].shape
+    s_bins = student["boxes"].view(b, 4, reg_max, a)
+    t_bins = teacher["boxes"].view(b, 4, reg_max, a)
+    t = temperature
+    kl = F.kl_div(F.log_softmax(s_bins / t, 2), F.log_softmax(t_bins / t, 2), reduction="none",
+                  log_target=True).sum(2).mean(1) * t * t
+    return ((cls + kl) * weight).sum() / norm
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Ultralytics' grouping: conv weights decay; BatchNorm weights and every bias do not."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            (decay if name == "weight" and not bn else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData, opts: RecoverOptions,
+             checkpoint: Path | None = None, resume: bool = False, seed: int = 0, quiet: bool = True,
+             tag: str | None = None, evaluate=None) -> FinetuneResult:
+    """Fine-tune `student` in place; the EMA of its weights is what it ends with."""
+    ultralytics()
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    imgsz = student.edgeprune_spec.input_size[-1]
+    close = min(opts.close_mosaic, opts.epochs)
+    hyp = get_cfg(overrides={"imgsz": imgsz, "task": "detect", "mode": "train", "epochs": opts.epochs,
+                             "close_mosaic": close, "mosaic": 1.0 if close < opts.epochs else 0.0})
+    train = dataset(data, "train", imgsz, train=True, hyp=hyp)
+    student.args = hyp  # the loss reads its box / cls / dfl gains there
+    criterion = v8DetectionLoss(student)
+    reg_max = detect_head(student).reg_max
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    images = min(opts.train_images or len(train), len(train))
+    steps = math.ceil(images / opts.batch_size)
+    groups = _param_groups(student, opts.weight_decay)
+    if opts.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.momentum, 0.999))
+    else:
+        optimizer = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.nesterov)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.epochs * steps, opts.warmup))
+    ema = ModelEMA(student)
+    result, start = FinetuneResult(), 0
+    state = None
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state is not None and state.get("tag") != tag:  # another fine-tune's checkpoint: start afresh
+        checkpoint.unlink()
+        state = None
+    if state is not None:
+        if not resume:
+            raise EdgePruneError(f"{checkpoint} holds an interrupted fine-tune; pass --resume to continue it or "
+                                 "--overwrite to start again")
+        student.load_state_dict(state["model"])
+        ema.ema.load_state_dict(state["ema"])
+        ema.updates = int(state["ema_updates"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = result.resumed_from_epoch = int(state["epoch"])
+        result.epochs = [EpochResult(**e) for e in state["epochs"]]
+    for epoch in range(start, opts.epochs):
+        if epoch >= opts.epochs - close:
+            train.close_mosaic(hyp)
+        torch.manual_seed(seed * 1_000_003 + epoch)
+        np.random.seed((seed * 7919 + epoch) % 2**32)  # Ultralytics' augmentation draws from numpy and random
+        random.seed(seed * 7919 + epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 7919 + epoch))[:images]
+        batches = loader(torch.utils.data.Subset(train, order.tolist()), opts.batch_size, workers=opts.workers)
+        student.train()
+        t0, total, seen = time.time(), 0.0, 0
+        for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
+            x = _images(batch)
+            preds = _raw_head(student, x, train=True)
+            loss, _ = criterion(preds, batch)
+            loss = loss.sum()
+            if teacher is not None and opts.distill_alpha > 0:
+                with torch.no_grad():
+                    t_preds = _raw_head(teacher, x, train=False)
+                kd = distillation(preds, t_preds, reg_max, opts.temperature) * len(x)
+                loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+            optimizer.step()
+            scheduler.step()
+            ema.update(student)
+            total, seen = total + loss.item(), seen + len(x)
+        epoch_result = EpochResult(epoch=epoch + 1, loss=total / max(seen, 1), lr=scheduler.get_last_lr()[0],
+                                   seconds=round(time.time() - t0, 2))
+        if evaluate is not None:
+            acc = evaluate(ema.ema)
+            epoch_result.map50_95, epoch_result.map50 = acc.map50_95, acc.map50
+        result.epochs.append(epoch_result)
+        if checkpoint is not None:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"model": student.state_dict(), "ema": ema.ema.state_dict(), "ema_updates": ema.updates,
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "epoch": epoch + 1, "epochs": [asdict(e) for e in result.epochs], "tag": tag}, tmp)
+    student.load_state_dict(ema.ema.state_dict())
+    if hasattr(student, "args"):
+        del student.args
+    student.eval()
+    return result
