@@ -112,12 +112,14 @@ def head_layers(model: nn.Module) -> list[str]:
 
 
 def attention_layers(model: nn.Module) -> list[str]:
-    """Convs inside attention blocks (YOLO11's C2PSA): their channels are reshaped into heads."""
-    from ultralytics.nn.modules.block import Attention
+    """Convs inside attention blocks (YOLO11's C2PSA, YOLO12's area attention): their channels are
+    reshaped into heads."""
+    from ultralytics.nn.modules import block
 
+    kinds = tuple(getattr(block, k) for k in ("Attention", "AAttn") if hasattr(block, k))
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, Attention):
+        if isinstance(module, kinds):
             names += [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     return names
 

@@ -1,0 +1,208 @@
+"""YOLO detectors end to end: real Ultralytics models, the trained YOLOv8n and the real cifar10-det
+images (copies of a few in tmp_path only where a test breaks them), the CLI in subprocesses."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgeprune
+from edgeprune.errors import EdgePruneError
+from edgeprune.measure import count_macs
+from edgeprune.recipe import PruneOptions
+
+from .conftest import assert_one_line_error, run_cli
+
+FAST = ("--warmup", "2", "--repeats", "10")
+
+
+@pytest.fixture(scope="module")
+def det_data(data_dir: Path) -> Path:
+    path = data_dir / "cifar10-det" / "data.yaml"
+    assert path.is_file(), f"{path} missing: the detection tests need the shared cifar10-det set"
+    return path
+
+
+@pytest.fixture(scope="module")
+def yolo_weights(data_dir: Path) -> Path:
+    path = data_dir / "yolov8n-cifar10det.safetensors"
+    assert path.is_file(), f"{path} missing"
+    return path
+
+
+def test_prune_cli_contract_at_640(tmp_path):
+    """The issue's contract: random-init YOLOv8n at 640, ratio 0.5: >= 2x fewer MACs, parity, faster, reloadable."""
+    out = tmp_path / "run"
+    proc = run_cli("prune", "--model", "yolov8n.yaml", "--weights", "none", "--ratio", "0.5", "--out", str(out), "-q",
+                   *FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    base, pruned = report["baseline"], report["pruned"]
+    for figures in (base, pruned):
+        assert {"params", "macs", "onnx_bytes"} <= set(figures) and figures["latency_ms"]["ort_cpu"] > 0
+    assert base["macs"] / pruned["macs"] >= 2.0
+    assert report["onnx_parity"]["passed"] and report["onnx_parity"]["max_abs_diff"] < 1e-4
+    assert report["speedup"]["ort_cpu"] > 1.3, report["speedup"]  # 2.19x measured here on 2 quiet cores
+    assert "detection head" in " ".join(report["prune"]["unpruned"].values())
+    model = edgeprune.load(out)
+    assert model.edgeprune_spec.input_size == (3, 640, 640) and model.edgeprune_spec.task == "detect"
+    import onnxruntime as ort
+
+    x = torch.rand(2, 3, 640, 640)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x)
+    assert ref.shape == (2, 84, 8400)
+    assert abs(ref[:, 4:].numpy() - got[:, 4:]).max() < 1e-4  # class scores
+    assert abs(ref[:, :4].numpy() - got[:, :4]).max() / 640 < 1e-4  # boxes, in units of the image size
+
+
+def test_pruned_detector_reloads_exactly(tmp_path, yolo_weights):
+    model = edgeprune.create_model("yolov8n.yaml", yolo_weights)
+    assert model.edgeprune_spec.input_size == (3, 256, 256)  # the checkpoint's training size
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        before = model(x)
+    pruned, result = edgeprune.prune(model, PruneOptions(ratio=0.3, round_to=8))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the original is untouched
+    assert count_macs(pruned, x[:1]) < 0.7 * count_macs(model, x[:1])
+    head = [n for n, why in result.unpruned.items() if why.startswith("detection head")]
+    assert "model.22.dfl.conv" in head and "model.22.cv3.2.2" in head
+    edgeprune.save(pruned, result.history, tmp_path / "art")
+    assert not list((tmp_path / "art").glob("*.pt"))
+    again = edgeprune.load(tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
+
+
+def test_split_c2f_is_exact(yolo_weights):
+    """The rewritten C2f blocks compute what Ultralytics' own model computes."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from edgeprune.models.factory import load_checkpoint
+
+    ours = edgeprune.create_model("yolov8n.yaml", yolo_weights)
+    theirs = load_checkpoint(DetectionModel("yolov8n.yaml", nc=10, verbose=False), yolo_weights).eval()
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x)[0], atol=1e-4)
+    assert not any(type(m).__name__ == "C2f" for m in ours.modules())
+
+
+@pytest.mark.parametrize("name", ["yolov8s.yaml", "yolo11n.yaml"])
+def test_other_detection_yamls_prune(name):
+    model = edgeprune.create_model(name, "none", num_classes=10, imgsz=256)
+    pruned, result = edgeprune.prune(model, PruneOptions(ratio=0.3))
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape == (1, 14, 1344)
+    assert count_macs(pruned, x) < 0.8 * count_macs(model, x)
+
+
+@pytest.mark.parametrize("name,needle", [("yolov8n-seg.yaml", "not a plain detection model"),
+                                         ("yolov99z.yaml", "unknown YOLO model")])
+def test_unsupported_yamls_are_one_line(tmp_path, name, needle):
+    proc = run_cli("prune", "--model", name, "--weights", "none", "--out", str(tmp_path / "o"), "-q")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, needle)
+
+
+def test_untrusted_pt_is_refused_and_trusted_pt_matches_safetensors(tmp_path, data_dir, yolo_weights):
+    pt = data_dir / "yolov8n-cifar10det.pt"
+    out = tmp_path / "o"
+    proc = run_cli("prune", "--model", "yolov8n.yaml", "--weights", str(pt), "--out", str(out), "-q")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "pickle", "--trust-pickle")
+    assert not out.exists() or not any(out.iterdir())
+    trusted = edgeprune.create_model("yolov8n.yaml", pt, trust_pickle=True)
+    safe = edgeprune.create_model("yolov8n.yaml", yolo_weights)
+    assert trusted.edgeprune_spec.input_size == (3, 256, 256)  # train_args imgsz
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():  # the .pt holds FP16 weights of the same model
+        assert (trusted(x) - safe(x)).abs()[:, 4:].max() < 5e-2
+
+
+def _small_dataset(tmp_path: Path, det_data: Path, train: int = 24, val: int = 16) -> Path:
+    root = tmp_path / "det"
+    for split, n in (("train", train), ("val", val)):
+        images = sorted((det_data.parent / "images" / split).glob("*.jpg"))[:n]
+        for sub in ("images", "labels"):
+            (root / sub / split).mkdir(parents=True)
+        for img in images:
+            shutil.copy(img, root / "images" / split / img.name)
+            shutil.copy(det_data.parent / "labels" / split / f"{img.stem}.txt", root / "labels" / split)
+    (root / "data.yaml").write_text((det_data.parent / "data.yaml").read_text())
+    return root
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    ("missing_folder", "does not exist"),
+    ("class_id", "exceeds dataset class count"),
+    ("corrupt_image", "corrupt"),
+])
+def test_bad_datasets_are_one_line_and_write_nothing(tmp_path, det_data, yolo_weights, breakage, needle):
+    root = _small_dataset(tmp_path, det_data)
+    if breakage == "missing_folder":
+        shutil.rmtree(root / "images" / "val")
+    elif breakage == "class_id":
+        label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+        label.write_text("10 0.5 0.5 0.2 0.2\n")
+    else:
+        image = sorted((root / "images" / "val").glob("*.jpg"))[0]
+        image.write_bytes(b"not a jpeg at all" * 10)
+    out = tmp_path / "run"
+    proc = run_cli("prune", "--model", "yolov8n.yaml", "--weights", str(yolo_weights), "--data",
+                   str(root / "data.yaml"), "--out", str(out), "-q")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, needle)
+    assert not out.exists()
+
+
+def test_classes_must_match(tmp_path, det_data):
+    with pytest.raises(EdgePruneError, match="has 10 classes but yolov8n.yaml outputs 80"):
+        edgeprune.run(edgeprune.load_recipe(None, {"model.name": "yolov8n.yaml", "model.weights": "none",
+                                                   "model.imgsz": 64, "data.path": str(det_data),
+                                                   "recover.epochs": 0, "int8.enabled": False}), tmp_path / "o")
+
+
+def test_detection_run_every_stage_then_resume(tmp_path, det_data, yolo_weights):
+    """The recipe path: every stage reports mAP; the INT8 model keeps the box decoding in float; a second
+    run finds every stage done; the fine-tuned detector reloads with the run's outputs."""
+    root = _small_dataset(tmp_path, det_data, train=48, val=32)
+    recipe = tmp_path / "det.yaml"
+    recipe.write_text(f"""
+model: {{name: yolov8n.yaml, weights: {yolo_weights}}}
+data: {{path: {root / 'data.yaml'}, eval_batch_size: 16}}
+prune: {{ratio: 0.2, round_to: 8}}
+recover: {{calibration_images: 32, epochs: 1, batch_size: 16, optimizer: adamw, lr: 0.001, distill_alpha: 0.5,
+          temperature: 2.0, close_mosaic: 1}}
+int8: {{enabled: true, calibration_images: 16}}
+latency: {{warmup: 1, repeats: 5, per_layer: false}}
+""")
+    out = tmp_path / "run"
+    proc = run_cli("run", str(recipe), "--out", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    for stage in ("baseline", "pruned", "recalibrated", "finetuned", "onnx", "int8"):
+        figures = report[stage]
+        assert 0 <= figures["map50_95"] <= figures["map50"] <= 100, (stage, figures)
+    assert report["baseline"]["map50_95"] > 40  # the trained detector on real val images
+    assert abs(report["onnx"]["map50_95"] - report["finetuned"]["map50_95"]) < 0.5
+    assert report["int8"]["size_reduction_x"] > 3
+    assert "mAP50-95" in (out / "report.md").read_text()
+    stamp = (out / "stages" / "finetuned.json").stat().st_mtime
+    again = run_cli("run", str(recipe), "--out", str(out), "-q")
+    assert again.returncode == 0, again.stderr
+    assert (out / "stages" / "finetuned.json").stat().st_mtime == stamp  # nothing recomputed
+    model = edgeprune.load(out)
+    import onnxruntime as ort
+
+    x = torch.rand(2, 3, 256, 256)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert abs(model(x)[:, 4:].numpy() - sess.run(None, {"input": x.numpy()})[0][:, 4:]).max() < 1e-4
