@@ -5,7 +5,8 @@
 
 Variants (same data, seed, epoch budget, batch 32, imgsz 256, 2 CPU threads):
 - ours-<f>x:  `edgeprune run` of the shipped recipe (src/edgeprune/recipes/yolov8n-cifar10det.yaml) at
-  <f>x fewer MACs (channel ratio 0.2: 1.58x, 0.3: 2.08x): prune, BN re-calibration, fine-tuning with distillation, ONNX, INT8, latency;
+  <f>x fewer MACs (channel ratio 0.2: 1.58x, 0.3: 2.08x): prune, BN re-calibration, fine-tuning with
+  distillation, ONNX, INT8, latency;
 - plain-<f>x: the same pruned model (edgeprune.prune, same options) fine-tuned by Ultralytics' own
   DetectionTrainer with its defaults (bench/yolo_plain.py), no re-calibration and no distillation;
 - control:    the unpruned detector fine-tuned with the shipped recipe and budget (it is not trained to
@@ -48,8 +49,10 @@ def _save(results: dict) -> None:
     for v in results["variants"]:
         m = v.get("map50_95", {})
         lines.append(f"| {v['name']} | {f(v.get('macs'), '{:.3g}')} | {f(v.get('params'), '{:.3g}')} | "
-                     f"{f(v.get('onnx_mb'))} | {f(v.get('ort_ms'))} | {f(m.get('baseline'))} | {f(m.get('pruned'))} | "
-                     f"{f(m.get('recalibrated'))} | {f(m.get('finetuned'))} | {f(m.get('onnx'))} | {f(m.get('int8'))} | "
+                     f"{f(v.get('onnx_mb'))} | {f(v.get('ort_ms'))} | {f(m.get('baseline'))} | "
+                     f"{f(m.get('pruned'))} | "
+                     f"{f(m.get('recalibrated'))} | {f(m.get('finetuned'))} | {f(m.get('onnx'))} | "
+                     f"{f(m.get('int8'))} | "
                      f"{f(v.get('int8_map50_drop'))} | {f(v.get('int8_mb'))} | {f(v.get('int8_ms'))} | "
                      f"{f(v.get('wall_s'), '{:.0f}')} |")
     lines += ["", "Per-epoch mAP50-95 of the EMA weights (plain Ultralytics: its own validation at rect 288):", ""]

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 import edgeprune
 from edgeprune.errors import EdgePruneError
 from edgeprune.measure import count_macs
 from edgeprune.recipe import PruneOptions
-
-from .conftest import assert_one_line_error, run_cli
 
 FAST = ("--warmup", "2", "--repeats", "10")
 

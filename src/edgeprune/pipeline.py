@@ -26,7 +26,6 @@ from .export import check_parity, export_onnx
 from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import measure, onnx_bytes
 from .models import create_model
-from .models.yolo import is_yolo_name
 from .pruning import OnnxLatencyProbe, PruneResult, prune
 from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range, top1_of
 from .recipe import Recipe, apply_overrides, build
@@ -78,12 +77,13 @@ class Runner:
     """Runs the stages of one recipe in one folder. Under torchrun every process takes part in the
     collective stages (evaluation, recovery); the main process alone runs the others and writes."""
 
-    def __init__(self, recipe: Recipe, store: StageStore, rt: Runtime, quiet: bool, resume: bool):
+    def __init__(self, recipe: Recipe, store: StageStore, rt: Runtime, quiet: bool, resume: bool,
+                 baseline: nn.Module | None = None):
         self.recipe, self.store, self.rt, self.resume = recipe, store, rt, resume
         self.root = store.root
         self.quiet = quiet or not rt.is_main
         self.log = stderr_logger(self.quiet)
-        self.baseline = create_model(**recipe.model.model_dump())
+        self.baseline = baseline if baseline is not None else create_model(**recipe.model.model_dump())
         self.spec = self.baseline.edgeprune_spec
         self.detection = self.spec.task == "detect"
         self.models: dict[str, nn.Module] = {}
@@ -213,12 +213,14 @@ def check_detection_data(data, spec):
     return data
 
 
-def preflight(recipe: Recipe) -> None:
-    """Check what a run reads before it writes anything: a detector's dataset (images and labels)."""
+def preflight(recipe: Recipe) -> nn.Module:
+    """Check what a run reads before it writes anything: the model and its weights, and a detector's
+    dataset (images and labels); returns the unpruned model."""
     from .detection.data import is_detection_data
 
+    model = create_model(**recipe.model.model_dump())
     for path in dict.fromkeys(p for p in (recipe.data.path, recipe.int8.data) if p):
-        yolo = is_yolo_name(recipe.model.name)
+        yolo = model.edgeprune_spec.task == "detect"
         if yolo and not is_detection_data(path):
             raise EdgePruneError(f"{recipe.model.name} is a detector: --data must be a YOLO data.yaml, not {path}")
         if not yolo and is_detection_data(path):
@@ -227,8 +229,8 @@ def preflight(recipe: Recipe) -> None:
         if yolo:
             from .detection.data import load_detection_data
 
-            m = recipe.model
-            check_detection_data(load_detection_data(path), create_model(**m.model_dump()).edgeprune_spec)
+            check_detection_data(load_detection_data(path), model.edgeprune_spec)
+    return model
 
 
 # --- the stages ----------------------------------------------------------------------------------
@@ -397,10 +399,10 @@ def _execute(recipe: Recipe, out: str | Path, quiet: bool, overwrite: bool = Fal
              changing: bool = False) -> dict | None:
     rt = runtime()
     seed_everything(recipe.seed)
-    preflight(recipe)
+    baseline = preflight(recipe)
     store = open_run_folder(out, recipe, overwrite, changing) if rt.is_main else StageStore(Path(out))
     rt.barrier()
-    runner = Runner(recipe, store, rt, quiet, resume)
+    runner = Runner(recipe, store, rt, quiet, resume, baseline)
     try:
         results = runner.run()
     finally:
