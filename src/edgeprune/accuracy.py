@@ -77,8 +77,9 @@ def evaluate_onnx(path: str | os.PathLike, data: DataLoader, threads: int = 2, q
 
 def evaluate(model: nn.Module | str | os.PathLike, data: str | os.PathLike, *, weights: str = "default",
              num_classes: int | None = None, onnx: bool = False, limit: int | None = None, batch_size: int = 500,
-             threads: int = 2, quiet: bool = True) -> Accuracy:
-    """Accuracy on the evaluation split (val/ or test/) of `data` (`cifar10` or an ImageFolder root).
+             threads: int = 2, quiet: bool = True, imgsz: int | None = None, trust_pickle: bool = False) -> Accuracy:
+    """Accuracy on the evaluation split (val/ or test/) of `data` (`cifar10` or an ImageFolder root);
+    for a YOLO detector, mAP50-95 / mAP50 on the val split of a data.yaml.
 
     `model` is a model (built by `create_model` or loaded by `edgeprune.load`), a model name (built
     with `weights`), or a prune run folder; with `onnx`, the run folder's model.onnx is evaluated
@@ -96,13 +97,33 @@ def evaluate(model: nn.Module | str | os.PathLike, data: str | os.PathLike, *, w
     elif folder is not None and folder.is_dir():
         net = load(folder)
     else:
-        net = create_model(str(model), weights, num_classes)
+        net = create_model(str(model), weights, num_classes, imgsz=imgsz, trust_pickle=trust_pickle)
     if not hasattr(net, "edgeprune_spec"):
         raise EdgePruneError("evaluate needs a model built by edgeprune.create_model or loaded by edgeprune.load")
+    if onnx and (folder is None or not (folder / "model.onnx").is_file()):
+        raise EdgePruneError(f"onnx evaluation needs a run folder holding model.onnx, not {model}")
+    if net.edgeprune_spec.task == "detect":
+        return _evaluate_detector(net, data, folder / "model.onnx" if onnx else None, limit, threads, quiet)
     batches = loader(load_split(data, net.edgeprune_spec, train=False, quiet=quiet), batch_size, limit=limit)
     if onnx:
-        if folder is None or not (folder / "model.onnx").is_file():
-            raise EdgePruneError(f"onnx evaluation needs a run folder holding model.onnx, not {model}")
         return evaluate_onnx(folder / "model.onnx", batches, threads, quiet)
     with torch_threads(threads):
         return evaluate_model(net, batches, runtime(), quiet)
+
+
+def _evaluate_detector(net: nn.Module, data: str | os.PathLike, onnx_path: Path | None, limit: int | None,
+                       threads: int, quiet: bool) -> Accuracy:
+    """mAP50-95 / mAP50 of a YOLO detector on the val split of a data.yaml."""
+    from .detection import metrics
+    from .detection.data import is_detection_data, load_detection_data
+    from .measure import torch_threads
+    from .pipeline import check_detection_data
+
+    if not is_detection_data(str(data)):
+        raise EdgePruneError(f"{net.edgeprune_spec.name} is a detector: --data must be a YOLO data.yaml, not {data}")
+    det = check_detection_data(load_detection_data(data), net.edgeprune_spec)
+    if onnx_path is not None:
+        return metrics.evaluate_onnx(onnx_path, det, net.edgeprune_spec.input_size[-1], threads, limit=limit,
+                                     quiet=quiet)
+    with torch_threads(threads):
+        return metrics.evaluate_model(net, det, limit=limit, quiet=quiet)

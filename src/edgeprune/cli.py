@@ -32,6 +32,10 @@ WeightsOpt = typer.Option("default", "--weights", "-w",
                           "or a checkpoint path")
 ClassesOpt = typer.Option(None, "--num-classes", help="classes of the checkpoint (default: 10 CIFAR, 1000 ImageNet)")
 ThreadsOpt = typer.Option(2, "--threads", help="CPU threads for PyTorch and ONNX Runtime latency")
+ImgszOpt = typer.Option(None, "--imgsz", help="YOLO detectors: square input size (default: the checkpoint's "
+                        "training size, else 640)")
+TrustOpt = typer.Option(False, "--trust-pickle", help="load an Ultralytics .pt checkpoint (a pickle that can run "
+                        "code: only for files you trust)")
 WarmupOpt = typer.Option(5, "--warmup", help="untimed runs before timing")
 RepeatsOpt = typer.Option(30, "--repeats", help="timed runs; the median and p90 are reported")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output")
@@ -62,11 +66,14 @@ def models_cmd():
     from .models import list_models
 
     out_console.print("\n".join(list_models()), highlight=False)
+    out_console.print("YOLO detectors: any Ultralytics detection YAML (yolov8n.yaml, yolov8s.yaml, yolo11n.yaml, "
+                      "...; needs pip install 'edgeprune[yolo]')", highlight=False)
 
 
 @app.command()
 def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int | None = ClassesOpt,
-            threads: int = ThreadsOpt, warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
+            imgsz: int | None = ImgszOpt, trust_pickle: bool = TrustOpt, threads: int = ThreadsOpt,
+            warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
             layers: bool = typer.Option(False, "--layers", help="also list conv/linear layers and widths"),
             as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
             quiet: bool = QuietOpt):
@@ -79,7 +86,7 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int |
     from .recipe import Recipe, apply_overrides
 
     recipe = apply_overrides(Recipe(), _latency(threads, warmup, repeats))
-    net = create_model(model, weights, num_classes)
+    net = create_model(model, weights, num_classes, imgsz=imgsz, trust_pickle=trust_pickle)
     result = asdict(profile_model(net, recipe, quiet))
     if layers:
         result["layers"] = {n: out_channels(m) for n, m in prunable_layers(net).items()}
@@ -138,10 +145,8 @@ def prune_cmd(
                                        "torchvision weight name, or a checkpoint path; default: the recipe's, else "
                                        "default"),
     num_classes: int | None = ClassesOpt,
-    imgsz: int | None = typer.Option(None, "--imgsz", help="YOLO detectors: square input size (default: the "
-                                     "checkpoint's training size, else 640)"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="load an Ultralytics .pt checkpoint (a pickle "
-                                      "that can run code: only for files you trust)"),
+    imgsz: int | None = ImgszOpt,
+    trust_pickle: bool = TrustOpt,
     ratio: float | None = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1); "
                                        "default: the recipe's target, else 0.5"),
     macs_reduction: float | None = typer.Option(None, "--macs-reduction",
@@ -306,21 +311,30 @@ def sweep_cmd(
 @app.command()
 def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, or a prune run folder"),
              weights: str = WeightsOpt, num_classes: int | None = ClassesOpt,
-             data: str = typer.Option(..., "--data", help="cifar10 or an ImageFolder root; its val/ (or test/) "
-                                      "split is used"),
+             imgsz: int | None = ImgszOpt, trust_pickle: bool = TrustOpt,
+             data: str = typer.Option(..., "--data", help="cifar10 or an ImageFolder root (its val/ or test/ "
+                                      "split), or a YOLO data.yaml (its val split)"),
              onnx: bool = typer.Option(False, "--onnx", help="evaluate the run folder's model.onnx with ONNX Runtime"),
              batch_size: int = typer.Option(500, "--batch-size"),
              limit: int | None = typer.Option(None, "--limit", help="evaluate an even subset of N images"),
              threads: int = ThreadsOpt,
-             as_json: bool = typer.Option(False, "--json", help='print {"top1": .., "top5": ..} as JSON'),
+             as_json: bool = typer.Option(False, "--json", help='print {"top1": .., "top5": ..} (detectors: '
+                                          '{"map50_95": .., "map50": ..}) as JSON'),
              quiet: bool = QuietOpt):
-    """Top-1 / top-5 accuracy of a model (or a pruned run folder, or its ONNX file) on a dataset."""
+    """Top-1 / top-5 accuracy (detectors: mAP50-95 / mAP50) of a model, a pruned run folder or its ONNX
+    file on a dataset."""
     from .accuracy import evaluate as evaluate_accuracy
 
     acc = evaluate_accuracy(model, data, weights=weights, num_classes=num_classes, onnx=onnx, limit=limit,
-                            batch_size=batch_size, threads=threads, quiet=quiet)
+                            batch_size=batch_size, threads=threads, quiet=quiet, imgsz=imgsz,
+                            trust_pickle=trust_pickle)
+    detector = acc.map50_95 is not None
+    figures = {"map50_95": acc.map50_95, "map50": acc.map50} if detector else {"top1": acc.top1, "top5": acc.top5}
     if as_json:
-        print(json.dumps({"top1": acc.top1, "top5": acc.top5, "images": acc.images}))
+        print(json.dumps({**figures, "images": acc.images}))
+    elif detector:
+        out_console.print(f"{model}: mAP50-95 {acc.map50_95:.2f}%, mAP50 {acc.map50:.2f}% on {acc.images} images",
+                          highlight=False)
     else:
         out_console.print(f"{model}: top-1 {acc.top1:.2f}%, top-5 {acc.top5:.2f}% on {acc.images} images",
                           highlight=False)
