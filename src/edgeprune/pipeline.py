@@ -400,6 +400,8 @@ def _execute(recipe: Recipe, out: str | Path, quiet: bool, overwrite: bool = Fal
     rt = runtime()
     seed_everything(recipe.seed)
     baseline = preflight(recipe)
+    if rt.distributed and baseline.edgeprune_spec.task == "detect":
+        raise EdgePruneError("detectors are evaluated and fine-tuned in one process for now; run without torchrun")
     store = open_run_folder(out, recipe, overwrite, changing) if rt.is_main else StageStore(Path(out))
     rt.barrier()
     runner = Runner(recipe, store, rt, quiet, resume, baseline)

@@ -22,6 +22,7 @@ from .export import export_onnx
 from .fsio import ensure_writable_dir, write_json, write_text
 from .measure import onnx_bytes, ort_runner, time_interleaved
 from .models import create_model
+from .models.yolo import is_yolo_name
 from .pipeline import run
 from .quantize import calibration_data, quantize_int8
 from .recipe import Recipe, apply_overrides
@@ -95,6 +96,8 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
     process alone re-times the models and writes the sweep, and only it returns the result."""
     out = Path(out)
     log = log or (lambda msg: None)
+    if is_yolo_name(recipe.model.name):
+        raise EdgePruneError("sweep covers classifiers so far; for a detector, run `edgeprune prune` once per ratio")
     planned = [(label, folder, apply_overrides(recipe, overrides))  # every point validated before any runs
                for label, folder, overrides in plan(kind, values)]
     rt = runtime()
