@@ -205,3 +205,14 @@ latency: {{warmup: 1, repeats: 5, per_layer: false}}
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert abs(model(x)[:, 4:].numpy() - sess.run(None, {"input": x.numpy()})[0][:, 4:]).max() < 1e-4
+
+
+def test_evaluate_cli_gives_map_and_refuses_a_classification_dataset():
+    proc = run_cli("evaluate", "--model", "yolov8n.yaml", "--weights", "cifar10-det", "--data",
+                   "cifar10-det/data.yaml", "--limit", "32", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert figures["images"] == 32 and 40 < figures["map50_95"] <= figures["map50"] <= 100, figures
+    wrong = run_cli("evaluate", "--model", "yolov8n.yaml", "--weights", "cifar10-det", "--data", "cifar10", "-q")
+    assert wrong.returncode == 2
+    assert_one_line_error(wrong, "is a detector", "data.yaml")
