@@ -16,7 +16,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EDGEPRUNE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 REQUIRED = ["resnet20-12fca82f.th", "resnet56-4bfd9763.th", "resnet20-cifar10jpeg.pth",
-            "resnet56-cifar10jpeg.pth", "cifar10_test_jpeg_uint8.npz"]
+            "resnet56-cifar10jpeg.pth", "cifar10_test_jpeg_uint8.npz", "yolov8n-cifar10det.safetensors",
+            "yolov8n-cifar10det.pt", "cifar10-det/data.yaml"]
 
 missing = [f for f in REQUIRED if not (DATA / f).exists()]
 if missing:
