@@ -162,7 +162,7 @@ def _create_torchvision(name: str, weights: str, num_classes: int | None):
     except (OSError, RuntimeError) as exc:
         raise EdgePruneError(f"could not download {name} {wobj.name} weights ({exc}); place the file in "
                              f"{edgeprune_home() / 'torchvision'} or pass --weights PATH") from None
-    _load_state(model, state, f"{name} {wobj.name}")
+    load_state(model, state, f"{name} {wobj.name}")
     spec.mean, spec.std = IMAGENET_MEAN, IMAGENET_STD
     return model, spec
 
@@ -215,7 +215,7 @@ def _unwrap_state(obj) -> dict:
     return out
 
 
-def _load_state(model: nn.Module, state: dict, source: str) -> None:
+def load_state(model: nn.Module, state: dict, source: str) -> None:
     expected = model.state_dict()
     # Checkpoints from before PyTorch 0.4.1 lack BatchNorm's counter; it does not affect inference.
     state = dict(state)
@@ -250,5 +250,5 @@ def with_module_metadata(model: nn.Module, state: dict) -> OrderedDict:
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a local checkpoint safely (weights_only) into `model`, with clear errors on mismatch."""
     path = Path(path)
-    _load_state(model, _unwrap_state(_read_checkpoint(path)), f"checkpoint {path}")
+    load_state(model, _unwrap_state(_read_checkpoint(path)), f"checkpoint {path}")
     return model

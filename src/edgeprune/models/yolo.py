@@ -12,7 +12,6 @@ The head's box, class and DFL convs are never pruned (`head_layers`).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -22,7 +21,6 @@ from ..assets import ASSETS, cache_home, resolve_asset
 from ..errors import EdgePruneError
 
 DEFAULT_IMGSZ = 640
-_NAME = re.compile(r"^yolo(v8|v5u?|v9|v10|11|12|26)[a-z]*(-p[26])?\.yaml$")
 # Heads other than plain detection (segmentation, pose, OBB, classification, world/yoloe) are refused.
 _OTHER_TASKS = ("-seg", "-pose", "-obb", "-cls", "-world", "yoloe", "rtdetr")
 
@@ -158,7 +156,9 @@ def _read_weights(weights: str, trust_pickle: bool) -> tuple[dict, dict]:
     if not trust_pickle:
         raise EdgePruneError(f"{path} is an Ultralytics checkpoint, a pickle that can run code when loaded; pass "
                              "--trust-pickle if you trust its source, or convert it to .safetensors")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(str(path))  # Ultralytics' own loader unpickles it: the user vouched for this file
     net = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(net, nn.Module):
         raise EdgePruneError(f"{path} holds no Ultralytics model ('model' or 'ema'); is it a YOLO checkpoint?")
@@ -176,7 +176,7 @@ def create_detector(name: str, weights: str, num_classes: int | None, imgsz: int
     from ultralytics.nn.tasks import DetectionModel  # noqa: I001 (imported once ultralytics is set up offline)
 
     from ..quiet import quiet_stdout
-    from .factory import _load_state
+    from .factory import load_state
 
     if weights.lower() in ("default", "pretrained"):
         raise EdgePruneError("YOLO detectors have no default weights: pass --weights none, a .safetensors state dict, "
@@ -194,7 +194,7 @@ def create_detector(name: str, weights: str, num_classes: int | None, imgsz: int
         raise EdgePruneError(f"{name} has a {type(head).__name__} head with an end-to-end branch; edgeprune prunes "
                              "YOLO detectors with a plain Detect head (v8, v9, 11, 12)")
     if state:
-        _load_state(model, state, f"checkpoint {weights}")
+        load_state(model, state, f"checkpoint {weights}")
     split_c2f(model)
     head.export = True  # eval forward returns the decoded predictions alone
     size = imgsz or int(meta.get("imgsz") or 0) or DEFAULT_IMGSZ
