@@ -38,7 +38,8 @@ def _save(results: dict) -> None:
     from edgeprune.fsio import write_json, write_text
 
     write_json(RESULTS, results)
-    lines = ["# YOLOv8n on cifar10-det: pruning and recovery", "", f"`{results['command']}`", "",
+    commands = list(dict.fromkeys(v.get("command", results["command"]) for v in results["variants"]))
+    lines = ["# YOLOv8n on cifar10-det: pruning and recovery", "", *[f"`{c}`" for c in commands], "",
              "| variant | MACs | params | ONNX MB | ORT ms | mAP50-95 baseline | pruned | BN re-cal | fine-tuned | "
              "ONNX | INT8 | INT8 mAP50 drop | INT8 MB | INT8 ms | wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -139,6 +140,7 @@ def main() -> None:
                 row = ours(name, RATIOS[factor], args.epochs, out)
             else:
                 row = plain(name, RATIOS[factor], args.epochs, out)
+            row["command"] = results["command"]  # variants may come from separate invocations
             results["variants"] = [v for v in results["variants"] if v["name"] != name] + [row]
             _save(results)
             print(json.dumps(row), flush=True)

@@ -216,3 +216,21 @@ def test_evaluate_cli_gives_map_and_refuses_a_classification_dataset():
     wrong = run_cli("evaluate", "--model", "yolov8n.yaml", "--weights", "cifar10-det", "--data", "cifar10", "-q")
     assert wrong.returncode == 2
     assert_one_line_error(wrong, "is a detector", "data.yaml")
+
+
+@pytest.mark.parametrize("path_key", [None, ".", "det"])
+def test_relative_data_yaml_and_path_key(tmp_path, det_data, monkeypatch, path_key):
+    from edgeprune.detection.data import load_detection_data
+
+    root = _small_dataset(tmp_path, det_data, train=2, val=2)
+    yaml_file = root / "data.yaml"
+    if path_key == "det":  # `path` relative to the data.yaml's folder
+        (root / "det").mkdir()
+        for sub in ("images", "labels"):
+            shutil.move(root / sub, root / "det" / sub)
+    if path_key is not None:
+        yaml_file.write_text(f"path: {path_key}\n" + yaml_file.read_text())
+    monkeypatch.chdir(tmp_path)  # a relative data.yaml path, as typed on the command line
+    data = load_detection_data(Path("det") / "data.yaml")
+    assert [Path(p).resolve() for p in data.train] == [(root / (path_key or ".") / "images" / "train").resolve()]
+    assert len(list(Path(data.val[0]).glob("*.jpg"))) == 2

@@ -54,7 +54,7 @@ def _split_paths(value, root: Path, key: str, source: Path) -> tuple[str, ...]:
             raise EdgePruneError(f"{source}: the {key} folder {p} does not exist; fix {key!r} (or 'path') in the YAML")
         if p.is_dir() and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*")):
             raise EdgePruneError(f"{source}: the {key} folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        paths.append(str(p))
+        paths.append(str(p.resolve()))  # the run may change folders later
     return tuple(paths)
 
 
@@ -79,8 +79,8 @@ def load_detection_data(path: str | Path) -> DetectionData:
     names = {int(k): str(v) for k, v in names.items()}
     if sorted(names) != list(range(len(names))):
         raise EdgePruneError(f"{source}: class indices in 'names' must be 0..{len(names) - 1}")
-    root = Path(str(cfg.get("path") or source.parent))
-    root = root if root.is_absolute() else (source.parent / root)
+    root = Path(str(cfg["path"])) if cfg.get("path") else Path(".")
+    root = root if root.is_absolute() else (source.parent / root)  # relative to the data.yaml's folder
     if not root.is_dir():
         raise EdgePruneError(f"{source}: the dataset root {root} ('path') does not exist")
     return DetectionData(yaml=source.resolve(), train=_split_paths(cfg.get("train"), root, "train", source),
