@@ -6,7 +6,7 @@ and no weights are re-loaded by name, so a model whose channel counts were chang
 its pruned shapes.  Everything else is Ultralytics' defaults (``optimizer='auto'``, mosaic,
 ``close_mosaic=10``, warm-up, ...), with these fixed choices: FP32 (``amp=False``, so no AMP check and no
 ``yolo26n.pt`` download), ``plots=False``, ``workers=0``, ``deterministic=True``, ``val=True`` (validation
-after every epoch), device ``cpu``.
+after every epoch), device ``cpu`` on ``torch.get_num_threads()`` threads (Ultralytics alone would take one core fewer).
 
 Usage::
 
@@ -78,8 +78,10 @@ def offline_env(workdir: str | os.PathLike) -> dict[str, str]:
 @contextlib.contextmanager
 def _offline_sandbox():
     """Turn off every Ultralytics network path in memory for the duration; restore everything after."""
+    import torch
     import ultralytics.data.utils as data_utils
     import ultralytics.utils.plotting as plotting
+    import ultralytics.utils.torch_utils as torch_utils
     from ultralytics.utils import SETTINGS, events
 
     off = {k: False for k in ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")}
@@ -91,9 +93,12 @@ def _offline_sandbox():
     dict.update(SETTINGS, off)  # dict.update: in memory only, SettingsManager.update would rewrite settings.json
     events.events.enabled = False
     data_utils.check_font = plotting.check_font = lambda *a, **k: None  # would download Arial.ttf
+    # Ultralytics trains on cpu_count - 1 threads (1 on 2 cores); use the caller's count, as edgeprune does
+    saved_threads, torch_utils.NUM_THREADS = torch_utils.NUM_THREADS, torch.get_num_threads()
     try:
         yield
     finally:
+        torch_utils.NUM_THREADS = saved_threads
         dict.update(SETTINGS, saved_settings)
         events.events.enabled = saved_events
         data_utils.check_font, plotting.check_font = saved_fonts
