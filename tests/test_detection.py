@@ -93,6 +93,23 @@ def test_split_c2f_is_exact(yolo_weights):
     assert not any(type(m).__name__ == "C2f" for m in ours.modules())
 
 
+def test_onnx_decodes_boxes_with_a_last_axis_softmax(tmp_path, yolo_weights):
+    """The exported DFL takes its softmax on the last axis (ONNX Runtime runs Ultralytics' axis-1 form six
+    times slower) and still matches PyTorch; the module itself is left as Ultralytics wrote it."""
+    import onnx
+
+    from edgeprune.export import check_parity, export_onnx
+    from edgeprune.recipe import ExportOptions
+
+    model = edgeprune.create_model("yolov8n.yaml", yolo_weights)
+    path = export_onnx(model, (3, 256, 256), tmp_path / "m.onnx", ExportOptions())
+    softmax = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 1 and onnx.helper.get_attribute_value(softmax[0].attribute[0]) in (-1, 3)
+    parity = check_parity(model, path, (3, 256, 256), ExportOptions())
+    assert parity.passed and parity.max_abs_diff < 1e-4
+    assert "forward" not in vars(edgeprune.models.yolo.detect_head(model).dfl)
+
+
 @pytest.mark.parametrize("name", ["yolov8s.yaml", "yolo11n.yaml"])
 def test_other_detection_yamls_prune(name):
     model = edgeprune.create_model(name, "none", num_classes=10, imgsz=256)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .errors import EdgePruneError, first_line
 from .measure import ort_session
+from .models.yolo import export_form
 from .quiet import quiet_stdout
 from .recipe import ExportOptions
 
@@ -71,7 +72,8 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
     with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp_dir:
         raw, final = Path(tmp_dir) / "raw.onnx", Path(tmp_dir) / path.name
         try:
-            _torch_export(model, x, raw, opts, on_fallback)
+            with export_form(model):  # a detector's box decoding in the form ONNX Runtime runs fast
+                _torch_export(model, x, raw, opts, on_fallback)
             proto = onnx.load(str(raw))
             large = proto.ByteSize() > _PROTOBUF_LIMIT
             if opts.simplify and not large:

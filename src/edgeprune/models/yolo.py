@@ -5,13 +5,18 @@ Two changes make a detector prunable, both exact (the model computes the same fu
   one per half (`SplitC2f`): DepGraph cannot index a channel split of a pruned tensor;
 - the Detect head returns its decoded predictions alone (`export` mode), so that the model maps an
   image batch to one tensor (B, 4 + nc, anchors), the raw head output before NMS, in PyTorch and ONNX.
+In ONNX only, the DFL box decoding takes its softmax on the last axis (`export_form`), which ONNX
+Runtime runs six times faster.
 The head's box, class and DFL convs are never pruned (`head_layers`).
 
 `ultralytics` is an optional extra: `pip install 'edgeprune[yolo]'`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -85,6 +90,30 @@ def split_c2f(model: nn.Module) -> int:
                 setattr(parent, name, SplitC2f(child))
                 count += 1
     return count
+
+
+def _dfl_last_axis(self, x: torch.Tensor) -> torch.Tensor:
+    """DFL's expectation over the distance bins with the softmax on the last axis: Ultralytics' form
+    (transpose, softmax over axis 1, a 1x1 conv) costs ONNX Runtime 1.8 ms on the CPU for a 256x256
+    YOLOv8n, this one 0.3 ms (measured side by side); the same function within 3e-6."""
+    b, _, a = x.shape
+    bins = x.view(b, 4, self.c1, a).transpose(2, 3).softmax(-1)
+    return (bins @ self.conv.weight.view(self.c1, 1)).view(b, 4, a)
+
+
+@contextlib.contextmanager
+def export_form(model: nn.Module):
+    """While exporting to ONNX, every Ultralytics DFL of `model` computes with `_dfl_last_axis`. Only
+    the exported graph changes; the module, its state dict and what DepGraph traces stay Ultralytics'."""
+    blocks = sys.modules.get("ultralytics.nn.modules.block")
+    dfls = [m for m in model.modules() if blocks is not None and isinstance(m, blocks.DFL)]
+    for dfl in dfls:
+        dfl.forward = types.MethodType(_dfl_last_axis, dfl)
+    try:
+        yield
+    finally:
+        for dfl in dfls:
+            del dfl.forward
 
 
 def detect_head(model: nn.Module) -> nn.Module:
