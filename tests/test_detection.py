@@ -211,6 +211,8 @@ latency: {{warmup: 1, repeats: 5, per_layer: false}}
     assert abs(report["onnx"]["map50_95"] - report["finetuned"]["map50_95"]) < 0.5
     assert report["int8"]["size_reduction_x"] > 3
     assert "mAP50-95" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "mAP50-95 against latency" in page and "top-1 against" not in page
     stamp = (out / "stages" / "finetuned.json").stat().st_mtime
     again = run_cli("run", str(recipe), "--out", str(out), "-q")
     assert again.returncode == 0, again.stderr

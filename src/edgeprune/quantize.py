@@ -6,6 +6,7 @@ graph optimization) runs first, as ONNX Runtime recommends: without it Conv+BN a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -81,6 +82,16 @@ def _failed(fp32_path: Path, exc: Exception) -> EdgePruneError:
     return EdgePruneError(f"INT8 quantization of {fp32_path} failed ({type(exc).__name__}: {first_line(exc)})")
 
 
+@contextlib.contextmanager
+def _working_directory(path: str):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: DataLoader,
                   opts: Int8Options, exclude: list[str] | None = None, symbolic_shapes: bool = True) -> Path:
     """Write the INT8 (QDQ) version of `fp32_path` to `out_path`; the file appears only whole. The nodes
@@ -91,7 +102,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    fp32_path, out_path = Path(fp32_path).resolve(), Path(out_path).resolve()
     if len(calibration.dataset) == 0:
         raise EdgePruneError("INT8 calibration has no images; check the dataset's train/ split")
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
@@ -103,7 +114,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     try:
         with tempfile.TemporaryDirectory(prefix=".export-int8-", dir=out_path.parent) as tmp, quiet_stdout():
             pre, quantized = Path(tmp) / "pre.onnx", Path(tmp) / out_path.name
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=not symbolic_shapes)
+            with _working_directory(tmp):  # ORT's shape inference leaves a file in the working directory on failure
+                quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=not symbolic_shapes)
             quantize_static(str(pre), str(quantized), _Calibration(input_name, calibration),
                             quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

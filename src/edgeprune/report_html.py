@@ -73,22 +73,31 @@ def _layer_bars(names: list[str], before: list[float], after: list[float], ylabe
     return _img(fig, alt)
 
 
+def _metric(report: dict) -> tuple[str, str]:
+    """The accuracy the run's plots show: (report key, axis label)."""
+    if report["baseline"].get("map50_95") is not None:
+        return "map50_95", "mAP50-95 (%)"
+    return "top1", "top-1 (%)"
+
+
 def tradeoff_points(report: dict) -> list[dict]:
-    """The models of one run as trade-off points: name, ORT CPU ms, MACs, bytes, top-1 (when known)."""
+    """The models of one run as trade-off points: name, ORT CPU ms, MACs, bytes and the accuracy (top-1,
+    or a detector's mAP50-95) under its report key, when known."""
     final = rows.final_stage(report)
+    key, _ = _metric(report)
     points = [{"label": "baseline", "ms": report["baseline"]["latency_ms"].get("ort_cpu"),
                "macs": report["baseline"]["macs"], "bytes": report["baseline"]["onnx_bytes"],
-               "top1": report["baseline"].get("top1")},
+               key: report["baseline"].get(key)},
               {"label": "pruned" if final == "pruned" else f"pruned, {final}",
                "ms": report[final]["latency_ms"].get("ort_cpu"),
                "macs": report[final]["macs"], "bytes": report[final]["onnx_bytes"],
-               "top1": report.get("onnx", report[final]).get("top1")}]
+               key: report.get("onnx", report[final]).get(key)}]
     if report.get("int8"):
         q = report["int8"]
         # INT8 was timed next to its FP32 source; scale to the pruned model's main measurement.
         scale = points[1]["ms"] / q["fp32"]["latency_ms"]["ort_cpu"] if points[1]["ms"] else 1.0
         points.append({"label": "pruned INT8", "ms": q["latency_ms"]["ort_cpu"] * scale, "macs": report[final]["macs"],
-                       "bytes": q["onnx_bytes"], "top1": q.get("top1")})
+                       "bytes": q["onnx_bytes"], key: q.get(key)})
     return points
 
 
@@ -115,17 +124,20 @@ def _scatter(points: list[dict], xkey: str, ykey: str, front: list[bool] | None,
     return _img(fig, title)
 
 
-def _tradeoff_plots(points: list[dict], front: list[bool] | None = None,
-                    front_macs: list[bool] | None = None) -> str:
-    """Top-1 against latency and against MACs (MACs against latency when there is no accuracy)."""
+def _tradeoff_plots(points: list[dict], front: list[bool] | None = None, front_macs: list[bool] | None = None,
+                    metric: tuple[str, str] = ("top1", "top-1 (%)")) -> str:
+    """Accuracy (`metric`: report key, label) against latency and against MACs (MACs against latency
+    when there is no accuracy)."""
     ms_label = "ONNX Runtime CPU latency (ms)"
-    if not all(p.get("top1") is not None for p in points):
+    key, label = metric
+    name = label.split(" (")[0]
+    if not all(p.get(key) is not None for p in points):
         return _scatter(points, "ms", "macs", front, ms_label, "MACs", "MACs against latency")
-    plots = _scatter(points, "ms", "top1", front, ms_label, "top-1 (%)", "top-1 against latency")
+    plots = _scatter(points, "ms", key, front, ms_label, label, f"{name} against latency")
     fp32 = [(p, f) for p, f in zip(points, front_macs or [False] * len(points), strict=True)
             if not p["label"].endswith("INT8")]  # INT8 keeps the FP32 model's MACs
-    return plots + _scatter([p for p, _ in fp32], "macs", "top1", [f for _, f in fp32] if front_macs else None,
-                            "MACs", "top-1 (%)", "top-1 against MACs")
+    return plots + _scatter([p for p, _ in fp32], "macs", key, [f for _, f in fp32] if front_macs else None,
+                            "MACs", label, f"{name} against MACs")
 
 
 def _doc(title: str, body: list[str]) -> str:
@@ -148,7 +160,7 @@ def page(report: dict) -> str:
         if table is not None:
             body.append(rows.html(table, with_title=True))
     body.append("<h2>Trade-off</h2>")
-    body.append(_tradeoff_plots(tradeoff_points(report)))
+    body.append(_tradeoff_plots(tradeoff_points(report), metric=_metric(report)))
     diag = report.get("diagnostics")
     if diag:
         body.append("<h2>Why isn't it faster?</h2><ul>")
