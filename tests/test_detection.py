@@ -110,6 +110,18 @@ def test_onnx_decodes_boxes_with_a_last_axis_softmax(tmp_path, yolo_weights):
     assert "forward" not in vars(edgeprune.models.yolo.detect_head(model).dfl)
 
 
+def test_macs_target_keeps_a_detector_uniform():
+    """A MACs target that channel rounding cannot hit: the closest uniform model, no global touch-up
+    (which left a trained YOLOv8n at 0.0 mAP), and a note saying so."""
+    model = edgeprune.create_model("yolov8n.yaml", "none", imgsz=64)
+    pruned, result = edgeprune.prune(model, PruneOptions(macs_reduction=0.4, round_to=8))
+    assert any("not touched up by a global ranking" in n for n in result.notes), result.notes
+    x = torch.rand(1, 3, 64, 64)
+    assert abs(count_macs(pruned, x) / count_macs(model, x) - 0.6) < 0.05
+    widths = {la.name: la.channels_after for la in result.layers}
+    assert all(w % 8 == 0 for n, w in widths.items() if n not in result.unpruned)  # rounding kept
+
+
 @pytest.mark.parametrize("name", ["yolov8s.yaml", "yolo11n.yaml"])
 def test_other_detection_yamls_prune(name):
     model = edgeprune.create_model(name, "none", num_classes=10, imgsz=256)

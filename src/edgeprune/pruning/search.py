@@ -98,12 +98,15 @@ def search_macs(model: nn.Module, opts: PruneOptions, grads: dict, target: int, 
 
     A uniform (local) ratio moves in coarse steps: every layer loses a channel at once. When that
     misses the target, the closest model above it is pruned further by a global ranking, which
-    removes single channels where they matter least, until the target is met.
+    removes single channels where they matter least, until the target is met. Detectors get no
+    touch-up: on the trained YOLOv8n a global ranking left 0.0 mAP50-95 after BN re-calibration (12.6
+    after an epoch) where the uniform model kept 13.1; the closest uniform model is kept instead.
     """
     hi = opts.max_layer_ratio if not opts.global_pruning else GLOBAL_MAX_RATIO
     uniform = bisect(lambda r: prune_at(model, opts, r, grads), count, target, hi, opts.tolerance)
     best, trials, note = uniform.best, uniform.trials, None
-    if best.distance > opts.tolerance and uniform.above is not None and not opts.global_pruning:
+    detector = getattr(getattr(model, "edgeprune_spec", None), "task", "classify") == "detect"
+    if best.distance > opts.tolerance and uniform.above is not None and not opts.global_pruning and not detector:
         first = uniform.above
         touch_up = opts.model_copy(update={"global_pruning": True, "importance": (
             opts.importance if opts.importance not in GRADIENT_CRITERIA else TOUCH_UP_IMPORTANCE)})
@@ -118,7 +121,8 @@ def search_macs(model: nn.Module, opts: PruneOptions, grads: dict, target: int, 
                     f"ranking removed channels down to {refined.macs:,}")
     if best.distance > opts.tolerance:
         note = (f"MACs target {target:,} not reachable within {opts.tolerance:.0%}; closest is {best.macs:,} "
-                f"(channel rounding or un-prunable layers limit the granularity)")
+                f"(channel rounding or un-prunable layers limit the granularity"
+                f"{'; detectors are not touched up by a global ranking, which destroys them' if detector else ''})")
     return MacsSearch(best, trials, note)
 
 
