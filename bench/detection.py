@@ -1,11 +1,12 @@
 """YOLOv8n on cifar10-det: edgeprune's recovery against plain Ultralytics fine-tuning, and the control.
 
     EDGEPRUNE_HOME=../shared/data python bench/detection.py [--variants ours-1.5x plain-1.5x control ours-2x
-        plain-2x] [--epochs 10]
+        plain-2x ours-1.8x-r8 plain-1.8x-r8] [--epochs 10]
 
 Variants (same data, seed, epoch budget, batch 32, imgsz 256, 2 CPU threads):
 - ours-<f>x:  `edgeprune run` of the shipped recipe (src/edgeprune/recipes/yolov8n-cifar10det.yaml) at
-  <f>x fewer MACs (channel ratio 0.2: 1.58x, 0.3: 2.08x): prune, BN re-calibration, fine-tuning with
+  <f>x fewer MACs (channel ratio 0.2: 1.58x, 0.3: 2.08x; 1.8x-r8: ratio 0.2 with widths rounded down to
+  multiples of 8, 1.82x): prune, BN re-calibration, fine-tuning with
   distillation, ONNX, INT8, latency;
 - plain-<f>x: the same pruned model (edgeprune.prune, same options) fine-tuned by Ultralytics' own
   DetectionTrainer with its defaults (bench/yolo_plain.py), no re-calibration and no distillation;
@@ -27,7 +28,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "detection.json"
 RECIPE = HERE.parent / "src" / "edgeprune" / "recipes" / "yolov8n-cifar10det.yaml"
-RATIOS = {"1.5x": 0.2, "2x": 0.3}  # channel ratio per variant suffix: 1.58x and 2.08x fewer MACs
+# the pruning of each variant suffix: 1.58x, 2.08x, and 1.82x fewer MACs with widths rounded down to multiples
+# of 8 (ONNX Runtime's blocked CPU layout then serves every conv)
+PRUNING = {"1.5x": {"prune.ratio": 0.2}, "2x": {"prune.ratio": 0.3},
+           "1.8x-r8": {"prune.ratio": 0.2, "prune.round_to": 8}}
 
 
 def _load() -> dict:
@@ -62,20 +66,21 @@ def _save(results: dict) -> None:
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
-def ours(name: str, ratio: float | None, epochs: int, out: Path) -> dict:
+def ours(name: str, pruning: dict | None, epochs: int, out: Path) -> dict:
     from edgeprune import load_recipe, run
 
     overrides = {"recover.epochs": epochs, "recover.eval_every_epoch": True}
-    if ratio is None:  # the control: the unpruned detector (nothing pruned), fine-tuned with the same recipe
+    if pruning is None:  # the control: the unpruned detector (nothing pruned), fine-tuned with the same recipe
         overrides.update({"prune.ratio": 1e-6, "int8.enabled": False})
     else:
-        overrides["prune.ratio"] = ratio
+        overrides.update(pruning)
     t0 = time.time()
     report = run(load_recipe(RECIPE, overrides), out / name, quiet=True, overwrite=True)
     stages = {s: report[s].get("map50_95") for s in ("baseline", "pruned", "recalibrated", "finetuned", "onnx")
               if s in report}
     after = report["finetuned"]
-    row = {"name": name, "macs": after["macs"], "params": after["params"], "onnx_mb": after["onnx_bytes"] / 1e6,
+    row = {"name": name, "pruning": pruning or {},
+           "macs": after["macs"], "params": after["params"], "onnx_mb": after["onnx_bytes"] / 1e6,
            "ort_ms": after["latency_ms"]["ort_cpu"], "baseline_ort_ms": report["baseline"]["latency_ms"]["ort_cpu"],
            "baseline_macs": report["baseline"]["macs"], "macs_factor": report["baseline"]["macs"] / after["macs"],
            "map50_95": stages, "map50": {s: report[s].get("map50") for s in stages}, "epochs": epochs,
@@ -88,7 +93,7 @@ def ours(name: str, ratio: float | None, epochs: int, out: Path) -> dict:
     return row
 
 
-def plain(name: str, ratio: float, epochs: int, out: Path) -> dict:
+def plain(name: str, pruning: dict, epochs: int, out: Path) -> dict:
     sys.path.insert(0, str(HERE))
     from yolo_plain import plain_ultralytics_finetune
 
@@ -97,7 +102,7 @@ def plain(name: str, ratio: float, epochs: int, out: Path) -> dict:
     from edgeprune.detection.metrics import evaluate_model
     from edgeprune.measure import count_macs
 
-    recipe = load_recipe(RECIPE, {"prune.ratio": ratio})
+    recipe = load_recipe(RECIPE, pruning)
     model = create_model(**recipe.model.model_dump())
     data = load_detection_data(recipe.data.path)
     t0 = time.time()
@@ -113,7 +118,8 @@ def plain(name: str, ratio: float, epochs: int, out: Path) -> dict:
     detect_head(trained).export = True
     final = evaluate_model(trained.eval(), data)  # the same evaluation as edgeprune's stages
     example = spec.example_input()
-    return {"name": name, "macs": count_macs(trained, example), "baseline_macs": count_macs(model, example),
+    return {"name": name, "pruning": pruning,
+            "macs": count_macs(trained, example), "baseline_macs": count_macs(model, example),
             "map50_95": {"pruned": at_prune, "finetuned": final.map50_95}, "map50": {"finetuned": final.map50},
             "epochs_map50_95": [h["map50_95"] for h in history], "epochs": epochs, "wall_s": time.time() - t0}
 
@@ -125,6 +131,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     args = parser.parse_args()
+    unknown = [v for v in args.variants if v != "control" and (v.partition("-")[0] not in ("ours", "plain")
+                                                               or v.partition("-")[2] not in PRUNING)]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; use control, ours-F or plain-F with F in {list(PRUNING)}")
     results = _load()
     results["command"] = "EDGEPRUNE_HOME=../shared/data python " + shlex.join(["bench/detection.py", *sys.argv[1:]])
     from edgeprune.environment import environment
@@ -137,9 +147,9 @@ def main() -> None:
             if kind == "control":
                 row = ours(name, None, args.epochs, out)
             elif kind == "ours":
-                row = ours(name, RATIOS[factor], args.epochs, out)
+                row = ours(name, PRUNING[factor], args.epochs, out)
             else:
-                row = plain(name, RATIOS[factor], args.epochs, out)
+                row = plain(name, PRUNING[factor], args.epochs, out)
             row["command"] = results["command"]  # variants may come from separate invocations
             results["variants"] = [v for v in results["variants"] if v["name"] != name] + [row]
             _save(results)
