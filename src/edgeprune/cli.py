@@ -157,8 +157,10 @@ def prune_cmd(
     latency_runtime: str | None = typer.Option(None, "--latency-runtime", help="ort_cpu (default) or torch_cpu"),
     importance: str | None = typer.Option(None, "--importance", help="l1, l2 (default), bn-scale, taylor, hessian, "
                                           "lamp, fpgm or random"),
-    global_pruning: bool | None = typer.Option(None, "--global/--local", help="rank channels across layers or per "
-                                               "layer (default: local)"),
+    allocation: str | None = typer.Option(None, "--allocation", help="uniform (one ratio for every layer, the "
+                                          "default), global (one ranking over all layers) or sensitivity (per-group "
+                                          "ratios from a sensitivity analysis on --data)"),
+    global_pruning: bool | None = typer.Option(None, "--global/--local", help="--allocation global / uniform"),
     round_to: int | None = typer.Option(None, "--round-to", help="keep channel counts multiples of N (8 or 16 "
                                         "often run faster)"),
     max_layer_ratio: float | None = typer.Option(None, "--max-layer-ratio", help="most any one layer may lose "
@@ -197,6 +199,8 @@ def prune_cmd(
         "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
         "prune.macs_reduction": macs_reduction, "prune.target_latency_ms": target_latency_ms,
         "prune.latency_runtime": latency_runtime, "prune.importance": importance,
+        "prune.allocation": allocation or (None if global_pruning is None else
+                                           "global" if global_pruning else "uniform"),
         "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
         "prune.ignore": ignore or None, "export.opset": opset, "latency.threads": threads, "latency.warmup": warmup,
         "latency.repeats": repeats})
@@ -306,6 +310,51 @@ def sweep_cmd(
 
     out_console.print(rich(sweep_table(result)))
     out_console.print(f"Sweep report: {out / 'sweep.html'} (also .md, .json)", highlight=False)
+
+
+@app.command("sensitivity")
+def sensitivity_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="run folder: sensitivity.json (a later `prune --allocation "
+                             "sensitivity --out` of the same model and data reuses it)"),
+    model: str | None = typer.Option(None, "--model", "-m", help="model name; default: the recipe's, else "
+                                     "cifar_resnet56"),
+    weights: str | None = typer.Option(None, "--weights", "-w", help="none, default, a torchvision weight name, or "
+                                       "a checkpoint path"),
+    num_classes: int | None = ClassesOpt,
+    data: str | None = typer.Option(None, "--data", help="dataset the groups are scored on (cifar10 or an "
+                                    "ImageFolder root); default: the recipe's"),
+    ratios: str | None = typer.Option(None, "--ratios", help="ratios each group is pruned at, alone (default "
+                                      "0.2,0.4,0.6,0.8)"),
+    images: int | None = typer.Option(None, "--images", help="evaluation images per score (default 500)"),
+    importance: str | None = typer.Option(None, "--importance", help="channel ranking: l2 (default), l1, bn-scale, "
+                                          "lamp, fpgm"),
+    round_to: int | None = typer.Option(None, "--round-to", help="round each group's kept channels as pruning will"),
+    recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe the options above override"),
+    settings: list[str] | None = SetOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="discard a different run already in --out"),
+    as_json: bool = typer.Option(False, "--json", help="print sensitivity.json"),
+    quiet: bool = QuietOpt,
+):
+    """Score every prunable group pruned alone at several ratios (top-1 after BN re-calibration, on an even
+    subset of the evaluation split): which layers can be cut, and how far."""
+    from .pipeline import sensitivity_run
+    from .recipe import Recipe, apply_overrides, load_recipe
+    from .rows import rich, sensitivity
+
+    overrides = _given({"model.name": model, "model.weights": weights, "model.num_classes": num_classes,
+                        "data.path": data, "prune.sensitivity_ratios": _floats(ratios, "--ratios"),
+                        "prune.sensitivity_images": images, "prune.importance": importance,
+                        "prune.round_to": round_to})
+    overrides.update(_parse_settings(settings or []))
+    base = load_recipe(recipe) if recipe else apply_overrides(Recipe(), PRUNE_DEFAULTS)
+    if not apply_overrides(base, overrides).data.path:
+        raise EdgePruneError("sensitivity scores the model on data: give --data (cifar10 or an ImageFolder root)")
+    result = sensitivity_run(apply_overrides(base, overrides), out, quiet=quiet, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out_console.print(rich(sensitivity({"sensitivity": result, "prune": {}})))
+    out_console.print(f"Sensitivity: {out / 'sensitivity.json'}", highlight=False)
 
 
 @app.command()

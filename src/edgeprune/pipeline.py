@@ -27,15 +27,17 @@ from .fsio import ensure_writable_dir, read_json, write_json, write_text
 from .measure import measure, onnx_bytes
 from .models import create_model
 from .pruning import OnnxLatencyProbe, PruneResult, prune
+from .pruning.sensitivity import Sensitivity
 from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range, top1_of
 from .recipe import Recipe, apply_overrides, build
-from .recover import finetune, recalibrate_bn
+from .recover import finetune, recalibrate_bn, recalibrate_bn_on
 from .results import Diagnosis, ExportResult, Finetuning, Int8Result, Measured, Recalibration, from_json, to_json
 from .stages import (
     BY_NAME,
     FINETUNE_CHECKPOINT,
     INT8_NAME,
     ONNX_NAME,
+    SENSITIVITY_NAME,
     Stage,
     StageStore,
     dependencies,
@@ -64,7 +66,8 @@ def open_run_folder(out: str | Path, recipe: Recipe, overwrite: bool = False, ch
     resolved = recipe.model_dump(mode="json")
     recipe_path = root / "recipe.json"
     different = recipe_path.exists() and read_json(recipe_path) != resolved
-    if different and not (overwrite or changing):
+    analysis_only = store.done() <= {"sensitivity"}  # `edgeprune sensitivity` ran here: a run may build on it
+    if different and not (overwrite or changing or analysis_only):
         raise EdgePruneError(f"{root} holds a run of a different recipe; choose another --out or pass --overwrite")
     if overwrite:
         store.clear()
@@ -219,6 +222,12 @@ def preflight(recipe: Recipe) -> nn.Module:
     from .detection.data import is_detection_data
 
     model = create_model(**recipe.model.model_dump())
+    if recipe.prune.allocation == "sensitivity" and not recipe.data.path:
+        raise EdgePruneError("allocation sensitivity scores the layers on data: give --data (or use --allocation "
+                             "uniform)")
+    if recipe.prune.allocation == "sensitivity" and recipe.prune.importance in ("taylor", "hessian"):
+        raise EdgePruneError(f"allocation sensitivity ranks channels without gradients; choose --importance l2, l1, "
+                             f"bn-scale, lamp or fpgm instead of {recipe.prune.importance}")
     for path in dict.fromkeys(p for p in (recipe.data.path, recipe.int8.data) if p):
         yolo = model.edgeprune_spec.task == "detect"
         if yolo and not is_detection_data(path):
@@ -234,6 +243,41 @@ def preflight(recipe: Recipe) -> nn.Module:
 
 
 # --- the stages ----------------------------------------------------------------------------------
+def _sensitivity(r: Runner) -> Sensitivity:
+    """Every prunable group alone, masked at each of prune.sensitivity_ratios: top-1 on an even subset of
+    the evaluation split after BN re-calibration (the same calibration images for every trial)."""
+    import torch
+
+    from .pruning import resolve_unpruned
+    from .pruning.sensitivity import analyse
+
+    opts, rec = r.recipe.prune, r.recipe.recover
+    if r.detection:
+        raise EdgePruneError("allocation sensitivity is for classifiers for now; prune detectors with "
+                             "--allocation uniform")
+    calibration = [x for x, _ in loader(r.split(True), rec.batch_size, shuffle=True, limit=rec.calibration_images,
+                                        seed=r.recipe.seed)]
+    evaluation = list(loader(even_subset(r.split(False), opts.sensitivity_images), r.recipe.data.eval_batch_size,
+                             workers=r.recipe.data.workers))
+    images = sum(len(y) for _, y in evaluation)
+
+    @torch.no_grad()
+    def score(model: nn.Module) -> float:
+        recalibrate_bn_on(model, calibration, seed=r.recipe.seed)
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in evaluation)
+        return round(100 * correct / images, 3)
+
+    example = r.spec.example_input()
+    unpruned = resolve_unpruned(r.baseline, example, opts)
+    r.log(f"sensitivity: every prunable group alone at ratios {', '.join(map(str, opts.sensitivity_ratios))} "
+          f"({images} images)")
+    sens = analyse(copy.deepcopy(r.baseline), example, opts, list(unpruned), score, opts.sensitivity_ratios,
+                   quiet=r.quiet)
+    sens.images = images
+    write_json(r.root / SENSITIVITY_NAME, sens.to_dict())
+    return sens
+
+
 def _prune(r: Runner) -> PruneResult:
     opts = r.recipe.prune
     r.log("pruning with DepGraph")
@@ -246,7 +290,9 @@ def _prune(r: Runner) -> PruneResult:
                                  r.scratch, baseline_onnx=r.baseline_onnx())
         r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; searching for "
               f"<= {opts.target_latency_ms:g} ms")
-    pruned, result = prune(r.baseline, opts, calibration=calibration, latency_probe=probe, log=r.log)
+    sens = r.result("sensitivity") if opts.allocation == "sensitivity" else None
+    pruned, result = prune(r.baseline, opts, calibration=calibration, latency_probe=probe, log=r.log,
+                           sensitivity=sens)
     r.history = result.history
     r.keep_model("prune", pruned)
     return result
@@ -375,7 +421,8 @@ def _diagnose(r: Runner) -> Diagnosis:
 
 
 COMPUTE: dict[str, Callable[[Runner], object]] = {
-    "prune": _prune, "accuracy_baseline": _accuracy_baseline, "accuracy_pruned": _accuracy_pruned,
+    "sensitivity": _sensitivity, "prune": _prune, "accuracy_baseline": _accuracy_baseline,
+    "accuracy_pruned": _accuracy_pruned,
     "recalibrated": _recalibrated, "finetuned": _finetuned, "export": _export, "accuracy_onnx": _accuracy_onnx,
     "int8": _int8, "measure": _measure, "diagnose": _diagnose,
 }
@@ -414,6 +461,20 @@ def _execute(recipe: Recipe, out: str | Path, quiet: bool, overwrite: bool = Fal
     final = report.build(recipe, results, environment())
     write_report(store.root, final)
     return final
+
+
+def sensitivity_run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = False) -> dict:
+    """The sensitivity analysis of `recipe`'s model alone, in the run folder `out` (out/sensitivity.json);
+    a later `run` of the recipe with allocation sensitivity in the same folder reuses it."""
+    recipe = apply_overrides(recipe, {"prune.allocation": "sensitivity"})
+    seed_everything(recipe.seed)
+    baseline = preflight(recipe)
+    store = open_run_folder(out, recipe, overwrite, changing=True)
+    runner = Runner(recipe, store, runtime(), quiet, resume=False, baseline=baseline)
+    try:
+        return to_json(runner.execute(BY_NAME["sensitivity"]))
+    finally:
+        runner.close()
 
 
 def write_report(root: Path, final: dict) -> None:

@@ -55,7 +55,16 @@ class PruneOptions(_Strict):
         default_factory=lambda: [1, 8, 16], description="with a latency target and no round_to: the channel "
         "multiples tried (1: none); the one keeping the most MACs within the target wins")
     importance: Importance = "l2"
-    global_pruning: bool = False
+    allocation: Literal["uniform", "global", "sensitivity"] = Field(
+        default="uniform", description="how the target is spread over the layers: one ratio for every layer "
+        "(uniform), one importance ranking over all of them (global), or per-group ratios from a sensitivity "
+        "analysis on the data (sensitivity: the least predicted accuracy loss for the target's MACs)")
+    global_pruning: bool = Field(default=False, description="the same as allocation: global (kept for old recipes)")
+    sensitivity_ratios: list[float] = Field(
+        default_factory=lambda: [0.2, 0.4, 0.6, 0.8], min_length=1,
+        description="allocation sensitivity: the ratios each group is scored at, alone")
+    sensitivity_images: int = Field(default=500, ge=1, description="allocation sensitivity: evaluation images per "
+                                    "score (an even subset of the evaluation split)")
     round_to: int | None = Field(default=None, ge=1)
     max_layer_ratio: float = Field(default=1.0, gt=0, le=1)
     ignore: list[str] = Field(default_factory=list, description="extra layer names (glob) never pruned")
@@ -75,8 +84,18 @@ class PruneOptions(_Strict):
             raise ValueError(f"must be between 0 and 1 (exclusive), got {v}")
         return v
 
+    @field_validator("sensitivity_ratios")
+    @classmethod
+    def _ratios(cls, v):
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError(f"every ratio must be between 0 and 1 (exclusive), got {v}")
+        return sorted(set(v))
+
     @model_validator(mode="after")
     def _one_target(self):
+        if self.global_pruning and self.allocation == "uniform":
+            self.allocation = "global"
+        self.global_pruning = self.allocation == "global"
         given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of ratio, macs_reduction, target_latency_ms, not {' and '.join(given)}")
@@ -207,6 +226,8 @@ def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
             raise EdgePruneError(f"unknown recipe section {section!r} in {dotted!r}; sections are "
                                  f"{', '.join(k for k, v in merged.items() if isinstance(v, dict))}")
         merged[section][key] = value
+    if overrides.get("prune.allocation") is not None and "prune.global_pruning" not in overrides:
+        merged["prune"]["global_pruning"] = overrides["prune.allocation"] == "global"  # the alias follows
     chosen = [t for t in TARGETS if overrides.get(f"prune.{t}") is not None]
     if len(chosen) == 1:  # a target given on top of a recipe replaces the recipe's target
         merged["prune"].update({t: None for t in TARGETS if t != chosen[0]})

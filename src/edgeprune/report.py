@@ -40,6 +40,8 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict) -> dict
         report["int8"] = asdict(results["int8"])
     if "diagnose" in results:
         report["diagnostics"] = asdict(results["diagnose"])
+    if "sensitivity" in results:
+        report["sensitivity"] = asdict(results["sensitivity"])
     prune = asdict(results["prune"])
     recipe_json = recipe.model_dump(mode="json")
     report.update({"onnx_parity": asdict(exported.parity),
@@ -84,8 +86,10 @@ def markdown(report: dict) -> str:
     lines = [f"# edgeprune report: {report['recipe']['model']['name']}", ""]
     if verdict:
         lines += [verdict[0].replace("MISSED", "**missed**"), ""]
-    lines += [f"Pruned with `{prune['importance']}` importance, {'global' if prune['global_pruning'] else 'local'} "
-              f"ranking, channel ratio {prune['ratio']:.4f}, round_to {prune['round_to']}.",
+    allocation = prune.get("allocation") or ("global" if prune["global_pruning"] else "uniform")
+    how = (f"per-group ratios from the sensitivity analysis (predicted drop {prune['predicted_drop']:.2f} points)"
+           if allocation == "sensitivity" else f"{allocation} allocation, channel ratio {prune['ratio']:.4f}")
+    lines += [f"Pruned with `{prune['importance']}` importance, {how}, round_to {prune['round_to']}.",
               rows.latency_method(report), ""]
     comparison = rows.comparison(report)
     comparison.title = "Before and after"
@@ -99,9 +103,9 @@ def markdown(report: dict) -> str:
             f"epoch {e['epoch']} loss {e['loss']:.3f}" + (f" top-1 {e['top1']:.2f}" if e.get("top1") is not None
                                                           else "") + f" ({e['seconds']:.0f} s)" for e in epochs), ""]
     lines += [rows.parity(report), ""]
-    table = rows.unpruned(report)
-    if table is not None:
-        lines += rows.markdown(table)
+    for table in (rows.sensitivity(report), rows.unpruned(report)):
+        if table is not None:
+            lines += rows.markdown(table)
     diag = report.get("diagnostics")
     changed = [la for la in prune["layers"] if la["channels_before"] != la["channels_after"]]
     lines += [f"{len(changed)} of {len(prune['layers'])} conv/linear layers were narrowed"

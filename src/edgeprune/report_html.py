@@ -80,6 +80,24 @@ def _metric(report: dict) -> tuple[str, str]:
     return "top1", "top-1 (%)"
 
 
+def _sensitivity_plot(report: dict) -> str:
+    """The drop of every group pruned alone against the ratio, the most sensitive groups named."""
+    sens = report["sensitivity"]
+    fig, ax = _figure(7.2, 4.4)
+    worst = sorted(sens["groups"], key=lambda g: -max([p["drop"] for p in g["points"]] or [0]))[:5]
+    for g in sens["groups"]:
+        xs, ys = [0.0] + [p["ratio"] for p in g["points"]], [0.0] + [p["drop"] for p in g["points"]]
+        named = g in worst
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.6 if named else 0.8,
+                color=None if named else GREY, alpha=1.0 if named else 0.5, label=g["name"] if named else None)
+    ax.set_xlabel("ratio of the group's channels removed (that group alone)")
+    ax.set_ylabel(f"{sens['metric']} drop (points)")
+    ax.set_title("sensitivity of each prunable group (after BN re-calibration)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="most sensitive", title_fontsize=7)
+    return _img(fig, "sensitivity of each prunable group")
+
+
 def tradeoff_points(report: dict) -> list[dict]:
     """The models of one run as trade-off points: name, ORT CPU ms, MACs, bytes and the accuracy (top-1,
     or a detector's mAP50-95) under its report key, when known."""
@@ -159,6 +177,10 @@ def page(report: dict) -> str:
     for table in (rows.accuracy(report), rows.int8(report)):
         if table is not None:
             body.append(rows.html(table, with_title=True))
+    if report.get("sensitivity"):
+        body.append("<h2>Sensitivity</h2>")
+        body.append(_sensitivity_plot(report))
+        body.append(rows.html(rows.sensitivity(report), with_title=True))
     body.append("<h2>Trade-off</h2>")
     body.append(_tradeoff_plots(tradeoff_points(report), metric=_metric(report)))
     diag = report.get("diagnostics")

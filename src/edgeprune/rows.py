@@ -126,6 +126,23 @@ def unpruned(report: dict) -> Table | None:
                  code_names=True) if reasons else None
 
 
+def sensitivity(report: dict) -> Table | None:
+    """Each group's drop (points of the metric) when pruned alone at each scored ratio, and its chosen ratio."""
+    sens = report.get("sensitivity")
+    if not sens:
+        return None
+    chosen = report["prune"].get("group_ratios") or {}
+    rows_ = []
+    for g in sens["groups"]:
+        at = {p["ratio"]: p["drop"] for p in g["points"]}
+        rows_.append([g["name"], str(g["channels"]), *[f"{at[r]:.2f}" if r in at else "" for r in sens["ratios"]],
+                      f"{chosen[g['name']]:g}" if g["name"] in chosen else "0"])
+    return Table(f"Sensitivity: {sens['metric']} drop (points) with each group alone pruned, after BN "
+                 f"re-calibration (unpruned {sens['reference']:.2f} on {sens['images']} images)",
+                 ["group", "channels", *[f"at {r:g}" for r in sens["ratios"]], "chosen ratio"], rows_,
+                 code_names=True)
+
+
 def layer_times(diag: dict) -> Table:
     return Table("Per-layer profile", [
         "layer", "channels", "MACs before", "MACs after", "ORT ms before", "ORT ms after", "PyTorch ms before",

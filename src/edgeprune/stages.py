@@ -23,6 +23,7 @@ MODEL = "model"  # a dependency on the latest stage before this one that produce
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
 FINETUNE_CHECKPOINT = "finetune-checkpoint.pt"
+SENSITIVITY_NAME = "sensitivity.json"
 
 Reads = tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]
 
@@ -55,8 +56,18 @@ def _prune_reads(recipe: Recipe) -> tuple[str, ...]:
     return reads
 
 
+def _sensitive(recipe: Recipe) -> bool:
+    return recipe.prune.allocation == "sensitivity"
+
+
+SENSITIVITY_READS = ("model", "data.path", "seed", "prune.importance", "prune.round_to", "prune.ignore",
+                     "prune.sensitivity_ratios", "prune.sensitivity_images", "recover.calibration_images",
+                     "recover.batch_size")
+
 STAGES: tuple[Stage, ...] = (
-    Stage("prune", _prune_reads, writes=("stages/prune/model.safetensors",), makes_model=True),
+    Stage("sensitivity", SENSITIVITY_READS, writes=(SENSITIVITY_NAME,), wanted=_sensitive),
+    Stage("prune", _prune_reads, after=("sensitivity",), writes=("stages/prune/model.safetensors",),
+          makes_model=True),
     Stage("accuracy_baseline", ("model", "data"), collective=True, wanted=_has_data),
     Stage("accuracy_pruned", ("data",), after=("prune",), collective=True, wanted=_has_data),
     Stage("recalibrated", ("data", "recover.calibration_images", "recover.batch_size", "seed"), after=("prune",),
@@ -84,7 +95,8 @@ def dependencies(stage: Stage, recipe: Recipe, table: tuple[Stage, ...] = STAGES
     """The stages `stage` reads, with MODEL resolved to the latest model stage the recipe runs before it."""
     planned = plan(recipe, table)
     before = [s.name for s in planned[: planned.index(stage)] if s.makes_model]
-    return tuple(before[-1] if d == MODEL else d for d in stage.after)
+    names = {s.name for s in planned}  # a stage the recipe does not run is no input (no sensitivity when uniform)
+    return tuple(before[-1] if d == MODEL else d for d in stage.after if d == MODEL or d in names)
 
 
 def final_model_stage(recipe: Recipe) -> str:
@@ -109,6 +121,10 @@ class StageStore:
         self.root = Path(root)
         self.folder = self.root / "stages"
         self.table = table
+
+    def done(self) -> set[str]:
+        """The stages with a stored record."""
+        return {p.stem for p in self.folder.glob("*.json")} if self.folder.is_dir() else set()
 
     def record(self, name: str) -> dict | None:
         path = self.folder / f"{name}.json"

@@ -27,7 +27,8 @@ from .rules import (
     resolve_unpruned,
     unsupported,
 )
-from .search import search_latency, search_macs
+from .search import search_allocation, search_latency, search_macs
+from .sensitivity import Sensitivity
 
 
 @dataclass
@@ -51,15 +52,20 @@ class PruneResult:
     unpruned: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     latency_search: dict | None = None  # with a latency target: the baseline and every measured trial
+    allocation: str = "uniform"
+    group_ratios: dict[str, float] | None = None  # allocation sensitivity: the ratio of each pruned group
+    predicted_drop: float | None = None  # allocation sensitivity: the summed drops of the chosen points
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def prune_copy(model: nn.Module, example: torch.Tensor, opts: PruneOptions, ratio: float,
-               unpruned: Iterable[str], grads: dict[str, torch.Tensor]) -> tuple[nn.Module, list]:
+               unpruned: Iterable[str], grads: dict[str, torch.Tensor],
+               ratios: dict[str, float] | None = None) -> tuple[nn.Module, list]:
     """A copy of `model` pruned at `ratio` with `opts` (the layers in `unpruned` kept whole), ranked
-    by `grads` for the gradient criteria; and its pruning history."""
+    by `grads` for the gradient criteria; and its pruning history. `ratios` (group root layer: ratio)
+    overrides `ratio` for those groups."""
     pruned = copy.deepcopy(model)
     for name, p in pruned.named_parameters():
         p.grad = grads[name].clone() if name in grads else None
@@ -71,6 +77,7 @@ def prune_copy(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
                 pruned, example, importance=importance, pruning_ratio=ratio,
                 global_pruning=opts.global_pruning, round_to=opts.round_to,
                 max_pruning_ratio=opts.max_layer_ratio, ignored_layers=[modules[n] for n in unpruned],
+                pruning_ratio_dict={modules[n]: r for n, r in (ratios or {}).items()} or None,
             )
             pruner.step()
     except TORCH_PRUNING_FAILURES as exc:  # Torch-Pruning raises bare errors on graphs it cannot handle
@@ -97,14 +104,25 @@ def check_runs(model: nn.Module, example: torch.Tensor, expected_shape: torch.Si
 
 def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = None,
           calibration: Iterable | None = None, latency_probe: LatencyProbe | None = None,
-          log: Callable[[str], None] | None = None) -> tuple[nn.Module, PruneResult]:
+          log: Callable[[str], None] | None = None,
+          sensitivity: Sensitivity | None = None) -> tuple[nn.Module, PruneResult]:
     """Return a pruned copy of `model` (the original is untouched) and what was done to it.
+
+    `opts.allocation == "sensitivity"` needs `sensitivity`, the curves of `sensitivity.analyse` for this
+    model and these options.
 
     A latency target (`opts.target_latency_ms`) needs `latency_probe`, which measures a candidate
     model on the target runtime (see `edgeprune.pruning.OnnxLatencyProbe`).
     """
     if opts.target_latency_ms is not None and latency_probe is None:
         raise EdgePruneError("a latency target needs a latency probe (edgeprune.pruning.OnnxLatencyProbe)")
+    if opts.allocation == "sensitivity":
+        if sensitivity is None:
+            raise EdgePruneError("allocation sensitivity needs a sensitivity analysis: give --data (or use "
+                                 "--allocation uniform)")
+        if opts.target_latency_ms is not None:
+            raise EdgePruneError("allocation sensitivity takes a ratio or a MACs target; for a latency target use "
+                                 "--allocation uniform")
     spec = getattr(model, "edgeprune_spec", None)
     if example is None:
         if spec is None:
@@ -116,7 +134,7 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     with warnings.catch_warnings(record=True) as caught, torch.enable_grad():  # DepGraph traces autograd
         warnings.simplefilter("always")
         pruned, result = _prune(model, example, expected_shape, opts, calibration, latency_probe,
-                                log or (lambda msg: None))
+                                log or (lambda msg: None), sensitivity)
     result.notes += list(dict.fromkeys(f"Torch-Pruning: {str(w.message).splitlines()[0]}" for w in caught
                                        if issubclass(w.category, UserWarning)))
     if spec is not None:
@@ -126,7 +144,7 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
 
 def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, opts: PruneOptions,
            calibration: Iterable | None, probe: LatencyProbe | None,
-           log: Callable[[str], None]) -> tuple[nn.Module, PruneResult]:
+           log: Callable[[str], None], sensitivity: Sensitivity | None = None) -> tuple[nn.Module, PruneResult]:
     unpruned = resolve_unpruned(model, example, opts)
     grads, synthetic = ({}, False)
     if opts.importance in GRADIENT_CRITERIA:
@@ -144,8 +162,21 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
 
     macs_target = None
     search = None
+    allocation = None
     round_to = opts.round_to
-    if opts.ratio is not None:
+    if opts.allocation == "sensitivity":
+        if opts.ratio is not None:  # the MACs a uniform ratio would leave, spread by sensitivity instead
+            macs_target = count(prune_at(model, opts.model_copy(update={"allocation": "uniform"}), opts.ratio,
+                                         grads)[0])
+        else:
+            macs_target = int(count(model) * (1 - opts.macs_reduction))
+        allocation = search_allocation(sensitivity, macs_target, opts,
+                                       lambda ratios: prune_copy(model, example, opts, 0.0, unpruned, grads, ratios),
+                                       count)
+        ratio, pruned, history, trials = opts.ratio or 0.0, allocation.model, allocation.history, allocation.trials
+        if allocation.note:
+            notes.append(allocation.note)
+    elif opts.ratio is not None:
         ratio = opts.ratio
         pruned, history = prune_copy(model, example, opts, ratio, unpruned, grads)
         trials = 1
@@ -164,7 +195,7 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
     before = prunable_layers(model)
     after = prunable_layers(pruned)
     layers = [LayerWidth(n, type(m).__name__, out_channels(m), out_channels(after[n])) for n, m in before.items()]
-    if round_to and not opts.global_pruning and opts.target_latency_ms is None:
+    if round_to and opts.allocation == "uniform" and opts.target_latency_ms is None:
         whole = [la.name for la in layers if la.name not in unpruned and la.channels_after == la.channels_before
                  and la.channels_before * (1 - ratio) < round_to]
         if whole:
@@ -175,5 +206,7 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
     result = PruneResult(ratio=ratio, importance=opts.importance, global_pruning=opts.global_pruning,
                          round_to=round_to, macs_target=macs_target, search_trials=trials,
                          history=[list(h) for h in history], layers=layers, unpruned=unpruned, notes=notes,
-                         latency_search=search)
+                         latency_search=search, allocation=opts.allocation,
+                         group_ratios=allocation.ratios if allocation else None,
+                         predicted_drop=allocation.predicted_drop if allocation else None)
     return pruned, result

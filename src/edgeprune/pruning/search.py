@@ -21,6 +21,7 @@ CountMacs = Callable[[nn.Module], int]
 
 # MACs target
 BISECT_STEPS = 20  # bisection steps per pass
+ALLOCATION_STEPS = 8  # budget rescalings of a sensitivity allocation
 RATIO_RESOLUTION = 1e-4  # a pass stops once its ratio bracket is this narrow
 GLOBAL_MAX_RATIO = 0.99  # upper end of the ratio under global pruning (max_layer_ratio bounds local pruning)
 TOUCH_UP_MAX_RATIO = 0.5  # upper end of the global touch-up's ratio, applied to the uniformly pruned model
@@ -205,3 +206,41 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
                          "macs": best.macs},
               "trials": records}
     return best, search
+
+
+@dataclass
+class AllocationSearch:
+    ratios: dict[str, float]
+    predicted_drop: float
+    model: nn.Module
+    history: list
+    macs: int
+    trials: int
+    note: str | None
+
+
+def search_allocation(sens, target: int, opts: PruneOptions, prune_at_ratios, count: CountMacs) -> AllocationSearch:
+    """Sensitivity allocation for a MACs target: allocate an estimated budget of MACs to remove, prune
+    with the per-group ratios, count the MACs for real, and rescale the budget until the pruned model is
+    within `tolerance` of `target` (the estimate ignores layers thinned on both sides)."""
+    from .sensitivity import allocate
+
+    need = sens.macs - target
+    budget, best, trials = need, None, 0
+    for _ in range(ALLOCATION_STEPS):
+        ratios, predicted = allocate(sens, budget, opts.max_layer_ratio)
+        model, history = prune_at_ratios(ratios)
+        macs = count(model)
+        trials += 1
+        found = AllocationSearch(ratios, predicted, model, history, macs, trials, None)
+        if best is None or abs(macs - target) < abs(best.macs - target):
+            best = found
+        if abs(macs - target) / target <= opts.tolerance:
+            break
+        removed = sens.macs - macs
+        budget = int(budget * need / removed) if removed > 0 else budget * 2
+    best.trials = trials
+    if abs(best.macs - target) / target > opts.tolerance:
+        best.note = (f"sensitivity allocation left {best.macs:,} MACs for a target of {target:,} (the groups' "
+                     f"scored ratios, {', '.join(f'{r:g}' for r in sens.ratios)}, set its granularity)")
+    return best

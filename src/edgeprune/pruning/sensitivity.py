@@ -1,0 +1,275 @@
+"""Sensitivity analysis and the per-group allocation it drives.
+
+`analyse` scores every prunable group (a layer and everything DepGraph couples to its output channels)
+pruned *alone* at a few ratios. The channels a ratio removes (the lowest-importance ones, rounded as the
+pruner rounds them) are masked rather than cut: their output rows and every consumer's input columns are
+zeroed in place, which computes what the physically pruned model computes (conv, linear and BatchNorm
+layers; a test checks it against Torch-Pruning's surgery), without a DepGraph trace per trial. The
+`score` callback sees the masked model and typically re-calibrates BatchNorm and evaluates it.
+
+`allocate` turns the curves into one ratio per group for a MACs budget: a greedy descent on the lower
+convex hull of each group's (MACs saved, points lost) curve, cheapest points lost per MAC first.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from tqdm.auto import tqdm
+
+from .importance import importance_for_grads
+from .rules import build_graph, prunable_layers
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+@dataclass
+class SensitivityPoint:
+    ratio: float
+    channels_after: int
+    macs_saved: int  # estimated from the layers' MACs (see `_macs_saved`)
+    score: float
+    drop: float  # reference score - score (points)
+
+
+@dataclass
+class GroupSensitivity:
+    name: str  # the group's root layer
+    channels: int
+    layers: list[str]  # every conv/linear layer the group prunes (outputs) or thins (inputs)
+    points: list[SensitivityPoint] = field(default_factory=list)
+
+
+@dataclass
+class Sensitivity:
+    metric: str  # what `score` measured ("top1")
+    reference: float  # the score of the unpruned model under the same protocol
+    ratios: list[float]
+    macs: int  # the unpruned model's MACs
+    groups: list[GroupSensitivity]
+    images: int | None = None
+    seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pruned_count(channels: int, ratio: float, round_to: int | None) -> int:
+    """How many channels Torch-Pruning 1.6.1's local pruner removes from `channels` at `ratio`: the kept
+    count is truncated, then rounded down to a multiple of `round_to`; nothing when that leaves none."""
+    kept = int(channels * (1 - ratio))
+    if round_to:
+        kept -= kept % round_to
+    return 0 if kept <= 0 else channels - kept
+
+
+def _layer_macs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
+    """MACs of every conv and linear layer for `example`."""
+    macs: dict[nn.Module, int] = {}
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.modules.conv._ConvNd):
+            per_out = module.weight[0].numel()  # in/groups * kernel
+            macs[module] = int(output.numel() // output.shape[0] * per_out)
+        else:
+            macs[module] = int(output.numel() // output.shape[-1] * module.in_features * module.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in prunable_layers(model).values()]
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return macs
+
+
+def _is_out(graph: tp.DependencyGraph, dep) -> bool:
+    return graph.is_out_channel_pruning_fn(dep.handler)
+
+
+def _mask(group, graph: tp.DependencyGraph) -> None:
+    """Zero, in place, what pruning `group` (a Torch-Pruning group with its indices) would remove."""
+    for dep, idxs in group:
+        module, idx = dep.target.module, torch.as_tensor(list(idxs), dtype=torch.long)
+        if len(idx) == 0:
+            continue
+        out = _is_out(graph, dep)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            weight = module.weight.data  # conv: (out, in/groups, ...); transposed: (in, out/groups, ...)
+            if out or depthwise:  # a depthwise conv's input channel is its output channel
+                if module.transposed:
+                    weight[:, idx] = 0
+                else:
+                    weight[idx] = 0
+                if module.bias is not None:
+                    module.bias.data[idx] = 0
+            elif module.groups == 1:
+                if module.transposed:
+                    weight[idx] = 0
+                else:
+                    weight[:, idx] = 0
+        elif isinstance(module, nn.Linear):
+            if out:
+                module.weight.data[idx] = 0
+                if module.bias is not None:
+                    module.bias.data[idx] = 0
+            else:
+                module.weight.data[:, idx] = 0
+        elif isinstance(module, _NORMS) and module.affine:
+            module.weight.data[idx] = 0
+            module.bias.data[idx] = 0
+
+
+def _macs_saved(group, graph: tp.DependencyGraph, layer_macs: dict[nn.Module, int]) -> int:
+    """MACs a group's pruning removes: each conv/linear layer loses the share of its outputs (or, for
+    consumers, of its inputs) that goes. Layers thinned on both sides by different groups are counted
+    in each, so a combination is slightly over-estimated; `prune` measures the real count."""
+    saved = 0
+    for dep, idxs in group:
+        module = dep.target.module
+        if module not in layer_macs:
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            if _is_out(graph, dep) or depthwise:
+                total = module.out_channels
+            elif module.groups == 1:
+                total = module.in_channels
+            else:
+                continue
+        else:
+            total = module.out_features if _is_out(graph, dep) else module.in_features
+        saved += layer_macs[module] * len(idxs) // total
+    return saved
+
+
+def _groups(model: nn.Module, example: torch.Tensor, unpruned: Sequence[str], opts):
+    graph = build_graph(model, example, opts.trace_memory_gb, opts.trace_timeout_s)
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in prunable_layers(model).items()}
+    ignored = [modules[n] for n in unpruned]
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd,
+                                                                                  nn.Linear]):
+        root = group[0][0].target.module
+        if root not in names:
+            continue
+        layers = list(dict.fromkeys(names[d.target.module] for d, _ in group if d.target.module in names))
+        groups.append((names[root], root, group, layers))
+    return graph, groups
+
+
+def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[str],
+            score: Callable[[nn.Module], float], ratios: Sequence[float], metric: str = "top1",
+            quiet: bool = True) -> Sensitivity:
+    """Score `model` with every prunable group alone pruned at each of `ratios` (masked in place; the
+    model is restored after each trial). `opts` gives the importance criterion and `round_to`."""
+    import time
+
+    t0 = time.time()
+    model.eval()
+    saved_state = {k: v.clone() for k, v in model.state_dict().items()}
+    importance = importance_for_grads(opts.importance)
+    graph, groups = _groups(model, example, unpruned, opts)
+    layer_macs = _layer_macs(model, example)
+    reference = score(model)
+    model.load_state_dict(saved_state)
+    results = []
+    bar = tqdm(total=len(groups) * len(ratios), desc="sensitivity", disable=quiet, leave=False)
+    try:
+        for name, root, group, layers in groups:
+            channels = len(group[0][1])
+            with torch.no_grad():
+                order = torch.argsort(importance(group).detach().cpu())  # least important first
+            entry = GroupSensitivity(name=name, channels=channels, layers=layers)
+            for ratio in ratios:
+                n = pruned_count(channels, ratio, opts.round_to)
+                if n == 0:
+                    bar.update()
+                    continue
+                idxs = sorted(order[:n].tolist())
+                sub = graph.get_pruning_group(root, group[0][0].handler, idxs)
+                with torch.no_grad():
+                    _mask(sub, graph)
+                value = score(model)
+                model.load_state_dict(saved_state)
+                entry.points.append(SensitivityPoint(ratio=float(ratio), channels_after=channels - n,
+                                                     macs_saved=_macs_saved(sub, graph, layer_macs),
+                                                     score=float(value), drop=round(float(reference - value), 4)))
+                bar.update()
+            results.append(entry)
+    finally:
+        bar.close()
+        model.load_state_dict(saved_state)
+    from ..measure import count_macs
+
+    return Sensitivity(metric=metric, reference=float(reference), ratios=[float(r) for r in ratios],
+                       macs=count_macs(model, example), groups=results, seconds=round(time.time() - t0, 1))
+
+
+def _hull(points: list[tuple[float, int, float]]) -> list[tuple[float, int, float]]:
+    """The lower convex hull of (ratio, MACs saved, drop) from (0, 0, 0): the steps a greedy takes, each
+    the cheapest points-per-MAC move from the last; noisy negative drops count as zero loss."""
+    pts = sorted([(0.0, 0, 0.0)] + [(r, s, max(d, 0.0)) for r, s, d in points if s > 0], key=lambda p: p[1])
+    hull = [pts[0]]
+    rest = pts[1:]
+    while rest:
+        last = hull[-1]
+        best = min((p for p in rest if p[1] > last[1]), key=lambda p: ((p[2] - last[2]) / (p[1] - last[1]), -p[1]),
+                   default=None)
+        if best is None:
+            break
+        hull.append(best)
+        rest = [p for p in rest if p[1] > best[1]]
+    return hull
+
+
+def allocate(sens: Sensitivity, macs_to_remove: int, max_ratio: float = 1.0) -> tuple[dict[str, float], float]:
+    """Per-group ratios that remove `macs_to_remove` (estimated) MACs with the least summed drop; returns
+    them and that predicted drop (points). Groups stay whole until worth pruning; the last move stops
+    part-way along its segment (ratio and drop interpolated) so that the budget is met, not overshot."""
+    hulls = {g.name: _hull([(p.ratio, p.macs_saved, p.drop) for p in g.points if p.ratio <= max_ratio])
+             for g in sens.groups}
+    level = {name: 0 for name in hulls}
+    ratios: dict[str, float] = {}
+    removed, predicted = 0, 0.0
+    while removed < macs_to_remove:
+        moves = [(name, (h[level[name] + 1][2] - h[level[name]][2]) / (h[level[name] + 1][1] - h[level[name]][1]))
+                 for name, h in hulls.items() if level[name] + 1 < len(h)]
+        if not moves:
+            break
+        name, _ = min(moves, key=lambda m: m[1])
+        (r0, s0, d0), (r1, s1, d1) = hulls[name][level[name]], hulls[name][level[name] + 1]
+        part = min(1.0, (macs_to_remove - removed) / (s1 - s0))
+        ratios[name] = round(r0 + part * (r1 - r0), 4)
+        removed += part * (s1 - s0)
+        predicted += part * (d1 - d0)
+        level[name] += 1
+        if part < 1.0:
+            break
+    return ratios, round(predicted, 3)
+
+
+def estimated_macs_saved(sens: Sensitivity, ratios: dict[str, float]) -> int:
+    by_name = {g.name: {p.ratio: p.macs_saved for p in g.points} for g in sens.groups}
+    return sum(by_name[name].get(r, 0) for name, r in ratios.items())
+
+
+def curve_table(sens: Sensitivity) -> list[list[str]]:
+    """Rows (group, channels, then the score drop at each ratio) for the console and Markdown."""
+    rows = []
+    for g in sens.groups:
+        at = {p.ratio: p.drop for p in g.points}
+        rows.append([g.name, str(g.channels)] + [f"{at[r]:.2f}" if r in at else "" for r in sens.ratios])
+    return rows
+
+
+def steepest(sens: Sensitivity, ratio: float, count: int = 3) -> list[str]:
+    drops = [(next((p.drop for p in g.points if p.ratio == ratio), np.nan), g.name) for g in sens.groups]
+    return [n for d, n in sorted((d, n) for d, n in drops if not np.isnan(d))[::-1][:count]]

@@ -1,0 +1,141 @@
+"""Sensitivity analysis and allocation: masking computes what Torch-Pruning's surgery computes, the
+allocation spends a MACs budget where it costs least, and the CLI caches the analysis in the run folder."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch_pruning as tp
+from conftest import assert_one_line_error, run_cli
+
+import edgeprune
+from edgeprune.measure import count_macs
+from edgeprune.pruning import resolve_unpruned
+from edgeprune.pruning import sensitivity as S
+from edgeprune.recipe import PruneOptions
+from edgeprune.recover import recalibrate_bn_on
+
+
+def _randomize_bn(model: torch.nn.Module) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+
+
+@pytest.mark.parametrize("name,size", [("cifar_resnet20", 32), ("mobilenet_v2", 64)])
+def test_masking_computes_what_pruning_computes(name, size):
+    model = edgeprune.create_model(name, "none")
+    _randomize_bn(model)  # fresh BNs are identities: a wrong mask could hide behind them
+    x = torch.randn(2, 3, size, size)
+    opts = PruneOptions(ratio=0.5)
+    graph, groups = S._groups(model, x, list(resolve_unpruned(model, x, opts)), opts)
+    assert len(groups) > 5
+    state = copy.deepcopy(model.state_dict())
+    for gname, root, group, _ in groups[:4] + groups[-2:]:
+        channels = len(group[0][1])
+        idxs = sorted(torch.randperm(channels, generator=torch.Generator().manual_seed(1))[: channels // 2].tolist())
+        cut = copy.deepcopy(model)
+        dg = tp.DependencyGraph().build_dependency(cut, x)
+        dg.get_pruning_group(dict(cut.named_modules())[gname], group[0][0].handler, idxs).prune()
+        seen = []
+        hook = root.register_forward_hook(lambda mod, i, out, seen=seen, idxs=idxs: seen.append(
+            out[:, idxs].abs().max().item()))
+        with torch.no_grad():
+            model(x)
+            S._mask(graph.get_pruning_group(root, group[0][0].handler, idxs), graph)
+            masked = model(x)
+            model.load_state_dict(state)
+            assert torch.allclose(masked, cut(x), atol=1e-4), gname
+        hook.remove()
+        assert seen[0] > 0 and seen[1] == 0, gname  # the masked channels were live, then silenced
+
+
+def test_allocation_spends_the_budget_where_it_costs_least():
+    point = S.SensitivityPoint
+    sens = S.Sensitivity(metric="top1", reference=90.0, ratios=[0.25, 0.5], macs=1000, groups=[
+        S.GroupSensitivity("robust", 8, ["robust"], [point(0.25, 6, 100, 90.0, 0.0), point(0.5, 4, 200, 89.8, 0.2)]),
+        S.GroupSensitivity("fragile", 8, ["fragile"], [point(0.25, 6, 100, 85.0, 5.0), point(0.5, 4, 200, 70.0, 20.0)]),
+        S.GroupSensitivity("noisy", 8, ["noisy"], [point(0.25, 6, 50, 90.3, -0.3), point(0.5, 4, 100, 89.0, 1.0)]),
+    ])
+    ratios, predicted = S.allocate(sens, 250)
+    assert ratios == {"robust": 0.5, "noisy": 0.25}  # a negative drop is noise: free, but no gain
+    assert predicted == pytest.approx(0.2)
+    ratios, predicted = S.allocate(sens, 200)  # both free steps, then half of "robust"'s second
+    assert ratios == {"noisy": 0.25, "robust": 0.375} and predicted == pytest.approx(0.1)
+    ratios, predicted = S.allocate(sens, 10_000)  # more than there is: everything at its largest ratio
+    assert ratios == {"robust": 0.5, "fragile": 0.5, "noisy": 0.5} and predicted == pytest.approx(21.2)
+    assert S.allocate(sens, 250, max_ratio=0.3)[0] == {"robust": 0.25, "noisy": 0.25, "fragile": 0.25}
+
+
+def test_sensitivity_allocation_meets_a_macs_target_and_reloads(tmp_path, cifar_test_subset):
+    x_all, y_all = cifar_test_subset
+    model = edgeprune.create_model("cifar_resnet20", "cifar10-jpeg")
+    calibration = [x_all[i:i + 64] for i in range(0, 128, 64)]
+    images, labels = x_all[128:328], y_all[128:328]
+
+    @torch.no_grad()
+    def score(m):
+        recalibrate_bn_on(m, calibration)
+        return 100 * float((m(images).argmax(1) == labels).float().mean())
+
+    opts = PruneOptions(macs_reduction=0.4, allocation="sensitivity", sensitivity_ratios=[0.3, 0.6])
+    example = model.edgeprune_spec.example_input()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sens = S.analyse(model, example, opts, list(resolve_unpruned(model, example, opts)), score, opts.sensitivity_ratios)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # restored after the trials
+    assert len(sens.groups) == 9 and all(len(g.points) == 2 for g in sens.groups)
+    assert max(p.drop for g in sens.groups for p in g.points) > 2  # some groups matter
+    pruned, result = edgeprune.prune(model, opts, sensitivity=sens)
+    macs = count_macs(pruned, example)
+    assert abs(macs - result.macs_target) / result.macs_target <= opts.tolerance
+    assert result.macs_target == int(count_macs(model, example) * 0.6)
+    assert len(set(result.group_ratios.values())) > 1 or len(result.group_ratios) < len(sens.groups)  # not uniform
+    layers = {la.name: la for la in result.layers}
+    for group, ratio in result.group_ratios.items():  # each group cut as its scored point
+        la = layers[group]
+        assert la.channels_after == la.channels_before - S.pruned_count(la.channels_before, ratio, None)
+    edgeprune.save(pruned, result.history, tmp_path / "art")
+    again = edgeprune.load(tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(again(images[:8]), pruned(images[:8]))
+    with pytest.raises(edgeprune.EdgePruneError, match="needs a sensitivity analysis"):
+        edgeprune.prune(model, opts)
+
+
+SMALL = ("--images", "200", "--ratios", "0.3,0.6", "--set", "recover.calibration_images=128")
+
+
+def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("sensitivity", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
+                   "--out", str(out), "-q", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    assert "layer3.0.conv1" in proc.stdout
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert sens["images"] == 200 and sens["ratios"] == [0.3, 0.6] and len(sens["groups"]) == 9
+    stamp = (out / "stages" / "sensitivity.json").stat().st_mtime
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
+                   "--allocation", "sensitivity", "--ratio", "0.4", "--out", str(out), "-q",
+                   "--set", "prune.sensitivity_images=200", "--set", "prune.sensitivity_ratios=[0.3,0.6]",
+                   "--set", "recover.calibration_images=128", "--set", "data.eval_images=200",
+                   "--warmup", "1", "--repeats", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "stages" / "sensitivity.json").stat().st_mtime == stamp  # the analysis was reused
+    report = json.loads((out / "report.json").read_text())
+    assert report["prune"]["allocation"] == "sensitivity" and report["prune"]["group_ratios"]
+    assert report["sensitivity"]["groups"] == sens["groups"]
+    assert "Sensitivity" in (out / "report.md").read_text()
+    assert "sensitivity of each prunable group" in (out / "report.html").read_text()
+    for args, needle in ((("--allocation", "sensitivity"), "give --data"),
+                         (("--allocation", "sensitivity", "--data", "cifar10", "--importance", "taylor"),
+                          "without gradients")):
+        bad = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", *args, "--out",
+                      str(tmp_path / "bad"), "-q")
+        assert_one_line_error(bad, needle)
+        assert not (tmp_path / "bad").exists()
