@@ -108,7 +108,7 @@ def test_sensitivity_allocation_meets_a_macs_target_and_reloads(tmp_path, cifar_
         edgeprune.prune(model, opts)
 
 
-SMALL = ("--images", "200", "--ratios", "0.3,0.6", "--set", "recover.calibration_images=128")
+SMALL = ("--images", "200", "--ratios", "0.3,0.6", "--set", "prune.sensitivity_calibration_images=128")
 
 
 def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
@@ -123,7 +123,7 @@ def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
     proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
                    "--allocation", "sensitivity", "--ratio", "0.4", "--out", str(out), "-q",
                    "--set", "prune.sensitivity_images=200", "--set", "prune.sensitivity_ratios=[0.3,0.6]",
-                   "--set", "recover.calibration_images=128", "--set", "data.eval_images=200",
+                   "--set", "prune.sensitivity_calibration_images=128", "--set", "data.eval_images=200",
                    "--warmup", "1", "--repeats", "5")
     assert proc.returncode == 0, proc.stderr
     assert (out / "stages" / "sensitivity.json").stat().st_mtime == stamp  # the analysis was reused

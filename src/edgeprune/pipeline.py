@@ -255,8 +255,8 @@ def _sensitivity(r: Runner) -> Sensitivity:
     if r.detection:
         raise EdgePruneError("allocation sensitivity is for classifiers for now; prune detectors with "
                              "--allocation uniform")
-    calibration = [x for x, _ in loader(r.split(True), rec.batch_size, shuffle=True, limit=rec.calibration_images,
-                                        seed=r.recipe.seed)]
+    calibration = [x for x, _ in loader(r.split(True), rec.batch_size, shuffle=True,
+                                        limit=opts.sensitivity_calibration_images, seed=r.recipe.seed)]
     evaluation = list(loader(even_subset(r.split(False), opts.sensitivity_images), r.recipe.data.eval_batch_size,
                              workers=r.recipe.data.workers))
     images = sum(len(y) for _, y in evaluation)

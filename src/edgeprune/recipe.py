@@ -65,6 +65,8 @@ class PruneOptions(_Strict):
         description="allocation sensitivity: the ratios each group is scored at, alone")
     sensitivity_images: int = Field(default=500, ge=1, description="allocation sensitivity: evaluation images per "
                                     "score (an even subset of the evaluation split)")
+    sensitivity_calibration_images: int = Field(default=256, ge=1, description="allocation sensitivity: training "
+                                                "images each trial re-calibrates BatchNorm on (the same for all)")
     round_to: int | None = Field(default=None, ge=1)
     max_layer_ratio: float = Field(default=1.0, gt=0, le=1)
     ignore: list[str] = Field(default_factory=list, description="extra layer names (glob) never pruned")

@@ -61,7 +61,7 @@ def _sensitive(recipe: Recipe) -> bool:
 
 
 SENSITIVITY_READS = ("model", "data.path", "seed", "prune.importance", "prune.round_to", "prune.ignore",
-                     "prune.sensitivity_ratios", "prune.sensitivity_images", "recover.calibration_images",
+                     "prune.sensitivity_ratios", "prune.sensitivity_images", "prune.sensitivity_calibration_images",
                      "recover.batch_size")
 
 STAGES: tuple[Stage, ...] = (

@@ -1,0 +1,110 @@
+"""How the channels are spread: uniform against sensitivity allocation on the JPEG-adapted ResNet-56.
+
+    EDGEPRUNE_HOME=../shared/data python bench/allocation.py [--variants uniform-2x sensitivity-2x uniform-3x
+        sensitivity-3x] [--epochs 5] [--out DIR]
+
+Every variant is the built-in default recipe (src/edgeprune/recipes/default.yaml: l2 importance, BN
+re-calibration on 1,024 images, distillation) at a MACs target (2x: macs_reduction 0.5, 3x: 0.667) with
+`--epochs` of fine-tuning, evaluated on the full cifar10-jpeg test set (10,000 images), same seed. The
+sensitivity analysis (default settings: every group alone at 0.2/0.4/0.6/0.8, 500 images, BN re-calibrated
+on 256) runs once and is shared by the sensitivity variants; its time is added to their wall time.
+Each variant is appended to bench/results/allocation.json (and .md) when it finishes, with the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "allocation.json"
+TARGETS = {"2x": 0.5, "3x": 2 / 3}
+
+
+def _load() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"variants": []}
+
+
+def _save(results: dict) -> None:
+    from edgeprune.fsio import write_json, write_text
+
+    write_json(RESULTS, results)
+    lines = ["# ResNet-56 (JPEG CIFAR-10): uniform against sensitivity allocation", "",
+             *dict.fromkeys(f"`{v['command']}`" for v in results["variants"]), "",
+             "| variant | allocation | steps | MACs factor | epochs | top-1 baseline | after BN re-cal | fine-tuned | "
+             "drop | predicted drop (alone, summed) | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in results["variants"]:
+        t = v["top1"]
+        drop = "" if t.get("finetuned") is None else f"{t['baseline'] - t['finetuned']:.2f}"
+        predicted = "" if v.get("predicted_drop") is None else f"{v['predicted_drop']:.2f}"
+        lines.append(f"| {v['name']} | {v['allocation']} | {v['steps']} | {v['macs_factor']:.2f} | {v['epochs']} | "
+                     f"{t['baseline']:.2f} | {t['recalibrated']:.2f} | "
+                     f"{'' if t.get('finetuned') is None else format(t['finetuned'], '.2f')} | {drop} | {predicted} | "
+                     f"{v['wall_s']:.0f} |")
+    write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["uniform-2x", "sensitivity-2x", "uniform-3x",
+                                                         "sensitivity-3x"])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
+    args = parser.parse_args()
+    for name in args.variants:
+        allocation, _, factor = name.partition("-")
+        if allocation not in ("uniform", "sensitivity", "global") or factor not in TARGETS:
+            parser.error(f"unknown variant {name!r}: ALLOCATION-FACTOR with FACTOR in {list(TARGETS)}")
+    from edgeprune import load_recipe, run
+    from edgeprune.environment import environment
+    from edgeprune.pipeline import sensitivity_run
+
+    results = _load()
+    command = "EDGEPRUNE_HOME=../shared/data python " + shlex.join(["bench/allocation.py", *sys.argv[1:]])
+    results["environment"] = environment()
+    sens_folder, sens_seconds = None, 0.0
+    with tempfile.TemporaryDirectory(prefix="edgeprune-alloc-bench-") as tmp:
+        out = args.out or Path(tmp)
+        for name in args.variants:
+            allocation, _, factor = name.partition("-")
+            recipe = load_recipe(None, {"prune.macs_reduction": TARGETS[factor], "prune.allocation": allocation,
+                                        "recover.epochs": args.epochs, "int8.enabled": False,
+                                        "latency.per_layer": False})
+            folder = out / name
+            shutil.rmtree(folder, ignore_errors=True)
+            if allocation == "sensitivity":
+                if sens_folder is None:
+                    sens_folder = out / "sensitivity"
+                    shutil.rmtree(sens_folder, ignore_errors=True)
+                    t0 = time.time()
+                    sensitivity_run(recipe, sens_folder, quiet=True)
+                    sens_seconds = time.time() - t0
+                (folder / "stages").mkdir(parents=True)
+                shutil.copy(sens_folder / "sensitivity.json", folder)
+                shutil.copy(sens_folder / "stages" / "sensitivity.json", folder / "stages")
+            t0 = time.time()
+            report = run(recipe, folder, quiet=True)
+            wall = time.time() - t0 + (sens_seconds if allocation == "sensitivity" else 0.0)
+            row = {"name": name, "allocation": allocation, "steps": 1,
+                   "macs_factor": round(report["baseline"]["macs"] / report["pruned"]["macs"], 3),
+                   "epochs": args.epochs, "wall_s": round(wall, 1),
+                   "sensitivity_s": round(sens_seconds, 1) if allocation == "sensitivity" else None,
+                   "predicted_drop": report["prune"].get("predicted_drop"),
+                   "group_ratios": report["prune"].get("group_ratios"),
+                   "top1": {"baseline": report["baseline"]["top1"], "pruned": report["pruned"]["top1"],
+                            "recalibrated": report["recalibrated"]["top1"],
+                            "finetuned": report.get("finetuned", {}).get("top1")},
+                   "ort_speedup": report["speedup"].get("ort_cpu"), "command": command}
+            results["variants"] = [v for v in results["variants"] if v["name"] != name] + [row]
+            _save(results)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
