@@ -132,10 +132,37 @@ def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
     assert report["sensitivity"]["groups"] == sens["groups"]
     assert "Sensitivity" in (out / "report.md").read_text()
     assert "sensitivity of each prunable group" in (out / "report.html").read_text()
+    again = run_cli("sensitivity", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
+                    "--out", str(out), "-q", "--images", "100")  # a finished run is not rewritten
+    assert_one_line_error(again, "different recipe")
+    assert json.loads((out / "report.json").read_text())["prune"]["group_ratios"]
     for args, needle in ((("--allocation", "sensitivity"), "give --data"),
+                         (("--allocation", "uniform", "--global"), "disagree"),
+                         (("--allocation", "sensitivity", "--data", "cifar10", "--target-latency-ms", "5"),
+                          "ratio or a MACs target"),
                          (("--allocation", "sensitivity", "--data", "cifar10", "--importance", "taylor"),
                           "without gradients")):
         bad = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", *args, "--out",
                       str(tmp_path / "bad"), "-q")
         assert_one_line_error(bad, needle)
         assert not (tmp_path / "bad").exists()
+
+
+def test_allocation_and_its_global_alias_agree():
+    from edgeprune.recipe import Recipe, apply_overrides
+
+    base = apply_overrides(Recipe(), {"prune.allocation": "global"})
+    assert base.prune.global_pruning
+    assert apply_overrides(base, {"prune.global_pruning": False}).prune.allocation == "uniform"
+    assert apply_overrides(base, {"prune.allocation": "sensitivity"}).prune.global_pruning is False
+    assert apply_overrides(Recipe(), {"prune.global_pruning": True}).prune.allocation == "global"
+    with pytest.raises(edgeprune.EdgePruneError, match="exclude each other"):
+        edgeprune.load_recipe(None, {"prune.allocation": "sensitivity", "prune.global_pruning": True})
+
+
+def test_groups_masking_cannot_represent_are_refused():
+    model = edgeprune.create_model("resnext50_32x4d", "none")
+    x = torch.randn(1, 3, 64, 64)
+    opts = PruneOptions(ratio=0.5)
+    with pytest.raises(edgeprune.EdgePruneError, match="grouped conv"):
+        S.check_maskable(model, x, list(resolve_unpruned(model, x, opts)), opts)

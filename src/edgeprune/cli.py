@@ -193,6 +193,9 @@ def prune_cmd(
     given = [flag for flag, v in targets.items() if v is not None]
     if len(given) > 1:
         raise EdgePruneError(f"give one of --ratio, --macs-reduction, --target-latency-ms, not {' and '.join(given)}")
+    if allocation is not None and global_pruning is not None and (allocation == "global") != global_pruning:
+        raise EdgePruneError(f"--allocation {allocation} and --{'global' if global_pruning else 'local'} disagree; "
+                             "give --allocation alone")
     overrides = _given({
         "model.name": model, "model.weights": weights, "model.num_classes": num_classes,
         "data.path": data, "model.imgsz": imgsz, "model.trust_pickle": True if trust_pickle else None,

@@ -216,18 +216,33 @@ def check_detection_data(data, spec):
     return data
 
 
+def check_sensitivity(recipe: Recipe, model: nn.Module) -> None:
+    """What a sensitivity allocation needs, checked before anything runs or is written."""
+    from .pruning import resolve_unpruned
+    from .pruning.sensitivity import check_maskable
+
+    opts = recipe.prune
+    if not recipe.data.path:
+        raise EdgePruneError("allocation sensitivity scores the layers on data: give --data (or use --allocation "
+                             "uniform)")
+    if model.edgeprune_spec.task == "detect":
+        raise EdgePruneError("allocation sensitivity is for classifiers for now; prune detectors with "
+                             "--allocation uniform")
+    if opts.importance in ("taylor", "hessian", "random"):
+        raise EdgePruneError(f"allocation sensitivity needs a fixed ranking without gradients; choose --importance "
+                             f"l2, l1, bn-scale, lamp or fpgm instead of {opts.importance}")
+    example = model.edgeprune_spec.example_input()
+    check_maskable(model, example, list(resolve_unpruned(model, example, opts)), opts)
+
+
 def preflight(recipe: Recipe) -> nn.Module:
     """Check what a run reads before it writes anything: the model and its weights, and a detector's
     dataset (images and labels); returns the unpruned model."""
     from .detection.data import is_detection_data
 
     model = create_model(**recipe.model.model_dump())
-    if recipe.prune.allocation == "sensitivity" and not recipe.data.path:
-        raise EdgePruneError("allocation sensitivity scores the layers on data: give --data (or use --allocation "
-                             "uniform)")
-    if recipe.prune.allocation == "sensitivity" and recipe.prune.importance in ("taylor", "hessian"):
-        raise EdgePruneError(f"allocation sensitivity ranks channels without gradients; choose --importance l2, l1, "
-                             f"bn-scale, lamp or fpgm instead of {recipe.prune.importance}")
+    if recipe.prune.allocation == "sensitivity":
+        check_sensitivity(recipe, model)
     for path in dict.fromkeys(p for p in (recipe.data.path, recipe.int8.data) if p):
         yolo = model.edgeprune_spec.task == "detect"
         if yolo and not is_detection_data(path):
@@ -252,27 +267,26 @@ def _sensitivity(r: Runner) -> Sensitivity:
     from .pruning.sensitivity import analyse
 
     opts, rec = r.recipe.prune, r.recipe.recover
-    if r.detection:
-        raise EdgePruneError("allocation sensitivity is for classifiers for now; prune detectors with "
-                             "--allocation uniform")
     calibration = [x for x, _ in loader(r.split(True), rec.batch_size, shuffle=True,
                                         limit=opts.sensitivity_calibration_images, seed=r.recipe.seed)]
     evaluation = list(loader(even_subset(r.split(False), opts.sensitivity_images), r.recipe.data.eval_batch_size,
                              workers=r.recipe.data.workers))
     images = sum(len(y) for _, y in evaluation)
 
+    device = r.rt.device
+
     @torch.no_grad()
     def score(model: nn.Module) -> float:
-        recalibrate_bn_on(model, calibration, seed=r.recipe.seed)
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in evaluation)
+        recalibrate_bn_on(model, calibration, device=device, seed=r.recipe.seed)
+        correct = sum(int((model(x.to(device)).argmax(1).cpu() == y).sum()) for x, y in evaluation)
         return round(100 * correct / images, 3)
 
     example = r.spec.example_input()
     unpruned = resolve_unpruned(r.baseline, example, opts)
     r.log(f"sensitivity: every prunable group alone at ratios {', '.join(map(str, opts.sensitivity_ratios))} "
           f"({images} images)")
-    sens = analyse(copy.deepcopy(r.baseline), example, opts, list(unpruned), score, opts.sensitivity_ratios,
-                   quiet=r.quiet)
+    sens = analyse(copy.deepcopy(r.baseline).to(device), example.to(device), opts, list(unpruned), score,
+                   opts.sensitivity_ratios, quiet=r.quiet)
     sens.images = images
     write_json(r.root / SENSITIVITY_NAME, sens.to_dict())
     return sens
@@ -467,9 +481,11 @@ def sensitivity_run(recipe: Recipe, out: str | Path, quiet: bool = False, overwr
     """The sensitivity analysis of `recipe`'s model alone, in the run folder `out` (out/sensitivity.json);
     a later `run` of the recipe with allocation sensitivity in the same folder reuses it."""
     recipe = apply_overrides(recipe, {"prune.allocation": "sensitivity"})
+    if runtime().distributed:
+        raise EdgePruneError("run edgeprune sensitivity in one process (without torchrun)")
     seed_everything(recipe.seed)
     baseline = preflight(recipe)
-    store = open_run_folder(out, recipe, overwrite, changing=True)
+    store = open_run_folder(out, recipe, overwrite)  # a folder holding another finished run is refused
     runner = Runner(recipe, store, runtime(), quiet, resume=False, baseline=baseline)
     try:
         return to_json(runner.execute(BY_NAME["sensitivity"]))

@@ -95,9 +95,14 @@ class PruneOptions(_Strict):
 
     @model_validator(mode="after")
     def _one_target(self):
+        if self.global_pruning and self.allocation == "sensitivity":
+            raise ValueError("global_pruning and allocation sensitivity exclude each other; give allocation alone")
         if self.global_pruning and self.allocation == "uniform":
             self.allocation = "global"
         self.global_pruning = self.allocation == "global"
+        if self.allocation == "sensitivity" and self.target_latency_ms is not None:
+            raise ValueError("allocation sensitivity takes a ratio or a MACs target; for a latency target use "
+                             "allocation uniform")
         given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of ratio, macs_reduction, target_latency_ms, not {' and '.join(given)}")
@@ -230,6 +235,9 @@ def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
         merged[section][key] = value
     if overrides.get("prune.allocation") is not None and "prune.global_pruning" not in overrides:
         merged["prune"]["global_pruning"] = overrides["prune.allocation"] == "global"  # the alias follows
+    elif overrides.get("prune.global_pruning") is not None and "prune.allocation" not in overrides:
+        on, was = overrides["prune.global_pruning"], merged["prune"].get("allocation", "uniform")
+        merged["prune"]["allocation"] = "global" if on else ("uniform" if was == "global" else was)
     chosen = [t for t in TARGETS if overrides.get(f"prune.{t}") is not None]
     if len(chosen) == 1:  # a target given on top of a recipe replaces the recipe's target
         merged["prune"].update({t: None for t in TARGETS if t != chosen[0]})

@@ -226,9 +226,12 @@ def search_allocation(sens, target: int, opts: PruneOptions, prune_at_ratios, co
     from .sensitivity import allocate
 
     need = sens.macs - target
-    budget, best, trials = need, None, 0
+    budget, best, trials, tried = need, None, 0, []
     for _ in range(ALLOCATION_STEPS):
         ratios, predicted = allocate(sens, budget, opts.max_layer_ratio)
+        if ratios in tried:  # the curves are spent (or the budget stopped moving)
+            break
+        tried.append(ratios)
         model, history = prune_at_ratios(ratios)
         macs = count(model)
         trials += 1
@@ -238,9 +241,13 @@ def search_allocation(sens, target: int, opts: PruneOptions, prune_at_ratios, co
         if abs(macs - target) / target <= opts.tolerance:
             break
         removed = sens.macs - macs
-        budget = int(budget * need / removed) if removed > 0 else budget * 2
+        budget = max(1, int(budget * need / removed)) if removed > 0 else max(1, budget) * 2
     best.trials = trials
-    if abs(best.macs - target) / target > opts.tolerance:
-        best.note = (f"sensitivity allocation left {best.macs:,} MACs for a target of {target:,} (the groups' "
-                     f"scored ratios, {', '.join(f'{r:g}' for r in sens.ratios)}, set its granularity)")
+    if best.macs > target * (1 + opts.tolerance):
+        best.note = (f"sensitivity allocation left {best.macs:,} MACs for a target of {target:,}: every group at "
+                     f"its largest scored ratio (<= {min(max(sens.ratios), opts.max_layer_ratio):g}) removes no "
+                     "more; add larger prune.sensitivity_ratios or aim lower")
+    elif abs(best.macs - target) / target > opts.tolerance:
+        best.note = (f"sensitivity allocation left {best.macs:,} MACs for a target of {target:,} (channel counts "
+                     "move in whole channels per group)")
     return best

@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 from tqdm.auto import tqdm
 
+from ..errors import EdgePruneError
 from .importance import importance_for_grads
 from .rules import build_graph, prunable_layers
 
@@ -149,10 +149,29 @@ def _macs_saved(group, graph: tp.DependencyGraph, layer_macs: dict[nn.Module, in
     return saved
 
 
+def _unmaskable(module: nn.Module) -> str | None:
+    """Why masking a channel of `module` would not compute what cutting it computes (None: it would)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups == module.in_channels == module.out_channels
+        if module.groups > 1 and not depthwise:
+            return f"a grouped conv ({module.groups} groups)"
+        if depthwise and module.transposed:
+            return "a depthwise transposed conv"
+        return None
+    if isinstance(module, (nn.Linear, *_NORMS)) or type(module).__module__.startswith("torch_pruning"):
+        return None  # Torch-Pruning's own nodes (concat, split, element-wise ops) carry no weights
+    if not any(True for _ in module.parameters(recurse=False)):
+        return None  # activations, pooling, dropout
+    return f"a {type(module).__name__} (its statistics or weights span the masked channels)"
+
+
 def _groups(model: nn.Module, example: torch.Tensor, unpruned: Sequence[str], opts):
+    """Torch-Pruning's prunable groups (root conv/linear layer first); a group masking cannot stand in
+    for is a one-line error naming it."""
     graph = build_graph(model, example, opts.trace_memory_gb, opts.trace_timeout_s)
     modules = dict(model.named_modules())
     names = {m: n for n, m in prunable_layers(model).items()}
+    qualified = {m: n for n, m in modules.items()}
     ignored = [modules[n] for n in unpruned]
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd,
@@ -160,9 +179,21 @@ def _groups(model: nn.Module, example: torch.Tensor, unpruned: Sequence[str], op
         root = group[0][0].target.module
         if root not in names:
             continue
+        for dep, _ in group:
+            why = _unmaskable(dep.target.module)
+            if why is not None:
+                raise EdgePruneError(
+                    f"allocation sensitivity cannot score the group of {names[root]}: it holds "
+                    f"{qualified.get(dep.target.module, type(dep.target.module).__name__)}, {why}; use "
+                    "--allocation uniform or global")
         layers = list(dict.fromkeys(names[d.target.module] for d, _ in group if d.target.module in names))
         groups.append((names[root], root, group, layers))
     return graph, groups
+
+
+def check_maskable(model: nn.Module, example: torch.Tensor, unpruned: Sequence[str], opts) -> None:
+    """Raise the one-line error of `_groups` before anything is computed or written."""
+    _groups(model, example, unpruned, opts)
 
 
 def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[str],
@@ -186,14 +217,20 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
         for name, root, group, layers in groups:
             channels = len(group[0][1])
             with torch.no_grad():
-                order = torch.argsort(importance(group).detach().cpu())  # least important first
+                scores = importance(group)
+            if scores is None:  # e.g. bn-scale on a group without BatchNorm: the pruner skips it too
+                bar.update(len(ratios))
+                continue
+            scores = scores.detach().cpu()
             entry = GroupSensitivity(name=name, channels=channels, layers=layers)
             for ratio in ratios:
                 n = pruned_count(channels, ratio, opts.round_to)
                 if n == 0:
                     bar.update()
                     continue
-                idxs = sorted(order[:n].tolist())
+                # the pruner's choice: the n least important (topk; argsort once round_to changed n)
+                chosen = torch.argsort(scores)[:n] if opts.round_to else torch.topk(scores, n, largest=False)[1]
+                idxs = sorted(chosen.tolist())
                 sub = graph.get_pruning_group(root, group[0][0].handler, idxs)
                 with torch.no_grad():
                     _mask(sub, graph)
@@ -254,22 +291,3 @@ def allocate(sens: Sensitivity, macs_to_remove: int, max_ratio: float = 1.0) -> 
         if part < 1.0:
             break
     return ratios, round(predicted, 3)
-
-
-def estimated_macs_saved(sens: Sensitivity, ratios: dict[str, float]) -> int:
-    by_name = {g.name: {p.ratio: p.macs_saved for p in g.points} for g in sens.groups}
-    return sum(by_name[name].get(r, 0) for name, r in ratios.items())
-
-
-def curve_table(sens: Sensitivity) -> list[list[str]]:
-    """Rows (group, channels, then the score drop at each ratio) for the console and Markdown."""
-    rows = []
-    for g in sens.groups:
-        at = {p.ratio: p.drop for p in g.points}
-        rows.append([g.name, str(g.channels)] + [f"{at[r]:.2f}" if r in at else "" for r in sens.ratios])
-    return rows
-
-
-def steepest(sens: Sensitivity, ratio: float, count: int = 3) -> list[str]:
-    drops = [(next((p.drop for p in g.points if p.ratio == ratio), np.nan), g.name) for g in sens.groups]
-    return [n for d, n in sorted((d, n) for d, n in drops if not np.isnan(d))[::-1][:count]]
