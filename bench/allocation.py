@@ -37,12 +37,12 @@ def _save(results: dict) -> None:
     lines = ["# ResNet-56 (JPEG CIFAR-10): uniform against sensitivity allocation", "",
              *dict.fromkeys(f"`{v['command']}`" for v in results["variants"]), "",
              "| variant | allocation | steps | MACs factor | epochs | top-1 baseline | after BN re-cal | fine-tuned | "
-             "drop | predicted drop (alone, summed) | wall s |",
+             "drop | predicted distortion (KL, summed) | wall s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in results["variants"]:
         t = v["top1"]
         drop = "" if t.get("finetuned") is None else f"{t['baseline'] - t['finetuned']:.2f}"
-        predicted = "" if v.get("predicted_drop") is None else f"{v['predicted_drop']:.2f}"
+        predicted = "" if v.get("predicted_distortion") is None else f"{v['predicted_distortion']:.4f}"
         lines.append(f"| {v['name']} | {v['allocation']} | {v['steps']} | {v['macs_factor']:.2f} | {v['epochs']} | "
                      f"{t['baseline']:.2f} | {t['recalibrated']:.2f} | "
                      f"{'' if t.get('finetuned') is None else format(t['finetuned'], '.2f')} | {drop} | {predicted} | "
@@ -95,7 +95,7 @@ def main() -> None:
                    "macs_factor": round(report["baseline"]["macs"] / report["pruned"]["macs"], 3),
                    "epochs": args.epochs, "wall_s": round(wall, 1),
                    "sensitivity_s": round(sens_seconds, 1) if allocation == "sensitivity" else None,
-                   "predicted_drop": report["prune"].get("predicted_drop"),
+                   "predicted_distortion": report["prune"].get("predicted_distortion"),
                    "group_ratios": report["prune"].get("group_ratios"),
                    "top1": {"baseline": report["baseline"]["top1"], "pruned": report["pruned"]["top1"],
                             "recalibrated": report["recalibrated"]["top1"],

@@ -57,20 +57,22 @@ def test_masking_computes_what_pruning_computes(name, size):
 
 
 def test_allocation_spends_the_budget_where_it_costs_least():
-    point = S.SensitivityPoint
+    def point(ratio, saved, distortion):  # the top-1 figures play no part in the allocation
+        return S.SensitivityPoint(ratio, 8 - int(8 * ratio), saved, 90.0, 0.0, distortion)
+
     sens = S.Sensitivity(metric="top1", reference=90.0, ratios=[0.25, 0.5], macs=1000, groups=[
-        S.GroupSensitivity("robust", 8, ["robust"], [point(0.25, 6, 100, 90.0, 0.0), point(0.5, 4, 200, 89.8, 0.2)]),
-        S.GroupSensitivity("fragile", 8, ["fragile"], [point(0.25, 6, 100, 85.0, 5.0), point(0.5, 4, 200, 70.0, 20.0)]),
-        S.GroupSensitivity("noisy", 8, ["noisy"], [point(0.25, 6, 50, 90.3, -0.3), point(0.5, 4, 100, 89.0, 1.0)]),
+        S.GroupSensitivity("robust", 8, ["robust"], [point(0.25, 100, 0.0), point(0.5, 200, 0.2)]),
+        S.GroupSensitivity("fragile", 8, ["fragile"], [point(0.25, 100, 5.0), point(0.5, 200, 20.0)]),
+        S.GroupSensitivity("cheap", 8, ["cheap"], [point(0.25, 50, 0.0), point(0.5, 100, 1.0)]),
     ])
     ratios, predicted = S.allocate(sens, 250)
-    assert ratios == {"robust": 0.5, "noisy": 0.25}  # a negative drop is noise: free, but no gain
+    assert ratios == {"robust": 0.5, "cheap": 0.25}  # per MAC, robust's second step beats cheap's
     assert predicted == pytest.approx(0.2)
     ratios, predicted = S.allocate(sens, 200)  # both free steps, then half of "robust"'s second
-    assert ratios == {"noisy": 0.25, "robust": 0.375} and predicted == pytest.approx(0.1)
+    assert ratios == {"cheap": 0.25, "robust": 0.375} and predicted == pytest.approx(0.1)
     ratios, predicted = S.allocate(sens, 10_000)  # more than there is: everything at its largest ratio
-    assert ratios == {"robust": 0.5, "fragile": 0.5, "noisy": 0.5} and predicted == pytest.approx(21.2)
-    assert S.allocate(sens, 250, max_ratio=0.3)[0] == {"robust": 0.25, "noisy": 0.25, "fragile": 0.25}
+    assert ratios == {"robust": 0.5, "fragile": 0.5, "cheap": 0.5} and predicted == pytest.approx(21.2)
+    assert S.allocate(sens, 250, max_ratio=0.3)[0] == {"robust": 0.25, "cheap": 0.25, "fragile": 0.25}
 
 
 def test_sensitivity_allocation_meets_a_macs_target_and_reloads(tmp_path, cifar_test_subset):
@@ -82,7 +84,8 @@ def test_sensitivity_allocation_meets_a_macs_target_and_reloads(tmp_path, cifar_
     @torch.no_grad()
     def score(m):
         recalibrate_bn_on(m, calibration)
-        return 100 * float((m(images).argmax(1) == labels).float().mean())
+        logits = m(images)
+        return 100 * float((logits.argmax(1) == labels).float().mean()), logits
 
     opts = PruneOptions(macs_reduction=0.4, allocation="sensitivity", sensitivity_ratios=[0.3, 0.6])
     example = model.edgeprune_spec.example_input()
@@ -91,6 +94,10 @@ def test_sensitivity_allocation_meets_a_macs_target_and_reloads(tmp_path, cifar_
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # restored after the trials
     assert len(sens.groups) == 9 and all(len(g.points) == 2 for g in sens.groups)
     assert max(p.drop for g in sens.groups for p in g.points) > 2  # some groups matter
+    distortions = [p.distortion for g in sens.groups for p in g.points]
+    assert min(distortions) >= 0 and max(distortions) > 10 * min(distortions)
+    for g in sens.groups:  # more pruned, more distorted (BN re-calibration keeps this monotone here)
+        assert g.points[1].distortion >= g.points[0].distortion * 0.9, g
     pruned, result = edgeprune.prune(model, opts, sensitivity=sens)
     macs = count_macs(pruned, example)
     assert abs(macs - result.macs_target) / result.macs_target <= opts.tolerance

@@ -271,15 +271,16 @@ def _sensitivity(r: Runner) -> Sensitivity:
                                         limit=opts.sensitivity_calibration_images, seed=r.recipe.seed)]
     evaluation = list(loader(even_subset(r.split(False), opts.sensitivity_images), r.recipe.data.eval_batch_size,
                              workers=r.recipe.data.workers))
-    images = sum(len(y) for _, y in evaluation)
+    labels = torch.cat([y for _, y in evaluation])
+    images = len(labels)
 
     device = r.rt.device
 
     @torch.no_grad()
-    def score(model: nn.Module) -> float:
+    def score(model: nn.Module) -> tuple[float, torch.Tensor]:
         recalibrate_bn_on(model, calibration, device=device, seed=r.recipe.seed)
-        correct = sum(int((model(x.to(device)).argmax(1).cpu() == y).sum()) for x, y in evaluation)
-        return round(100 * correct / images, 3)
+        logits = torch.cat([model(x.to(device)).float().cpu() for x, _ in evaluation])
+        return round(100 * float((logits.argmax(1) == labels).float().mean()), 3), logits
 
     example = r.spec.example_input()
     unpruned = resolve_unpruned(r.baseline, example, opts)

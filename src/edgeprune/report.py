@@ -87,7 +87,8 @@ def markdown(report: dict) -> str:
     if verdict:
         lines += [verdict[0].replace("MISSED", "**missed**"), ""]
     allocation = prune.get("allocation") or ("global" if prune["global_pruning"] else "uniform")
-    how = (f"per-group ratios from the sensitivity analysis (predicted drop {prune['predicted_drop']:.2f} points)"
+    how = (f"per-group ratios from the sensitivity analysis (summed output distortion of the chosen points "
+           f"{prune['predicted_distortion']:.4f} nats)"
            if allocation == "sensitivity" else f"{allocation} allocation, channel ratio {prune['ratio']:.4f}")
     lines += [f"Pruned with `{prune['importance']}` importance, {how}, round_to {prune['round_to']}.",
               rows.latency_method(report), ""]

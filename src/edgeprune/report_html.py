@@ -84,14 +84,14 @@ def _sensitivity_plot(report: dict) -> str:
     """The drop of every group pruned alone against the ratio, the most sensitive groups named."""
     sens = report["sensitivity"]
     fig, ax = _figure(7.2, 4.4)
-    worst = sorted(sens["groups"], key=lambda g: -max([p["drop"] for p in g["points"]] or [0]))[:5]
+    worst = sorted(sens["groups"], key=lambda g: -max([p["distortion"] for p in g["points"]] or [0]))[:5]
     for g in sens["groups"]:
-        xs, ys = [0.0] + [p["ratio"] for p in g["points"]], [0.0] + [p["drop"] for p in g["points"]]
+        xs, ys = [0.0] + [p["ratio"] for p in g["points"]], [0.0] + [p["distortion"] for p in g["points"]]
         named = g in worst
         ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.6 if named else 0.8,
                 color=None if named else GREY, alpha=1.0 if named else 0.5, label=g["name"] if named else None)
     ax.set_xlabel("ratio of the group's channels removed (that group alone)")
-    ax.set_ylabel(f"{sens['metric']} drop (points)")
+    ax.set_ylabel("output distortion: KL from the unpruned model (nats)")
     ax.set_title("sensitivity of each prunable group (after BN re-calibration)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, title="most sensitive", title_fontsize=7)

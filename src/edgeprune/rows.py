@@ -134,11 +134,13 @@ def sensitivity(report: dict) -> Table | None:
     chosen = report["prune"].get("group_ratios") or {}
     rows_ = []
     for g in sens["groups"]:
-        at = {p["ratio"]: p["drop"] for p in g["points"]}
-        rows_.append([g["name"], str(g["channels"]), *[f"{at[r]:.2f}" if r in at else "" for r in sens["ratios"]],
+        at = {p["ratio"]: (p["drop"], p["distortion"]) for p in g["points"]}
+        rows_.append([g["name"], str(g["channels"]),
+                      *[f"{at[r][0]:.2f} / {at[r][1]:.4f}" if r in at else "" for r in sens["ratios"]],
                       f"{chosen[g['name']]:g}" if g["name"] in chosen else "0"])
-    return Table(f"Sensitivity: {sens['metric']} drop (points) with each group alone pruned, after BN "
-                 f"re-calibration (unpruned {sens['reference']:.2f} on {sens['images']} images)",
+    return Table(f"Sensitivity: {sens['metric']} drop (points) / output distortion (KL, nats) with each group "
+                 f"alone pruned, after BN re-calibration (unpruned {sens['reference']:.2f} on {sens['images']} "
+                 "images); the allocation ranks by distortion",
                  ["group", "channels", *[f"at {r:g}" for r in sens["ratios"]], "chosen ratio"], rows_,
                  code_names=True)
 

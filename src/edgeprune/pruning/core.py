@@ -54,7 +54,7 @@ class PruneResult:
     latency_search: dict | None = None  # with a latency target: the baseline and every measured trial
     allocation: str = "uniform"
     group_ratios: dict[str, float] | None = None  # allocation sensitivity: the ratio of each pruned group
-    predicted_drop: float | None = None  # allocation sensitivity: the summed drops of the chosen points
+    predicted_distortion: float | None = None  # allocation sensitivity: summed KL of the chosen points (nats)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,5 +208,5 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
                          history=[list(h) for h in history], layers=layers, unpruned=unpruned, notes=notes,
                          latency_search=search, allocation=opts.allocation,
                          group_ratios=allocation.ratios if allocation else None,
-                         predicted_drop=allocation.predicted_drop if allocation else None)
+                         predicted_distortion=allocation.predicted_distortion if allocation else None)
     return pruned, result

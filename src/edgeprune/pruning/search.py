@@ -211,7 +211,7 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
 @dataclass
 class AllocationSearch:
     ratios: dict[str, float]
-    predicted_drop: float
+    predicted_distortion: float
     model: nn.Module
     history: list
     macs: int

@@ -5,10 +5,16 @@ pruned *alone* at a few ratios. The channels a ratio removes (the lowest-importa
 pruner rounds them) are masked rather than cut: their output rows and every consumer's input columns are
 zeroed in place, which computes what the physically pruned model computes (conv, linear and BatchNorm
 layers; a test checks it against Torch-Pruning's surgery), without a DepGraph trace per trial. The
-`score` callback sees the masked model and typically re-calibrates BatchNorm and evaluates it.
+`score` callback sees the masked model, typically re-calibrates BatchNorm and evaluates it, and returns
+its metric (top-1) and its outputs (logits) on the evaluation images. Besides the metric's drop, each
+trial records the output distortion: the mean KL divergence from the unpruned model's predictions.
 
 `allocate` turns the curves into one ratio per group for a MACs budget: a greedy descent on the lower
-convex hull of each group's (MACs saved, points lost) curve, cheapest points lost per MAC first.
+convex hull of each group's (MACs saved, distortion) curve, cheapest distortion per MAC first. It ranks
+by distortion, not by the top-1 drop: on 500 images a drop moves in steps of 0.2 points and is mostly
+noise for single groups (the JPEG ResNet-56's layer1/layer2 groups read -1.4..+0.6 at every ratio), so
+a drop-driven greedy took all of them to 0.8 "for free" and scored 74.87 after re-calibration against
+76.30 for uniform; distortions are continuous, non-negative, and add up roughly over groups.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class SensitivityPoint:
     macs_saved: int  # estimated from the layers' MACs (see `_macs_saved`)
     score: float
     drop: float  # reference score - score (points)
+    distortion: float  # mean KL(unpruned || masked) of the output distributions (nats)
 
 
 @dataclass
@@ -197,7 +204,7 @@ def check_maskable(model: nn.Module, example: torch.Tensor, unpruned: Sequence[s
 
 
 def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[str],
-            score: Callable[[nn.Module], float], ratios: Sequence[float], metric: str = "top1",
+            score: Callable[[nn.Module], tuple[float, torch.Tensor]], ratios: Sequence[float], metric: str = "top1",
             quiet: bool = True) -> Sensitivity:
     """Score `model` with every prunable group alone pruned at each of `ratios` (masked in place; the
     model is restored after each trial). `opts` gives the importance criterion and `round_to`."""
@@ -209,8 +216,14 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
     importance = importance_for_grads(opts.importance)
     graph, groups = _groups(model, example, unpruned, opts)
     layer_macs = _layer_macs(model, example)
-    reference = score(model)
+    reference, outputs = score(model)
+    ref_logp = torch.log_softmax(outputs.float(), dim=-1)
     model.load_state_dict(saved_state)
+
+    def distortion(out: torch.Tensor) -> float:
+        logp = torch.log_softmax(out.float(), dim=-1)
+        return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+
     results = []
     bar = tqdm(total=len(groups) * len(ratios), desc="sensitivity", disable=quiet, leave=False)
     try:
@@ -234,11 +247,12 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
                 sub = graph.get_pruning_group(root, group[0][0].handler, idxs)
                 with torch.no_grad():
                     _mask(sub, graph)
-                value = score(model)
+                value, out = score(model)
                 model.load_state_dict(saved_state)
                 entry.points.append(SensitivityPoint(ratio=float(ratio), channels_after=channels - n,
                                                      macs_saved=_macs_saved(sub, graph, layer_macs),
-                                                     score=float(value), drop=round(float(reference - value), 4)))
+                                                     score=float(value), drop=round(float(reference - value), 4),
+                                                     distortion=round(distortion(out), 6)))
                 bar.update()
             results.append(entry)
     finally:
@@ -251,8 +265,8 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
 
 
 def _hull(points: list[tuple[float, int, float]]) -> list[tuple[float, int, float]]:
-    """The lower convex hull of (ratio, MACs saved, drop) from (0, 0, 0): the steps a greedy takes, each
-    the cheapest points-per-MAC move from the last; noisy negative drops count as zero loss."""
+    """The lower convex hull of (ratio, MACs saved, cost) from (0, 0, 0): the steps a greedy takes, each
+    the cheapest cost-per-MAC move from the last (a negative cost counts as zero)."""
     pts = sorted([(0.0, 0, 0.0)] + [(r, s, max(d, 0.0)) for r, s, d in points if s > 0], key=lambda p: p[1])
     hull = [pts[0]]
     rest = pts[1:]
@@ -268,10 +282,10 @@ def _hull(points: list[tuple[float, int, float]]) -> list[tuple[float, int, floa
 
 
 def allocate(sens: Sensitivity, macs_to_remove: int, max_ratio: float = 1.0) -> tuple[dict[str, float], float]:
-    """Per-group ratios that remove `macs_to_remove` (estimated) MACs with the least summed drop; returns
-    them and that predicted drop (points). Groups stay whole until worth pruning; the last move stops
-    part-way along its segment (ratio and drop interpolated) so that the budget is met, not overshot."""
-    hulls = {g.name: _hull([(p.ratio, p.macs_saved, p.drop) for p in g.points if p.ratio <= max_ratio])
+    """Per-group ratios that remove `macs_to_remove` (estimated) MACs with the least summed distortion;
+    returns them and that predicted distortion. Groups stay whole until worth pruning; the last move stops
+    part-way along its segment (ratio and distortion interpolated) so that the budget is met, not overshot."""
+    hulls = {g.name: _hull([(p.ratio, p.macs_saved, p.distortion) for p in g.points if p.ratio <= max_ratio])
              for g in sens.groups}
     level = {name: 0 for name in hulls}
     ratios: dict[str, float] = {}
@@ -290,4 +304,4 @@ def allocate(sens: Sensitivity, macs_to_remove: int, max_ratio: float = 1.0) -> 
         level[name] += 1
         if part < 1.0:
             break
-    return ratios, round(predicted, 3)
+    return ratios, round(predicted, 6)
