@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import get_type_hints
 
 import torch.nn as nn
+from pydantic import ValidationError
 
 from . import artifact, report
 from .accuracy import Accuracy, evaluate_model, evaluate_onnx
@@ -180,7 +181,10 @@ class Runner:
         fingerprint = self.fingerprints[stage.name] = self.store.fingerprint(stage, self.recipe)
         done = self.store.fresh(stage, fingerprint)
         if done is not None:
-            return from_json(RESULT_TYPES[stage.name], done)
+            try:
+                return from_json(RESULT_TYPES[stage.name], done)
+            except ValidationError:  # stored by an edgeprune whose result had other fields: compute it again
+                self.log(f"{stage.name}: the stored result predates this edgeprune; computing it again")
         result = COMPUTE[stage.name](self)
         if self.rt.is_main:
             self.store.save(stage, fingerprint, to_json(result))
