@@ -37,8 +37,8 @@ def _save(results: dict) -> None:
     lines = ["# ResNet-56 (JPEG CIFAR-10): uniform against sensitivity allocation", "",
              *dict.fromkeys(f"`{v['command']}`" for v in results["variants"]), "",
              "| variant | allocation | steps | MACs factor | epochs | top-1 baseline | after BN re-cal | fine-tuned | "
-             "drop | predicted distortion (KL, summed) | wall s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "drop | predicted distortion (KL, summed) | ORT speed-up | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in results["variants"]:
         t = v["top1"]
         drop = "" if t.get("finetuned") is None else f"{t['baseline'] - t['finetuned']:.2f}"
@@ -46,7 +46,9 @@ def _save(results: dict) -> None:
         lines.append(f"| {v['name']} | {v['allocation']} | {v['steps']} | {v['macs_factor']:.2f} | {v['epochs']} | "
                      f"{t['baseline']:.2f} | {t['recalibrated']:.2f} | "
                      f"{'' if t.get('finetuned') is None else format(t['finetuned'], '.2f')} | {drop} | {predicted} | "
+                     f"{'' if v.get('ort_speedup') is None else format(v['ort_speedup'], '.2f') + 'x'} | "
                      f"{v['wall_s']:.0f} |")
+    lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
