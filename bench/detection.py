@@ -63,6 +63,7 @@ def _save(results: dict) -> None:
     lines += ["", "Per-epoch mAP50-95 of the EMA weights (plain Ultralytics: its own validation at rect 288):", ""]
     lines += [f"- {v['name']}: " + ", ".join(f"{e:.2f}" for e in v.get("epochs_map50_95", [])) for v in
               results["variants"] if v.get("epochs_map50_95")]
+    lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
