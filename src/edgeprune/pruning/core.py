@@ -116,13 +116,9 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     """
     if opts.target_latency_ms is not None and latency_probe is None:
         raise EdgePruneError("a latency target needs a latency probe (edgeprune.pruning.OnnxLatencyProbe)")
-    if opts.allocation == "sensitivity":
-        if sensitivity is None:
-            raise EdgePruneError("allocation sensitivity needs a sensitivity analysis: give --data (or use "
-                                 "--allocation uniform)")
-        if opts.target_latency_ms is not None:
-            raise EdgePruneError("allocation sensitivity takes a ratio or a MACs target; for a latency target use "
-                                 "--allocation uniform")
+    if opts.allocation == "sensitivity" and sensitivity is None:  # PruneOptions refuses it with a latency target
+        raise EdgePruneError("allocation sensitivity needs a sensitivity analysis: give --data (or use "
+                             "--allocation uniform)")
     spec = getattr(model, "edgeprune_spec", None)
     if example is None:
         if spec is None:
