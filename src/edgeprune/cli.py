@@ -165,6 +165,8 @@ def prune_cmd(
                                         "often run faster)"),
     max_layer_ratio: float | None = typer.Option(None, "--max-layer-ratio", help="most any one layer may lose "
                                                  "(default 1.0)"),
+    steps: int | None = typer.Option(None, "--steps", help="prune in N steps, each followed by BN re-calibration "
+                                     "and its share of --epochs (needs --data; default 1)"),
     ignore: list[str] | None = typer.Option(None, "--ignore", help="layer name or glob never pruned (repeatable)"),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default 17)"),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for PyTorch and ONNX Runtime (default 2)"),
@@ -205,8 +207,8 @@ def prune_cmd(
         "prune.allocation": allocation or (None if global_pruning is None else
                                            "global" if global_pruning else "uniform"),
         "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,
-        "prune.ignore": ignore or None, "export.opset": opset, "latency.threads": threads, "latency.warmup": warmup,
-        "latency.repeats": repeats})
+        "prune.steps": steps, "prune.ignore": ignore or None, "export.opset": opset, "latency.threads": threads,
+        "latency.warmup": warmup, "latency.repeats": repeats})
     overrides.update(_parse_settings(settings or []))
     if recipe:
         base = load_recipe(recipe)

@@ -9,10 +9,12 @@ import copy
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_type_hints
 
+import torch
 import torch.nn as nn
 from pydantic import ValidationError
 
@@ -25,14 +27,26 @@ from .environment import environment
 from .errors import EdgePruneError
 from .export import check_parity, export_onnx
 from .fsio import ensure_writable_dir, read_json, write_json, write_text
-from .measure import measure, onnx_bytes
+from .measure import count_macs, measure, onnx_bytes
 from .models import create_model
 from .pruning import OnnxLatencyProbe, PruneResult, prune
+from .pruning.schedule import epoch_shares, layer_widths, prune_to_widths, step_widths
 from .pruning.sensitivity import Sensitivity
 from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range, top1_of
 from .recipe import Recipe, apply_overrides, build
 from .recover import finetune, recalibrate_bn, recalibrate_bn_on
-from .results import Diagnosis, ExportResult, Finetuning, Int8Result, Measured, Recalibration, from_json, to_json
+from .results import (
+    Diagnosis,
+    ExportResult,
+    Finetuning,
+    Int8Result,
+    Measured,
+    PruneStep,
+    Recalibration,
+    Schedule,
+    from_json,
+    to_json,
+)
 from .stages import (
     BY_NAME,
     FINETUNE_CHECKPOINT,
@@ -146,10 +160,10 @@ class Runner:
         """A copy of the model `stage` starts from (stages that change weights work on their own copy)."""
         return copy.deepcopy(self.model_at(dependencies(BY_NAME[stage], self.recipe)[0]))
 
-    def keep_model(self, stage: str, model: nn.Module) -> None:
+    def keep_model(self, stage: str, model: nn.Module, history: list | None = None) -> None:
         self.models[stage] = model
         if self.rt.is_main:
-            artifact.save(model, self.pruning_history(), self.store.folder / stage)
+            artifact.save(model, self.pruning_history() if history is None else history, self.store.folder / stage)
 
     def pruning_history(self) -> list:
         if self.history is None:
@@ -158,6 +172,44 @@ class Runner:
 
     def result(self, name: str):
         return from_json(RESULT_TYPES[name], self.store.record(name)["result"])
+
+    def planned(self, name: str) -> bool:
+        return BY_NAME[name] in plan(self.recipe)
+
+    def recalibrate(self, model: nn.Module) -> int:
+        """Re-estimate `model`'s BatchNorm statistics on training images (in place); the layers reset."""
+        opts = self.recipe.recover
+        self.log(f"re-calibrating BatchNorm on {opts.calibration_images} training images")
+        if self.detection:
+            from .detection.train import recalibrate
+
+            return recalibrate(model, self.detection_data(), opts.calibration_images, opts.batch_size,
+                               self.recipe.seed, self.quiet)
+        return recalibrate_bn(model, self.split(True), opts.calibration_images, opts.batch_size, self.rt.device,
+                              self.recipe.seed, self.quiet)
+
+    def train(self, model: nn.Module, epochs: int, tag: str):
+        """Fine-tune `model` in place for `epochs` with the recipe's recovery options, distilling from the
+        unpruned model when asked; checkpointed each epoch under `tag` (what the fine-tune started from)."""
+        opts = self.recipe.recover.model_copy(update={"epochs": epochs})
+        teacher = self.baseline if opts.distill else None
+        self.log(f"fine-tuning {epochs} epoch(s) on {self.rt.world_size} process(es), "
+                 f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
+        checkpoint = self.root / FINETUNE_CHECKPOINT
+        if self.detection:
+            from .detection.train import finetune as finetune_detector
+
+            training = finetune_detector(model, teacher, self.detection_data(), opts, checkpoint, self.resume,
+                                         self.recipe.seed, self.quiet, tag=tag,
+                                         evaluate=(lambda m: self.accuracy(m, "the EMA model"))
+                                         if opts.eval_every_epoch else None)
+        else:
+            training = finetune(model, teacher, self.split(True), self.eval_set() if opts.eval_every_epoch else None,
+                                opts, self.rt, checkpoint, self.resume, self.recipe.seed, self.quiet, tag=tag)
+        self.rt.barrier()
+        if self.rt.is_main:
+            checkpoint.unlink(missing_ok=True)  # the caller's stored result supersedes it
+        return training
 
     # --- running ---------------------------------------------------------------------------------
     def run(self) -> dict[str, object]:
@@ -297,12 +349,10 @@ def _sensitivity(r: Runner) -> Sensitivity:
     return sens
 
 
-def _prune(r: Runner) -> PruneResult:
+def _one_shot(r: Runner) -> tuple[nn.Module, PruneResult]:
+    """The unpruned model pruned to the recipe's target in one step."""
     opts = r.recipe.prune
     r.log("pruning with DepGraph")
-    calibration = None
-    if r.recipe.data.path and opts.importance in ("taylor", "hessian"):
-        calibration = loader(r.split(True), 32, limit=32 * opts.calibration_batches)
     probe = None
     if opts.target_latency_ms is not None:
         probe = OnnxLatencyProbe(r.baseline, opts.latency_runtime, r.recipe.latency, r.recipe.export,
@@ -310,8 +360,108 @@ def _prune(r: Runner) -> PruneResult:
         r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; searching for "
               f"<= {opts.target_latency_ms:g} ms")
     sens = r.result("sensitivity") if opts.allocation == "sensitivity" else None
-    pruned, result = prune(r.baseline, opts, calibration=calibration, latency_probe=probe, log=r.log,
-                           sensitivity=sens)
+    return prune(r.baseline, opts, calibration=_gradient_batches(r), latency_probe=probe, log=r.log,
+                 sensitivity=sens)
+
+
+def _gradient_batches(r: Runner):
+    """Training batches for the gradient criteria (taylor, hessian), else None."""
+    opts = r.recipe.prune
+    if r.recipe.data.path and opts.importance in ("taylor", "hessian"):
+        return loader(r.split(True), 32, limit=32 * opts.calibration_batches)
+    return None
+
+
+def _prune_step(r: Runner, model: nn.Module, widths: dict[str, int]) -> tuple[nn.Module, list]:
+    """`model` (already pruned by earlier steps) pruned to `widths`, channels ranked on its own weights."""
+    from .pruning import calibration_grads, check_runs, resolve_unpruned
+    from .pruning.importance import GRADIENT_CRITERIA
+
+    opts, example = r.recipe.prune, r.spec.example_input()
+    grads = {}
+    if opts.importance in GRADIENT_CRITERIA:
+        grads, _ = calibration_grads(model, example, opts.importance, _gradient_batches(r), opts.calibration_batches)
+    pruned, history = prune_to_widths(model.eval(), example, opts, widths,
+                                      resolve_unpruned(r.baseline, example, opts), grads)
+    with torch.no_grad():
+        expected = r.baseline(example).shape
+    check_runs(pruned, example, expected)
+    pruned.edgeprune_spec = copy.deepcopy(r.spec)
+    return pruned.eval(), history
+
+
+def _steps(r: Runner) -> Schedule:
+    """prune.steps = N: the one-shot plan's widths, then steps 1..N-1 (prune k/N of the way, re-calibrate BN,
+    fine-tune for the step's share of the epochs). Each finished step is kept in stages/steps/step-K/, so an
+    interrupted run resumes after the last one; under torchrun the main process prunes and the others load."""
+    opts, n = r.recipe.prune, r.recipe.prune.steps
+    shares = epoch_shares(r.recipe.recover.epochs, n)
+    folder, fingerprint = r.store.folder / "steps", r.fingerprints["steps"]
+    plan_file = folder / "plan.json"
+    if r.rt.is_main:
+        saved = read_json(plan_file) if plan_file.exists() else None
+        if saved is None or saved.get("fingerprint") != fingerprint:  # other inputs: start the schedule afresh
+            shutil.rmtree(folder, ignore_errors=True)
+            one_shot, result = _one_shot(r)
+            write_json(plan_file, {"fingerprint": fingerprint, "plan": to_json(result),
+                                   "widths": layer_widths(one_shot)})
+    r.rt.barrier()
+    saved = read_json(plan_file)
+    planned, final = from_json(PruneResult, saved["plan"]), saved["widths"]
+    start = layer_widths(r.baseline)
+    model, history, done = copy.deepcopy(r.baseline), [], []
+    for k in range(n - 1, 0, -1):  # resume after the last finished step
+        record = folder / f"step-{k}.json"
+        if record.exists():
+            model = artifact.load(folder / f"step-{k}")
+            history = read_json(folder / f"step-{k}" / artifact.META)["pruning_history"]
+            done = [from_json(PruneStep, d) for d in read_json(record)["steps"]]
+            r.log(f"resuming the pruning schedule after step {k} of {n}")
+            break
+    example = r.spec.example_input()
+    for k in range(len(done) + 1, n):
+        t0 = time.time()
+        r.log(f"pruning step {k} of {n}")
+        work = folder / f"step-{k}-pruned"
+        if r.rt.is_main:
+            pruned, step_history = _prune_step(r, model, step_widths(start, final, k, n, opts.round_to))
+            artifact.save(pruned, history + step_history, work)
+        r.rt.barrier()
+        model = artifact.load(work)
+        history = read_json(work / artifact.META)["pruning_history"]
+        at_prune = r.accuracy(model, f"step {k}/{n}, pruned")
+        r.recalibrate(model)
+        at_recal = r.accuracy(model, f"step {k}/{n}, re-calibrated")
+        at_tuned = None
+        if shares[k - 1]:
+            r.train(model, shares[k - 1], tag=f"{fingerprint}-step{k}")
+            at_tuned = r.accuracy(model, f"step {k}/{n}, fine-tuned")
+        done.append(PruneStep(step=k, macs=count_macs(model, example), params=sum(p.numel() for p in
+                              model.parameters()), epochs=shares[k - 1], pruned=at_prune, recalibrated=at_recal,
+                              finetuned=at_tuned, seconds=round(time.time() - t0, 1)))
+        if r.rt.is_main:
+            artifact.save(model, history, folder / f"step-{k}")
+            write_json(folder / f"step-{k}.json", {"steps": [to_json(d) for d in done]})
+            shutil.rmtree(work, ignore_errors=True)
+            (folder / f"step-{k - 1}.json").unlink(missing_ok=True)  # step k resumes everything step k-1 did
+            shutil.rmtree(folder / f"step-{k - 1}", ignore_errors=True)
+        r.rt.barrier()
+    r.keep_model("steps", model.eval(), history)
+    return Schedule(plan=planned, widths=final, epochs=shares, steps=done, history=history)
+
+
+def _prune(r: Runner) -> PruneResult:
+    if not r.planned("steps"):
+        pruned, result = _one_shot(r)
+    else:  # the last step of the schedule: from the steps' model to the planned widths
+        schedule: Schedule = r.result("steps")
+        n = len(schedule.epochs)
+        r.log(f"pruning step {n} of {n}")
+        pruned, history = _prune_step(r, r.model_at("steps"), schedule.widths)
+        result = copy.deepcopy(schedule.plan)
+        result.history, result.steps = schedule.history + [list(h) for h in history], n
+        result.notes.append(f"pruned in {n} steps to the widths of this one-shot plan, each step followed by BN "
+                            f"re-calibration and fine-tuning ({', '.join(map(str, schedule.epochs))} epochs)")
     r.history = result.history
     r.keep_model("prune", pruned)
     return result
@@ -333,41 +483,19 @@ def _accuracy_pruned(r: Runner) -> Accuracy:
 
 
 def _recalibrated(r: Runner) -> Recalibration:
-    opts = r.recipe.recover
     model = r.input_model("recalibrated")
-    r.log(f"re-calibrating BatchNorm on {opts.calibration_images} training images")
-    if r.detection:
-        from .detection.train import recalibrate
-
-        layers = recalibrate(model, r.detection_data(), opts.calibration_images, opts.batch_size, r.recipe.seed,
-                             r.quiet)
-    else:
-        layers = recalibrate_bn(model, r.split(True), opts.calibration_images, opts.batch_size, r.rt.device,
-                                r.recipe.seed, r.quiet)
+    layers = r.recalibrate(model)
     r.keep_model("recalibrated", model)
     return Recalibration(accuracy=r.accuracy(model, "the re-calibrated model"), bn_layers=layers)
 
 
 def _finetuned(r: Runner) -> Finetuning:
-    opts = r.recipe.recover
     model = r.input_model("finetuned")
-    teacher = r.baseline if opts.distill else None
-    r.log(f"fine-tuning {opts.epochs} epoch(s) on {r.rt.world_size} process(es), "
-          f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
-    if r.detection:
-        from .detection.train import finetune as finetune_detector
-
-        training = finetune_detector(model, teacher, r.detection_data(), opts, r.root / FINETUNE_CHECKPOINT, r.resume,
-                                     r.recipe.seed, r.quiet, tag=r.fingerprints["finetuned"],
-                                     evaluate=(lambda m: r.accuracy(m, "the EMA model")) if opts.eval_every_epoch
-                                     else None)
-    else:
-        training = finetune(model, teacher, r.split(True), r.eval_set() if opts.eval_every_epoch else None, opts,
-                            r.rt, r.root / FINETUNE_CHECKPOINT, r.resume, r.recipe.seed, r.quiet,
-                            tag=r.fingerprints["finetuned"])
+    epochs = r.recipe.recover.epochs
+    if r.planned("steps"):  # the last step's share of the budget
+        epochs = r.result("steps").epochs[-1]
+    training = r.train(model, epochs, tag=r.fingerprints["finetuned"])
     r.keep_model("finetuned", model)
-    if r.rt.is_main:
-        (r.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)  # the stage's result supersedes it
     return Finetuning(accuracy=r.accuracy(model, "the fine-tuned model"), training=training)
 
 
@@ -440,7 +568,7 @@ def _diagnose(r: Runner) -> Diagnosis:
 
 
 COMPUTE: dict[str, Callable[[Runner], object]] = {
-    "sensitivity": _sensitivity, "prune": _prune, "accuracy_baseline": _accuracy_baseline,
+    "sensitivity": _sensitivity, "steps": _steps, "prune": _prune, "accuracy_baseline": _accuracy_baseline,
     "accuracy_pruned": _accuracy_pruned,
     "recalibrated": _recalibrated, "finetuned": _finetuned, "export": _export, "accuracy_onnx": _accuracy_onnx,
     "int8": _int8, "measure": _measure, "diagnose": _diagnose,

@@ -68,6 +68,9 @@ class PruneOptions(_Strict):
     sensitivity_calibration_images: int = Field(default=256, ge=1, description="allocation sensitivity: training "
                                                 "images each trial re-calibrates BatchNorm on (the same for all)")
     round_to: int | None = Field(default=None, ge=1)
+    steps: int = Field(default=1, ge=1, le=50, description="prune in this many steps, each followed by BN "
+                       "re-calibration and its share of recover.epochs (distilled); the last step lands on the "
+                       "one-shot plan's widths")
     max_layer_ratio: float = Field(default=1.0, gt=0, le=1)
     ignore: list[str] = Field(default_factory=list, description="extra layer names (glob) never pruned")
     calibration_batches: int = Field(default=4, ge=1, description="batches for taylor/hessian gradients")
@@ -185,6 +188,8 @@ class Recipe(_Strict):
     def _int8_needs_data(self):
         if self.int8.enabled and not self.int8_data:
             raise ValueError("INT8 calibration needs a dataset: set data.path (--data)")
+        if self.prune.steps > 1 and not self.data.path:
+            raise ValueError("prune.steps > 1 re-calibrates and fine-tunes between steps: set data.path (--data)")
         return self
 
 

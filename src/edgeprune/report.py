@@ -42,6 +42,9 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict) -> dict
         report["diagnostics"] = asdict(results["diagnose"])
     if "sensitivity" in results:
         report["sensitivity"] = asdict(results["sensitivity"])
+    if "steps" in results:  # the steps before the last (the last one is the pruned/recalibrated/finetuned stages)
+        schedule = results["steps"]
+        report["schedule"] = {"epochs": schedule.epochs, "steps": [asdict(s) for s in schedule.steps]}
     prune = asdict(results["prune"])
     recipe_json = recipe.model_dump(mode="json")
     report.update({"onnx_parity": asdict(exported.parity),
@@ -104,7 +107,7 @@ def markdown(report: dict) -> str:
             f"epoch {e['epoch']} loss {e['loss']:.3f}" + (f" top-1 {e['top1']:.2f}" if e.get("top1") is not None
                                                           else "") + f" ({e['seconds']:.0f} s)" for e in epochs), ""]
     lines += [rows.parity(report), ""]
-    for table in (rows.sensitivity(report), rows.unpruned(report)):
+    for table in (rows.schedule(report), rows.sensitivity(report), rows.unpruned(report)):
         if table is not None:
             lines += rows.markdown(table)
     diag = report.get("diagnostics")

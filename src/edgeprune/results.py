@@ -12,6 +12,7 @@ from pydantic import TypeAdapter
 from .accuracy import Accuracy
 from .export import Parity
 from .measure import Measurement
+from .pruning.core import PruneResult
 from .recover import FinetuneResult
 
 T = TypeVar("T")
@@ -36,6 +37,32 @@ class Recalibration:
 class Finetuning:
     accuracy: Accuracy
     training: FinetuneResult
+
+
+@dataclass
+class PruneStep:
+    """One step of an iterative schedule but the last (whose model the prune stage ends with)."""
+
+    step: int
+    macs: int
+    params: int
+    epochs: int
+    pruned: Accuracy
+    recalibrated: Accuracy
+    finetuned: Accuracy | None
+    seconds: float
+
+
+@dataclass
+class Schedule:
+    """prune.steps > 1: the one-shot plan (its target resolved into layer widths) and the steps before the
+    last, each pruned, BN re-calibrated and fine-tuned for its share of the epochs."""
+
+    plan: PruneResult
+    widths: dict[str, int]  # every conv/linear layer's width after the last step
+    epochs: list[int]  # fine-tuning epochs after each step, the last one's in the finetuned stage
+    steps: list[PruneStep]
+    history: list = field(repr=False)  # the pruning history of the steps done here
 
 
 @dataclass

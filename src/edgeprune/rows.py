@@ -126,6 +126,29 @@ def unpruned(report: dict) -> Table | None:
                  code_names=True) if reasons else None
 
 
+def schedule(report: dict) -> Table | None:
+    """prune.steps > 1: each step's MACs and accuracy after pruning, BN re-calibration and its fine-tuning."""
+    sched = report.get("schedule")
+    if not sched:
+        return None
+    keys = accuracy_keys(report.get("baseline", {}))
+    key = keys[0][0] if keys else "top1"
+    label = keys[0][1] if keys else "top-1 (%)"
+
+    def fmt(acc: dict | None) -> str:
+        return "" if not acc or acc.get(key) is None else f"{acc[key]:.2f}"
+
+    steps = [[str(s["step"]), f"{s['macs'] / 1e6:.2f}M", fmt(s["pruned"]), fmt(s["recalibrated"]), str(s["epochs"]),
+              fmt(s["finetuned"]), f"{s['seconds']:.0f}"] for s in sched["steps"]]
+    last = report.get("finetuned", {})
+    n = len(sched["epochs"])
+    steps.append([str(n), f"{report['pruned']['macs'] / 1e6:.2f}M", fmt(report.get("pruned")),
+                  fmt(report.get("recalibrated")), str(sched["epochs"][-1]), fmt(last or None),
+                  f"{sum(e['seconds'] for e in last.get('epochs', [])):.0f}" if last else ""])
+    return Table(f"Iterative pruning in {n} steps ({label}; the last step is the stages above)",
+                 ["step", "MACs", "pruned", "BN re-cal", "epochs", "fine-tuned", "s"], steps)
+
+
 def sensitivity(report: dict) -> Table | None:
     """Each group's drop (points of the metric) when pruned alone at each scored ratio, and its chosen ratio."""
     sens = report.get("sensitivity")

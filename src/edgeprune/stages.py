@@ -68,7 +68,10 @@ SENSITIVITY_READS = ("model", "data.path", "seed", "prune.importance", "prune.ro
 
 STAGES: tuple[Stage, ...] = (
     Stage("sensitivity", SENSITIVITY_READS, writes=(SENSITIVITY_NAME,), wanted=_sensitive),
-    Stage("prune", _prune_reads, after=("sensitivity",), writes=("stages/prune/model.safetensors",),
+    Stage("steps", lambda r: (*_prune_reads(r), "data", "recover"), after=("sensitivity",),
+          writes=("stages/steps/model.safetensors",), makes_model=True, collective=True,
+          wanted=lambda r: r.prune.steps > 1),
+    Stage("prune", _prune_reads, after=("sensitivity", "steps"), writes=("stages/prune/model.safetensors",),
           makes_model=True),
     Stage("accuracy_baseline", ("model", "data"), collective=True, wanted=_has_data),
     Stage("accuracy_pruned", ("data",), after=("prune",), collective=True, wanted=_has_data),

@@ -55,6 +55,7 @@ class PruneResult:
     allocation: str = "uniform"
     group_ratios: dict[str, float] | None = None  # allocation sensitivity: the ratio of each pruned group
     predicted_distortion: float | None = None  # allocation sensitivity: summed KL of the chosen points (nats)
+    steps: int = 1  # prune.steps: the widths above reached in this many steps
 
     def to_dict(self) -> dict:
         return asdict(self)
