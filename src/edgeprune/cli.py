@@ -154,6 +154,12 @@ def prune_cmd(
     target_latency_ms: float | None = typer.Option(
         None, "--target-latency-ms", help="prune until the exported model runs in at most X ms (measured on "
         "--latency-runtime with --threads); round_to is chosen among 1, 8, 16 unless --round-to is given"),
+    max_drop: float | None = typer.Option(
+        None, "--max-drop", help="accuracy budget in points of top-1 (mAP50-95 for detectors): the most pruned "
+        "model whose recovered accuracy stays within it, found by prune-and-recover trials (needs --data)"),
+    max_drop_by: str | None = typer.Option(None, "--max-drop-by", help="macs (default: the most MACs removed) or "
+                                           "latency (the lowest latency on --latency-runtime)"),
+    max_drop_trials: int | None = typer.Option(None, "--max-drop-trials", help="trials at most (default 5)"),
     latency_runtime: str | None = typer.Option(None, "--latency-runtime", help="ort_cpu (default) or torch_cpu"),
     importance: str | None = typer.Option(None, "--importance", help="l1, l2 (default), bn-scale, taylor, hessian, "
                                           "lamp, fpgm or random"),
@@ -185,16 +191,19 @@ def prune_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     quiet: bool = QuietOpt,
 ):
-    """Prune a model structurally (to a channel ratio, a MACs reduction or a measured latency), export it
+    """Prune a model structurally (to a channel ratio, a MACs reduction, a measured latency or an accuracy
+    budget), export it
     to ONNX with a parity check, and report before/after with a per-layer profile."""
     from .models.yolo import is_yolo_name
     from .pipeline import run
     from .recipe import DETECTION_RECIPE, Recipe, apply_overrides, load_recipe
 
-    targets = {"--ratio": ratio, "--macs-reduction": macs_reduction, "--target-latency-ms": target_latency_ms}
+    targets = {"--ratio": ratio, "--macs-reduction": macs_reduction, "--target-latency-ms": target_latency_ms,
+               "--max-drop": max_drop}
     given = [flag for flag, v in targets.items() if v is not None]
     if len(given) > 1:
-        raise EdgePruneError(f"give one of --ratio, --macs-reduction, --target-latency-ms, not {' and '.join(given)}")
+        raise EdgePruneError(f"give one of --ratio, --macs-reduction, --target-latency-ms, --max-drop, not "
+                             f"{' and '.join(given)}")
     if allocation is not None and global_pruning is not None and (allocation == "global") != global_pruning:
         raise EdgePruneError(f"--allocation {allocation} and --{'global' if global_pruning else 'local'} disagree; "
                              "give --allocation alone")
@@ -203,7 +212,8 @@ def prune_cmd(
         "data.path": data, "model.imgsz": imgsz, "model.trust_pickle": True if trust_pickle else None,
         "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
         "prune.macs_reduction": macs_reduction, "prune.target_latency_ms": target_latency_ms,
-        "prune.latency_runtime": latency_runtime, "prune.importance": importance,
+        "prune.latency_runtime": latency_runtime, "prune.importance": importance, "prune.max_drop": max_drop,
+        "prune.max_drop_by": max_drop_by, "prune.max_drop_trials": max_drop_trials,
         "prune.allocation": allocation or (None if global_pruning is None else
                                            "global" if global_pruning else "uniform"),
         "prune.global_pruning": global_pruning, "prune.round_to": round_to, "prune.max_layer_ratio": max_layer_ratio,

@@ -585,7 +585,14 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
 
     Under torchrun every process joins evaluation and fine-tuning; only rank 0 prunes, writes files,
     exports and measures, and only rank 0 returns the report (the others return None).
+
+    With an accuracy budget (`prune.max_drop`), `out` holds one run per trial (`edgeprune.budget`) and the
+    chosen one's report and files.
     """
+    if recipe.prune.max_drop is not None:
+        from .budget import search
+
+        return search(recipe, out, quiet=quiet, overwrite=overwrite, resume=resume)
     return _execute(recipe, out, quiet=quiet, overwrite=overwrite, resume=resume)
 
 

@@ -38,7 +38,7 @@ class LatencyOptions(_Strict):
                             "'why isn't it faster?' diagnostics")
 
 
-TARGETS = ("ratio", "macs_reduction", "target_latency_ms")
+TARGETS = ("ratio", "macs_reduction", "target_latency_ms", "max_drop")
 
 
 class PruneOptions(_Strict):
@@ -48,6 +48,13 @@ class PruneOptions(_Strict):
     target_latency_ms: float | None = Field(
         default=None, gt=0, description="prune until the exported model runs in at most this many ms on "
         "latency_runtime (measured, with latency.threads)")
+    max_drop: float | None = Field(
+        default=None, gt=0, description="accuracy budget: the most pruned model (in MACs or in measured latency, "
+        "see max_drop_by) whose recovered top-1 (mAP50-95 for detectors) stays within this many points of the "
+        "unpruned model's; every trial is a full prune-and-recover run")
+    max_drop_by: Literal["macs", "latency"] = Field(
+        default="macs", description="max_drop: search the MACs reduction, or the latency on latency_runtime")
+    max_drop_trials: int = Field(default=5, ge=1, le=20, description="max_drop: prune-and-recover trials at most")
     latency_runtime: Literal["ort_cpu", "torch_cpu"] = "ort_cpu"
     latency_margin: float = Field(default=0.1, ge=0, lt=0.5, description="the search aims this fraction below "
                                   "the target, so that re-measuring on a noisy machine stays under it")
@@ -108,7 +115,8 @@ class PruneOptions(_Strict):
                              "allocation uniform")
         given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"give one of ratio, macs_reduction, target_latency_ms, not {' and '.join(given)}")
+            raise ValueError(f"give one of ratio, macs_reduction, target_latency_ms, max_drop, not "
+                             f"{' and '.join(given)}")
         if not given:
             self.ratio = 0.5
         return self
@@ -188,6 +196,8 @@ class Recipe(_Strict):
     def _int8_needs_data(self):
         if self.int8.enabled and not self.int8_data:
             raise ValueError("INT8 calibration needs a dataset: set data.path (--data)")
+        if self.prune.max_drop is not None and not self.data.path:
+            raise ValueError("max_drop compares recovered accuracy with the unpruned model's: set data.path (--data)")
         if self.prune.steps > 1 and not self.data.path:
             raise ValueError("prune.steps > 1 re-calibrates and fine-tunes between steps: set data.path (--data)")
         return self

@@ -107,7 +107,8 @@ def markdown(report: dict) -> str:
             f"epoch {e['epoch']} loss {e['loss']:.3f}" + (f" top-1 {e['top1']:.2f}" if e.get("top1") is not None
                                                           else "") + f" ({e['seconds']:.0f} s)" for e in epochs), ""]
     lines += [rows.parity(report), ""]
-    for table in (rows.schedule(report), rows.sensitivity(report), rows.unpruned(report)):
+    for table in (rows.max_drop(report), rows.schedule(report), rows.sensitivity(report),
+                  rows.unpruned(report)):
         if table is not None:
             lines += rows.markdown(table)
     diag = report.get("diagnostics")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .fsio import read_json, write_json
-from .recipe import Recipe
+from .recipe import LatencyOptions, Recipe
 
 MODEL = "model"  # a dependency on the latest stage before this one that produced the pruned weights
 ONNX_NAME = "model.onnx"
@@ -85,7 +85,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("accuracy_onnx", ("data", "latency.threads"), after=("export",), wanted=_has_data),
     Stage("int8", ("int8", "data", "latency"), after=("export",), writes=(INT8_NAME,),
           wanted=lambda r: r.int8.enabled),
-    Stage("measure", ("model", "export", "latency", "prune.target_latency_ms"), after=("export",)),
+    Stage("measure", ("model", "export", *(f"latency.{k}" for k in LatencyOptions.model_fields if k != "per_layer"),
+                      "prune.target_latency_ms"), after=("export",)),
     Stage("diagnose", ("latency",), after=("measure",), wanted=lambda r: r.latency.per_layer),
 )
 BY_NAME = {s.name: s for s in STAGES}

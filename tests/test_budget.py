@@ -1,0 +1,71 @@
+"""The accuracy budget (--max-drop): prune-and-recover trials searched on the MACs reduction, the most
+pruned one within the budget published, every trial reported, a re-run resumed trial by trial."""
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import assert_one_line_error, run_cli
+
+import edgeprune
+from edgeprune.budget import BudgetTrial, next_fraction
+
+SMALL = ("--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10", "--epochs", "1",
+         "--set", "recover.train_images=256", "--set", "recover.calibration_images=128",
+         "--set", "data.eval_images=200", "--warmup", "1", "--repeats", "3", "-q")
+
+
+def _trial(fraction: float, drop: float, budget: float = 1.0) -> BudgetTrial:
+    return BudgetTrial(name=f"macs-{fraction}", fraction=fraction, overrides={}, macs=1, latency_ms=None,
+                       recovered=90 - drop, drop=drop, within=drop <= budget)
+
+
+def test_the_search_brackets_the_budget():
+    assert next_fraction([], 1.0, 0.5) == 0.5
+    assert next_fraction([_trial(0.5, 0.2)], 1.0, 0.5) == 0.7  # all pass: halfway to the 0.9 cap
+    guess = next_fraction([_trial(0.5, 0.5), _trial(0.7, 2.5)], 1.0, 0.5)
+    assert guess == 0.55  # regula falsi between 0.5 (0.5 points) and 0.7 (2.5): 0.5 + 0.2 * 0.5 / 2.0
+    assert 0.5 < next_fraction([_trial(0.5, 0.99), _trial(0.7, 30.0)], 1.0, 0.5) <= 0.5 + 0.15 * 0.2 + 1e-9
+    assert next_fraction([_trial(0.5, 0.5), _trial(0.51, 1.5)], 1.0, 0.5) is None  # bracket narrower than 0.02
+    assert next_fraction([_trial(0.89, 0.5)], 1.0, 0.5) is None  # at the cap
+
+
+def test_max_drop_publishes_the_most_pruned_trial_within_the_budget(tmp_path):
+    out = tmp_path / "run"
+    args = ("prune", *SMALL, "--max-drop", "3", "--max-drop-trials", "3", "--int8", "--out", str(out))
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    budget = report["max_drop"]
+    assert budget["metric"] == "top1" and len(budget["trials"]) == 3
+    assert budget["trials"][0]["fraction"] == 0.5
+    passing = [t for t in budget["trials"] if t["within"]]
+    chosen = max(passing, key=lambda t: t["fraction"])
+    assert budget["chosen"] == chosen["name"] and chosen["drop"] <= 3
+    assert all(t["drop"] == round(budget["baseline"] - t["recovered"], 3) for t in budget["trials"])
+    assert report["finetuned"]["top1"] == chosen["recovered"] and report["pruned"]["macs"] == chosen["macs"]
+    assert "int8" in report and "diagnostics" in report  # the chosen trial ran the recipe's INT8 and profile
+    others = [t["name"] for t in budget["trials"] if t["name"] != chosen["name"]]
+    assert (out / "model.int8.onnx").exists() and not any((out / "trials" / o / "model.int8.onnx").exists()
+                                                         for o in others)
+    assert "Accuracy budget" in (out / "report.md").read_text() and "(chosen)" in (out / "report.html").read_text()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(edgeprune.load(out)(x), edgeprune.load(out / "trials" / chosen["name"])(x))
+    stamp = (out / "trials" / chosen["name"] / "stages" / "finetuned.json").stat().st_mtime
+    proc = run_cli(*args)  # a re-run reuses every finished trial
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "trials" / chosen["name"] / "stages" / "finetuned.json").stat().st_mtime == stamp
+    assert json.loads((out / "report.json").read_text())["max_drop"]["trials"] == budget["trials"]
+
+
+def test_no_trial_within_the_budget_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("prune", *SMALL, "--max-drop", "0.01", "--max-drop-trials", "1", "--out", str(out))
+    assert_one_line_error(proc, "no trial stayed within 0.01 points", "macs-0.500")
+    assert not (out / "model.safetensors").exists()
+    bad = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--max-drop", "1", "--out",
+                  str(tmp_path / "bad"), "-q")
+    assert_one_line_error(bad, "max_drop", "--data")
+    bad = run_cli("prune", *SMALL, "--max-drop", "1", "--ratio", "0.5", "--out", str(tmp_path / "bad"))
+    assert_one_line_error(bad, "--max-drop")
