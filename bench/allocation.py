@@ -1,13 +1,14 @@
 """How the channels are spread: uniform against sensitivity allocation on the JPEG-adapted ResNet-56.
 
     EDGEPRUNE_HOME=../shared/data python bench/allocation.py [--variants uniform-2x sensitivity-2x uniform-3x
-        sensitivity-3x] [--epochs 5] [--out DIR]
+        sensitivity-3x sensitivity-2x-s3 ...] [--epochs 5] [--out DIR]
 
 Every variant is the built-in default recipe (src/edgeprune/recipes/default.yaml: l2 importance, BN
 re-calibration on 1,024 images, distillation) at a MACs target (2x: macs_reduction 0.5, 3x: 0.667) with
-`--epochs` of fine-tuning, evaluated on the full cifar10-jpeg test set (10,000 images), same seed. The
-sensitivity analysis (default settings: every group alone at 0.2/0.4/0.6/0.8, 500 images, BN re-calibrated
-on 256) runs once and is shared by the sensitivity variants; its time is added to their wall time.
+`--epochs` of fine-tuning (a suffix -sN: pruned in N steps, the epochs shared between them), evaluated on
+the full cifar10-jpeg test set (10,000 images), same seed. The sensitivity analysis (default settings:
+every group alone at 0.2/0.4/0.6/0.8, 500 images, BN re-calibrated on 256) runs once and is shared by the
+sensitivity variants; its time is added to their wall time.
 Each variant is appended to bench/results/allocation.json (and .md) when it finishes, with the command.
 """
 from __future__ import annotations
@@ -52,6 +53,13 @@ def _save(results: dict) -> None:
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
+def _variant(name: str) -> tuple[str, str, int]:
+    """ALLOCATION-FACTOR[-sSTEPS] -> (allocation, factor, steps)."""
+    allocation, _, rest = name.partition("-")
+    factor, _, steps = rest.partition("-s")
+    return allocation, factor, int(steps) if steps.isdigit() else (1 if not steps else 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["uniform-2x", "sensitivity-2x", "uniform-3x",
@@ -60,9 +68,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     args = parser.parse_args()
     for name in args.variants:
-        allocation, _, factor = name.partition("-")
-        if allocation not in ("uniform", "sensitivity", "global") or factor not in TARGETS:
-            parser.error(f"unknown variant {name!r}: ALLOCATION-FACTOR with FACTOR in {list(TARGETS)}")
+        allocation, factor, steps = _variant(name)
+        if allocation not in ("uniform", "sensitivity", "global") or factor not in TARGETS or steps < 1:
+            parser.error(f"unknown variant {name!r}: ALLOCATION-FACTOR[-sSTEPS] with FACTOR in {list(TARGETS)}")
     from edgeprune import load_recipe, run
     from edgeprune.environment import environment
     from edgeprune.pipeline import sensitivity_run
@@ -74,9 +82,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgeprune-alloc-bench-") as tmp:
         out = args.out or Path(tmp)
         for name in args.variants:
-            allocation, _, factor = name.partition("-")
+            allocation, factor, steps = _variant(name)
             recipe = load_recipe(None, {"prune.macs_reduction": TARGETS[factor], "prune.allocation": allocation,
-                                        "recover.epochs": args.epochs, "int8.enabled": False,
+                                        "prune.steps": steps, "recover.epochs": args.epochs, "int8.enabled": False,
                                         "latency.per_layer": False})
             folder = out / name
             shutil.rmtree(folder, ignore_errors=True)
@@ -93,7 +101,7 @@ def main() -> None:
             t0 = time.time()
             report = run(recipe, folder, quiet=True)
             wall = time.time() - t0 + (sens_seconds if allocation == "sensitivity" else 0.0)
-            row = {"name": name, "allocation": allocation, "steps": 1,
+            row = {"name": name, "allocation": allocation, "steps": steps,
                    "macs_factor": round(report["baseline"]["macs"] / report["pruned"]["macs"], 3),
                    "epochs": args.epochs, "wall_s": round(wall, 1),
                    "sensitivity_s": round(sens_seconds, 1) if allocation == "sensitivity" else None,
