@@ -32,12 +32,12 @@ def test_the_search_brackets_the_budget():
 
 def test_max_drop_publishes_the_most_pruned_trial_within_the_budget(tmp_path):
     out = tmp_path / "run"
-    args = ("prune", *SMALL, "--max-drop", "3", "--max-drop-trials", "3", "--int8", "--out", str(out))
+    args = ("prune", *SMALL, "--max-drop", "3", "--max-drop-trials", "2", "--int8", "--out", str(out))
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     budget = report["max_drop"]
-    assert budget["metric"] == "top1" and len(budget["trials"]) == 3
+    assert budget["metric"] == "top1" and len(budget["trials"]) == 2
     assert budget["trials"][0]["fraction"] == 0.5
     passing = [t for t in budget["trials"] if t["within"]]
     chosen = max(passing, key=lambda t: t["fraction"])

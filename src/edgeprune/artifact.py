@@ -56,7 +56,14 @@ def load(path: str | os.PathLike) -> nn.Module:
     if meta.get("format") != FORMAT:
         raise EdgePruneError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT}")
     imgsz = spec.input_size[-1] if spec.task == "detect" else None
-    model = create_model(spec.name, weights="none", num_classes=spec.num_classes, imgsz=imgsz)
+    from .models.custom import is_import_name, is_timm_name
+
+    extra: dict = {}
+    if is_import_name(spec.name):  # the user's code, called as it was with the same arguments
+        extra = {"model_args": spec.builder_kwargs, "input_size": spec.input_size}
+    elif is_timm_name(spec.name):
+        extra = {"input_size": spec.input_size}
+    model = create_model(spec.name, weights="none", num_classes=spec.num_classes, imgsz=imgsz, **extra)
     # DepGraph traces autograd, even if the caller is in no_grad; within the default tracing limits
     with quiet_stdout(), torch.enable_grad(), trace_guard(spec.name):
         graph = tp.DependencyGraph().build_dependency(model, spec.example_input())

@@ -26,7 +26,12 @@ def options(debug: bool = typer.Option(False, "--debug", help=f"on an error, als
     if debug:
         os.environ[DEBUG_ENV] = "1"
 
-ModelOpt = typer.Option("cifar_resnet56", "--model", "-m", help="model name (see `edgeprune models`)")
+ModelOpt = typer.Option("cifar_resnet56", "--model", "-m", help="model name (see `edgeprune models`), timm/NAME, "
+                        "or your own FILE.py:NAME / package.module:NAME (importing it runs that code)")
+ModelArgsOpt = typer.Option(None, "--model-args", help="custom models: keyword arguments as JSON, e.g. "
+                            "'{\"width\": 0.5}'")
+InputSizeOpt = typer.Option(None, "--input-size", help="timm and custom models: input C,H,W (default: timm's, "
+                            "else 3,224,224)")
 WeightsOpt = typer.Option("default", "--weights", "-w",
                           help="none, default (known pretrained weights), a torchvision weight name, "
                           "or a checkpoint path")
@@ -56,6 +61,27 @@ def _parse_settings(settings: list[str]) -> dict:
     return overrides
 
 
+def _model_args(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EdgePruneError(f"--model-args must be a JSON object, e.g. '{{\"width\": 0.5}}' ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise EdgePruneError("--model-args must be a JSON object of keyword arguments, e.g. '{\"width\": 0.5}'")
+    return value
+
+
+def _input_size(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise EdgePruneError(f"--input-size {text!r} must be C,H,W, e.g. 3,224,224")
+    return [int(p) for p in parts]
+
+
 def _latency(threads: int, warmup: int, repeats: int) -> dict:
     return {"latency.threads": threads, "latency.warmup": warmup, "latency.repeats": repeats}
 
@@ -72,7 +98,8 @@ def models_cmd():
 
 @app.command()
 def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int | None = ClassesOpt,
-            imgsz: int | None = ImgszOpt, trust_pickle: bool = TrustOpt, threads: int = ThreadsOpt,
+            imgsz: int | None = ImgszOpt, trust_pickle: bool = TrustOpt, model_args: str | None = ModelArgsOpt,
+            input_size: str | None = InputSizeOpt, threads: int = ThreadsOpt,
             warmup: int = WarmupOpt, repeats: int = RepeatsOpt,
             layers: bool = typer.Option(False, "--layers", help="also list conv/linear layers and widths"),
             as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
@@ -86,7 +113,8 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int |
     from .recipe import Recipe, apply_overrides
 
     recipe = apply_overrides(Recipe(), _latency(threads, warmup, repeats))
-    net = create_model(model, weights, num_classes, imgsz=imgsz, trust_pickle=trust_pickle)
+    net = create_model(model, weights, num_classes, imgsz=imgsz, trust_pickle=trust_pickle,
+                       model_args=_model_args(model_args), input_size=_input_size(input_size))
     result = asdict(profile_model(net, recipe, quiet))
     if layers:
         result["layers"] = {n: out_channels(m) for n, m in prunable_layers(net).items()}
@@ -139,8 +167,11 @@ PRUNE_DEFAULTS = {"recover.epochs": 0}  # `prune` without a recipe recovers noth
 @app.command("prune")
 def prune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="run folder for the report, model and ONNX"),
-    model: str | None = typer.Option(None, "--model", "-m", help="model name (see `edgeprune models`); "
+    model: str | None = typer.Option(None, "--model", "-m", help="model name (see `edgeprune models`), timm/NAME, "
+                                     "or your own FILE.py:NAME / package.module:NAME (importing it runs that code); "
                                      "default: the recipe's, else cifar_resnet56"),
+    model_args: str | None = ModelArgsOpt,
+    input_size: str | None = InputSizeOpt,
     weights: str | None = typer.Option(None, "--weights", "-w", help="none, default (known pretrained weights), a "
                                        "torchvision weight name, or a checkpoint path; default: the recipe's, else "
                                        "default"),
@@ -209,6 +240,7 @@ def prune_cmd(
                              "give --allocation alone")
     overrides = _given({
         "model.name": model, "model.weights": weights, "model.num_classes": num_classes,
+        "model.model_args": _model_args(model_args), "model.input_size": _input_size(input_size),
         "data.path": data, "model.imgsz": imgsz, "model.trust_pickle": True if trust_pickle else None,
         "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
         "prune.macs_reduction": macs_reduction, "prune.target_latency_ms": target_latency_ms,

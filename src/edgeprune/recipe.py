@@ -25,6 +25,10 @@ class ModelConfig(_Strict):
                               "the checkpoint's training size, else 640)")
     trust_pickle: bool = Field(default=False, description="load an Ultralytics .pt checkpoint, a pickle that can "
                                "run code: only for files from a source you trust")
+    model_args: dict = Field(default_factory=dict, description="custom models (FILE.py:NAME or "
+                             "package.module:NAME): keyword arguments of NAME")
+    input_size: tuple[int, int, int] | None = Field(default=None, description="timm and custom models: the input "
+                                                    "(C, H, W); default timm's, else 3x224x224")
 
 
 class LatencyOptions(_Strict):

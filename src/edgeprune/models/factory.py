@@ -21,6 +21,7 @@ import torchvision
 from ..assets import ASSETS, edgeprune_home, resolve_asset
 from ..errors import EdgePruneError, first_line
 from .cifar_resnet import DEPTHS, CifarResNet
+from .custom import create_custom, create_timm, is_import_name, is_timm_name, resolve_import
 from .yolo import create_detector, is_yolo_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,13 +90,26 @@ def _torchvision_input_size(name: str) -> int:
 
 
 def create_model(name: str, weights: str | os.PathLike | None = "none",
-                 num_classes: int | None = None, imgsz: int | None = None, trust_pickle: bool = False) -> nn.Module:
+                 num_classes: int | None = None, imgsz: int | None = None, trust_pickle: bool = False,
+                 model_args: dict | None = None, input_size: tuple[int, int, int] | list[int] | None = None
+                 ) -> nn.Module:
     """Build `name` in eval mode; its `ModelSpec` is attached as `model.edgeprune_spec`.
 
     YOLO detectors (`yolov8n.yaml`, ...) also take `imgsz` (default: the checkpoint's training size, else
-    640) and load an Ultralytics `.pt` pickle only with `trust_pickle`."""
+    640) and load an Ultralytics `.pt` pickle only with `trust_pickle`. `timm/NAME` builds a timm model;
+    `path/to/file.py:NAME` or `package.module:NAME` calls the user's class or function with `model_args`
+    (importing it runs that code). Those two take `input_size` (C, H, W; default timm's, else 3x224x224)."""
     weights = "none" if weights is None else str(weights)
-    if is_yolo_name(name):
+    size = tuple(input_size) if input_size is not None else None
+    if size is not None and not (is_timm_name(name) or is_import_name(name)):
+        raise EdgePruneError(f"--input-size is for timm and custom models; {name} takes its own input size")
+    if model_args and not is_import_name(name):
+        raise EdgePruneError(f"--model-args is for custom models (FILE.py:NAME or package.module:NAME), not {name}")
+    if is_timm_name(name):
+        model, spec = _create_timm(name, weights, num_classes, size)
+    elif is_import_name(name):
+        model, spec = _create_custom(name, weights, num_classes, model_args or {}, size)
+    elif is_yolo_name(name):
         model, nc, size = create_detector(name, weights, num_classes, imgsz, trust_pickle)
         spec = ModelSpec(name=name, num_classes=nc, input_size=(3, size, size), mean=(0.0, 0.0, 0.0),
                          std=(1.0, 1.0, 1.0), weights=weights, task="detect")
@@ -110,6 +124,37 @@ def create_model(name: str, weights: str | os.PathLike | None = "none",
     model.eval()
     model.edgeprune_spec = spec
     return model
+
+
+def _weights_path(weights: str, name: str) -> Path | None:
+    """None for `none`; the checkpoint path otherwise (timm and custom models have no named weights here)."""
+    if weights.lower() == "none":
+        return None
+    if not _looks_like_path(weights):
+        raise EdgePruneError(f"weights {weights!r} for {name}: use none or a checkpoint path")
+    return Path(weights)
+
+
+def _create_timm(name: str, weights: str, num_classes: int | None, size):
+    pretrained = weights.lower() in ("default", "pretrained")
+    model, found = create_timm(name, pretrained, num_classes, size)
+    path = None if pretrained else _weights_path(weights, name)
+    if path is not None:
+        load_checkpoint(model, path)
+    classes = model.get_classifier().out_features if hasattr(model.get_classifier(), "out_features") else None
+    spec = ModelSpec(name=name, num_classes=num_classes or classes or 1000, input_size=found["input_size"],
+                     mean=found["mean"], std=found["std"], weights=str(path) if path else weights)
+    return model, spec
+
+
+def _create_custom(name: str, weights: str, num_classes: int | None, model_args: dict, size):
+    path = _weights_path(weights if weights.lower() != "default" else "none", name)
+    model, found = create_custom(name, num_classes, model_args, size)
+    if path is not None:
+        load_checkpoint(model, path)
+    spec = ModelSpec(name=resolve_import(name), num_classes=found["num_classes"], input_size=found["input_size"],
+                     weights=str(path) if path else "none", builder_kwargs=dict(model_args))
+    return model, spec
 
 
 def _create_cifar(name: str, weights: str, num_classes: int | None):
