@@ -94,6 +94,10 @@ def models_cmd():
     out_console.print("\n".join(list_models()), highlight=False)
     out_console.print("YOLO detectors: any Ultralytics detection YAML (yolov8n.yaml, yolov8s.yaml, yolo11n.yaml, "
                       "...; needs pip install 'edgeprune[yolo]')", highlight=False)
+    out_console.print("timm models: timm/NAME for any timm.list_models() name (needs pip install 'edgeprune[timm]')",
+                      highlight=False)
+    out_console.print("Your own: path/to/file.py:NAME or package.module:NAME (a class or function returning an "
+                      "nn.Module; --model-args JSON, --input-size C,H,W)", highlight=False)
 
 
 @app.command()
