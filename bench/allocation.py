@@ -2,6 +2,7 @@
 
     EDGEPRUNE_HOME=../shared/data python bench/allocation.py [--variants uniform-2x sensitivity-2x uniform-3x
         sensitivity-3x sensitivity-2x-s3 ...] [--epochs 5] [--out DIR]
+    EDGEPRUNE_HOME=../shared/data python bench/allocation.py --train-rate 3840
 
 Every variant is the built-in default recipe (src/edgeprune/recipes/default.yaml: l2 importance, BN
 re-calibration on 1,024 images, distillation) at a MACs target (2x: macs_reduction 0.5, 3x: 0.667) with
@@ -49,8 +50,50 @@ def _save(results: dict) -> None:
                      f"{'' if t.get('finetuned') is None else format(t['finetuned'], '.2f')} | {drop} | {predicted} | "
                      f"{'' if v.get('ort_speedup') is None else format(v['ort_speedup'], '.2f') + 'x'} | "
                      f"{v['wall_s']:.0f} |")
+    rate = results.get("train_rate")
+    if rate:
+        r = rate["img_per_s"]
+        lines += ["", f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images "
+                  f"per timing, {rate['threads']} threads, best of {len(rate['rounds']['pruned_ce'])} rounds timed in "
+                  f"turn): unpruned CE {r['unpruned_ce']:.0f} img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
+                  f"CE {r['pruned_ce']:.0f} img/s ({rate['pruned_ce_vs_unpruned_ce']:.2f}x), pruned with distillation "
+                  f"{r['pruned_kd']:.0f} img/s."]
     lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def train_rates(images: int, rounds: int = 2) -> dict:
+    """Images per second of edgeprune's fine-tuning (recover.finetune, batch 128, the default recipe's SGD):
+    the unpruned ResNet-56 and the 2x-pruned one (uniform, macs_reduction 0.5) in plain cross-entropy, and the
+    pruned one distilling from the unpruned, timed in turn in this process (`rounds` times, the best kept)."""
+    import copy
+
+    import torch
+
+    from edgeprune import create_model, load_recipe, prune
+    from edgeprune.data import load_split
+    from edgeprune.distributed import runtime
+    from edgeprune.measure import count_macs
+    from edgeprune.recover import finetune
+
+    recipe = load_recipe(None, {"prune.macs_reduction": 0.5})
+    model = create_model(**recipe.model.model_dump())
+    pruned, _ = prune(model, recipe.prune)
+    train = load_split(recipe.data.path, model.edgeprune_spec, True)
+    example = model.edgeprune_spec.example_input()
+    runs = {"unpruned_ce": (model, None), "pruned_ce": (pruned, None), "pruned_kd": (pruned, model)}
+    opts = recipe.recover.model_copy(update={"epochs": 1, "train_images": images})
+    finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}), runtime())
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for key, (student, teacher) in runs.items():
+            result = finetune(copy.deepcopy(student), teacher, train, None,
+                              opts.model_copy(update={"distill": teacher is not None}), runtime())
+            rates[key].append(round(images / result.epochs[0].seconds, 1))
+    best = {k: max(v) for k, v in rates.items()}
+    return {"images": images, "threads": torch.get_num_threads(), "rounds": rates, "img_per_s": best,
+            "pruned_ce_vs_unpruned_ce": round(best["pruned_ce"] / best["unpruned_ce"], 3),
+            "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
 
 
 def _variant(name: str) -> tuple[str, str, int]:
@@ -66,7 +109,16 @@ def main() -> None:
                                                          "sensitivity-3x"])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
+    parser.add_argument("--train-rate", type=int, default=None, metavar="IMAGES", help="only time fine-tuning "
+                        "(unpruned and pruned in CE, pruned with distillation) on this many images each")
     args = parser.parse_args()
+    if args.train_rate:
+        results = _load()
+        results["train_rate"] = {**train_rates(args.train_rate), "command": "EDGEPRUNE_HOME=../shared/data python "
+                                 + shlex.join(["bench/allocation.py", *sys.argv[1:]])}
+        _save(results)
+        print(json.dumps(results["train_rate"]))
+        return
     for name in args.variants:
         allocation, factor, steps = _variant(name)
         if allocation not in ("uniform", "sensitivity", "global") or factor not in TARGETS or steps < 1:

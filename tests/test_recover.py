@@ -49,6 +49,7 @@ def test_finetune_improves_and_resumes_exactly(tmp_path):
     resumed = copy.deepcopy(student)
     full = finetune(student, teacher, train, eval_ds, opts, Runtime(), ckpt, seed=3)
     assert [e.epoch for e in full.epochs] == [1, 2] and full.epochs[-1].top1 > before
+    assert all(p.requires_grad for p in teacher.parameters())  # the caller's model is left trainable
 
     # Interrupt during epoch 2, then resume from the epoch-1 checkpoint: the result equals the
     # uninterrupted run.

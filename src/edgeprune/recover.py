@@ -120,10 +120,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     with another tag belongs to other inputs and is discarded rather than resumed."""
     device = rt.device
     student.to(device)
-    if teacher is not None:
+    if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
         teacher.eval().to(device)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
     model = student
     if rt.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device != "cpu" else None)

@@ -103,10 +103,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
     student.args = hyp  # the loss reads its box / cls / dfl gains there
     criterion = v8DetectionLoss(student)
     reg_max = detect_head(student).reg_max
-    if teacher is not None:
+    if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
         teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
     images = min(opts.train_images or len(train), len(train))
     steps = math.ceil(images / opts.batch_size)
     groups = _param_groups(student, opts.weight_decay)
