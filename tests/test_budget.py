@@ -28,6 +28,10 @@ def test_the_search_brackets_the_budget():
     assert 0.5 < next_fraction([_trial(0.5, 0.99), _trial(0.7, 30.0)], 1.0, 0.5) <= 0.5 + 0.15 * 0.2 + 1e-9
     assert next_fraction([_trial(0.5, 0.5), _trial(0.51, 1.5)], 1.0, 0.5) is None  # bracket narrower than 0.02
     assert next_fraction([_trial(0.89, 0.5)], 1.0, 0.5) is None  # at the cap
+    unreachable = BudgetTrial(name="latency-0.5", fraction=0.5, overrides={}, macs=None, latency_ms=None,
+                              recovered=None, drop=None, within=False, note="cannot reach 1 ms")
+    assert next_fraction([unreachable], 1.0, 0.5) == 0.25  # a latency target past the floor: bisect below it
+    assert next_fraction([_trial(0.2, 0.5), unreachable], 1.0, 0.5) == 0.35
 
 
 def test_max_drop_publishes_the_most_pruned_trial_within_the_budget(tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import rows
-from .errors import EdgePruneError
+from .errors import EdgePruneError, UnreachableTarget
 from .fsio import ensure_writable_dir, read_json, write_json
 from .recipe import Recipe, apply_overrides
 from .stages import INT8_NAME, ONNX_NAME
@@ -34,11 +34,12 @@ class BudgetTrial:
     name: str
     fraction: float  # MACs (or latency) removed, as asked
     overrides: dict
-    macs: int
+    macs: int | None
     latency_ms: float | None
-    recovered: float  # the metric after the last recovery stage
-    drop: float  # points below the unpruned model
+    recovered: float | None  # the metric after the last recovery stage
+    drop: float | None  # points below the unpruned model (None: the target could not be reached)
     within: bool
+    note: str | None = None
 
 
 def _metric(report: dict) -> str:
@@ -61,7 +62,10 @@ def next_fraction(trials: list[BudgetTrial], max_drop: float, first: float) -> f
     hi, hi_drop = worst.fraction, worst.drop
     if hi - lo < RESOLUTION:
         return None
-    guess = lo + (max_drop - lo_drop) * (hi - lo) / (hi_drop - lo_drop) if hi_drop > lo_drop else (lo + hi) / 2
+    if hi_drop is not None and hi_drop > lo_drop:
+        guess = lo + (max_drop - lo_drop) * (hi - lo) / (hi_drop - lo_drop)
+    else:  # an unreachable latency target: bisect
+        guess = (lo + hi) / 2
     guess = min(max(guess, lo + CLAMP * (hi - lo)), hi - CLAMP * (hi - lo))
     guess = round(guess, 3)
     return None if any(abs(t.fraction - guess) < 1e-9 for t in trials) else guess
@@ -110,8 +114,14 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
         full = apply_overrides(recipe, overrides)
         done_in_full = (folder / "recipe.json").exists() and read_json(folder / "recipe.json") == full.model_dump(
             mode="json")  # the chosen trial of an earlier search: all its stages are there
-        report = _execute(full if done_in_full else apply_overrides(full, quick), folder, quiet=True, resume=resume,
-                          changing=True)
+        try:
+            report = _execute(full if done_in_full else apply_overrides(full, quick), folder, quiet=True,
+                              resume=resume, changing=True)
+        except UnreachableTarget as exc:  # past the latency floor: as good as too much pruning
+            trials.append(BudgetTrial(name=name, fraction=fraction, overrides=overrides, macs=None, latency_ms=None,
+                                      recovered=None, drop=None, within=False, note=str(exc)))
+            log(f"{name}: {exc}")
+            continue
         assert report is not None  # one process
         trials.append(_trial(name, fraction, overrides, report, opts.max_drop, opts.latency_runtime))
         t = trials[-1]
@@ -123,9 +133,10 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     if not passing:
         write_json(state_file, {**state, **summary})
         least = min(trials, key=lambda t: t.fraction)
+        lost = f"lost {least.drop:.2f}" if least.drop is not None else "could not be reached"
         raise EdgePruneError(f"no trial stayed within {opts.max_drop:g} points: the least pruned ({least.name}) "
-                             f"lost {least.drop:.2f}; allow a larger --max-drop or more recovery (--epochs); the "
-                             f"trials are in {root / 'trials'}")
+                             f"{lost}; allow a larger --max-drop or more recovery (--epochs); the trials are in "
+                             f"{root / 'trials'}")
     chosen = max(passing, key=lambda t: t.fraction)
     log(f"chosen: {chosen.name}; running its INT8 and profile stages as the recipe asks")
     final = _execute(apply_overrides(recipe, chosen.overrides), root / "trials" / chosen.name, quiet=True,

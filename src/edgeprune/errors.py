@@ -5,6 +5,10 @@ class EdgePruneError(Exception):
     """A user-facing error: the message names the problem and the fix, in one line."""
 
 
+class UnreachableTarget(EdgePruneError):
+    """A latency target below what any pruned candidate measured (an accuracy-budget search steps back)."""
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of a library's error message (its type name when it has none), for a one-line error."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -157,9 +157,12 @@ def max_drop(report: dict) -> Table | None:
     runtime = report["recipe"]["prune"]["latency_runtime"]
     base_macs = report["baseline"]["macs"]
     label = dict(ACCURACY_KEYS["map50_95"] + ACCURACY_KEYS["top1"])[budget["metric"]]
-    table = [[t["name"] + (" (chosen)" if t["name"] == budget["chosen"] else ""), f"{base_macs / t['macs']:.2f}x",
-              "" if t["latency_ms"] is None else f"{t['latency_ms']:.2f}", f"{t['recovered']:.2f}",
-              f"{0.0 - t['drop']:+.2f}", "yes" if t["within"] else "no"] for t in budget["trials"]]
+    table = [[t["name"] + (" (chosen)" if t["name"] == budget["chosen"] else ""),
+              f"{base_macs / t['macs']:.2f}x" if t.get("macs") else "",
+              "" if t["latency_ms"] is None else f"{t['latency_ms']:.2f}",
+              "" if t["recovered"] is None else f"{t['recovered']:.2f}",
+              "target not reached" if t["drop"] is None else f"{0.0 - t['drop']:+.2f}",
+              "yes" if t["within"] else "no"] for t in budget["trials"]]
     return Table(f"Accuracy budget: the most pruned model within {budget['max_drop']:g} points of the unpruned "
                  f"{budget['baseline']:.2f} ({label}), searched by {budget['by']}; each trial pruned and recovered "
                  "with the recipe", ["trial", "fewer MACs", f"{runtime} ms", "recovered", "change", "within"],

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from ..errors import EdgePruneError
+from ..errors import EdgePruneError, UnreachableTarget
 from ..recipe import PruneOptions
 from .importance import GRADIENT_CRITERIA
 from .probe import LatencyProbe
@@ -189,7 +189,7 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
             best = hi
     if best is None:
         fastest = min(records, key=lambda t: t["latency_ms"])
-        raise EdgePruneError(
+        raise UnreachableTarget(
             f"cannot reach {target:g} ms on {runtime}: the fastest model tried (ratio {fastest['ratio']:.2f}, "
             f"round_to {fastest['round_to']}) still takes {fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); "
             "layers that are never pruned and per-run overhead set the floor. Raise the target, or let more "
