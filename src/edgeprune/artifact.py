@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import EdgePruneError
 from .fsio import atomic_path, read_json, write_json
-from .models import ModelSpec, create_model
-from .models.factory import with_module_metadata
+from .models import ModelSpec
+from .models.factory import rebuild, with_module_metadata
 from .pruning.guard import trace_guard
 from .quiet import quiet_stdout
 
@@ -55,15 +55,7 @@ def load(path: str | os.PathLike) -> nn.Module:
         raise EdgePruneError(f"{meta_path} is corrupt ({exc}); re-run edgeprune prune") from None
     if meta.get("format") != FORMAT:
         raise EdgePruneError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT}")
-    imgsz = spec.input_size[-1] if spec.task == "detect" else None
-    from .models.custom import is_import_name, is_timm_name
-
-    extra: dict = {}
-    if is_import_name(spec.name):  # the user's code, called as it was with the same arguments
-        extra = {"model_args": spec.builder_kwargs, "input_size": spec.input_size}
-    elif is_timm_name(spec.name):
-        extra = {"input_size": spec.input_size}
-    model = create_model(spec.name, weights="none", num_classes=spec.num_classes, imgsz=imgsz, **extra)
+    model = rebuild(spec)
     # DepGraph traces autograd, even if the caller is in no_grad; within the default tracing limits
     with quiet_stdout(), torch.enable_grad(), trace_guard(spec.name):
         graph = tp.DependencyGraph().build_dependency(model, spec.example_input())

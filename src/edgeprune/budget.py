@@ -10,14 +10,13 @@ full recipe and its files are published in `out/` (report, model, ONNX), with ev
 """
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import rows
 from .errors import EdgePruneError, UnreachableTarget
-from .fsio import ensure_writable_dir, read_json, write_json
+from .fsio import ensure_writable_dir, link_file, read_json, write_json
 from .recipe import Recipe, apply_overrides
 from .stages import INT8_NAME, ONNX_NAME
 
@@ -40,10 +39,6 @@ class BudgetTrial:
     drop: float | None  # points below the unpruned model (None: the target could not be reached)
     within: bool
     note: str | None = None
-
-
-def _metric(report: dict) -> str:
-    return "map50_95" if report["baseline"].get("map50_95") is not None else "top1"
 
 
 def next_fraction(trials: list[BudgetTrial], max_drop: float, first: float) -> float | None:
@@ -76,7 +71,7 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     """Run the accuracy-budget search of `recipe` in `out`; returns the chosen trial's report with every trial
     under `max_drop` (also written to out/report.json)."""
     from .distributed import runtime
-    from .pipeline import _execute, preflight, profile_model, stderr_logger, write_report
+    from .pipeline import preflight, profile_model, run_stages, stderr_logger, write_report
 
     opts = recipe.prune
     if runtime().distributed:
@@ -115,7 +110,7 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
         done_in_full = (folder / "recipe.json").exists() and read_json(folder / "recipe.json") == full.model_dump(
             mode="json")  # the chosen trial of an earlier search: all its stages are there
         try:
-            report = _execute(full if done_in_full else apply_overrides(full, quick), folder, quiet=True,
+            report = run_stages(full if done_in_full else apply_overrides(full, quick), folder, quiet=True,
                               resume=resume, changing=True)
         except UnreachableTarget as exc:  # past the latency floor: as good as too much pruning
             trials.append(BudgetTrial(name=name, fraction=fraction, overrides=overrides, macs=None, latency_ms=None,
@@ -139,10 +134,10 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
                              f"{root / 'trials'}")
     chosen = max(passing, key=lambda t: t.fraction)
     log(f"chosen: {chosen.name}; running its INT8 and profile stages as the recipe asks")
-    final = _execute(apply_overrides(recipe, chosen.overrides), root / "trials" / chosen.name, quiet=True,
+    final = run_stages(apply_overrides(recipe, chosen.overrides), root / "trials" / chosen.name, quiet=True,
                      resume=resume, changing=True)
     assert final is not None
-    metric = _metric(final)
+    metric = rows.accuracy_keys(final["baseline"])[0][0]
     summary.update(metric=metric, baseline=final["baseline"][metric], chosen=chosen.name)
     final["max_drop"] = summary
     final["recipe"] = recipe.model_dump(mode="json")
@@ -153,7 +148,7 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
 
 
 def _trial(name: str, fraction: float, overrides: dict, report: dict, max_drop: float, runtime: str) -> BudgetTrial:
-    metric = _metric(report)
+    metric = rows.accuracy_keys(report["baseline"])[0][0]
     recovered = report[rows.final_stage(report)][metric]
     drop = round(report["baseline"][metric] - recovered, 3)
     return BudgetTrial(name=name, fraction=fraction, overrides=overrides, macs=report["pruned"]["macs"],
@@ -182,14 +177,7 @@ def _share_stages(trials: Path, folder: Path) -> None:
 def _publish(source: Path, root: Path) -> None:
     """The chosen trial's model and ONNX files in the search folder (hard links where possible)."""
     for name in PUBLISHED:
-        target = root / name
-        if not (source / name).exists():
-            target.unlink(missing_ok=True)
-            continue
-        tmp = root / f".{name}.link.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(source / name, tmp)
-        except OSError:
-            shutil.copyfile(source / name, tmp)
-        os.replace(tmp, target)
+        if (source / name).exists():
+            link_file(source / name, root / name)
+        else:
+            (root / name).unlink(missing_ok=True)

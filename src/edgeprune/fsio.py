@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def link_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make `target` the file `source` (a hard link, a copy where the file system has none), atomically."""
+    source, target = Path(source), Path(target)
+    if target.exists() and os.path.samefile(source, target):
+        return  # already linked (rename() would leave a link to the same file in place)
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, tmp)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -6,7 +6,6 @@ where it stopped and `export_run` recomputes only what a new export invalidates.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import tempfile
 import time
@@ -26,7 +25,7 @@ from .distributed import Runtime, runtime, seed_everything
 from .environment import environment
 from .errors import EdgePruneError
 from .export import check_parity, export_onnx
-from .fsio import ensure_writable_dir, read_json, write_json, write_text
+from .fsio import ensure_writable_dir, link_file, read_json, write_json, write_text
 from .measure import count_macs, measure, onnx_bytes
 from .models import create_model
 from .pruning import OnnxLatencyProbe, PruneResult, prune
@@ -245,16 +244,7 @@ class Runner:
     def publish_model(self, stage: str) -> None:
         """The run folder's model.safetensors / model.json: the final model stage's files, hard-linked."""
         for name in (artifact.WEIGHTS, artifact.META):
-            source, target = self.store.folder / stage / name, self.root / name
-            if target.exists() and os.path.samefile(source, target):
-                continue  # already published (rename() would leave a link to the same file in place)
-            tmp = self.root / f".{name}.link.tmp"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(source, tmp)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            link_file(self.store.folder / stage / name, self.root / name)
 
     def close(self) -> None:
         self._scratch.cleanup()
@@ -372,17 +362,17 @@ def _gradient_batches(r: Runner):
     return None
 
 
-def _prune_step(r: Runner, model: nn.Module, widths: dict[str, int]) -> tuple[nn.Module, list]:
-    """`model` (already pruned by earlier steps) pruned to `widths`, channels ranked on its own weights."""
-    from .pruning import calibration_grads, check_runs, resolve_unpruned
+def _prune_step(r: Runner, model: nn.Module, plan: PruneResult, widths: dict[str, int]) -> tuple[nn.Module, list]:
+    """`model` (already pruned by earlier steps) pruned to `widths`, channels ranked on its own weights; the
+    layers the one-shot `plan` kept whole stay whole."""
+    from .pruning import calibration_grads, check_runs
     from .pruning.importance import GRADIENT_CRITERIA
 
     opts, example = r.recipe.prune, r.spec.example_input()
     grads = {}
     if opts.importance in GRADIENT_CRITERIA:
         grads, _ = calibration_grads(model, example, opts.importance, _gradient_batches(r), opts.calibration_batches)
-    pruned, history = prune_to_widths(model.eval(), example, opts, widths,
-                                      resolve_unpruned(r.baseline, example, opts), grads)
+    pruned, history = prune_to_widths(model.eval(), example, opts, widths, plan.unpruned, grads)
     with torch.no_grad():
         expected = r.baseline(example).shape
     check_runs(pruned, example, expected)
@@ -403,6 +393,7 @@ def _steps(r: Runner) -> Schedule:
         if saved is None or saved.get("fingerprint") != fingerprint:  # other inputs: start the schedule afresh
             shutil.rmtree(folder, ignore_errors=True)
             one_shot, result = _one_shot(r)
+            result.history = []  # the steps write their own; the plan keeps its target, widths and notes
             write_json(plan_file, {"fingerprint": fingerprint, "plan": to_json(result),
                                    "widths": layer_widths(one_shot)})
     r.rt.barrier()
@@ -424,7 +415,7 @@ def _steps(r: Runner) -> Schedule:
         r.log(f"pruning step {k} of {n}")
         work = folder / f"step-{k}-pruned"
         if r.rt.is_main:
-            pruned, step_history = _prune_step(r, model, step_widths(start, final, k, n, opts.round_to))
+            pruned, step_history = _prune_step(r, model, planned, step_widths(start, final, k, n, opts.round_to))
             artifact.save(pruned, history + step_history, work)
         r.rt.barrier()
         model = artifact.load(work)
@@ -457,7 +448,7 @@ def _prune(r: Runner) -> PruneResult:
         schedule: Schedule = r.result("steps")
         n = len(schedule.epochs)
         r.log(f"pruning step {n} of {n}")
-        pruned, history = _prune_step(r, r.model_at("steps"), schedule.widths)
+        pruned, history = _prune_step(r, r.model_at("steps"), schedule.plan, schedule.widths)
         result = copy.deepcopy(schedule.plan)
         result.history, result.steps = schedule.history + [list(h) for h in history], n
         result.notes.append(f"pruned in {n} steps to the widths of this one-shot plan, each step followed by BN "
@@ -593,11 +584,13 @@ def run(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool = 
         from .budget import search
 
         return search(recipe, out, quiet=quiet, overwrite=overwrite, resume=resume)
-    return _execute(recipe, out, quiet=quiet, overwrite=overwrite, resume=resume)
+    return run_stages(recipe, out, quiet=quiet, overwrite=overwrite, resume=resume)
 
 
-def _execute(recipe: Recipe, out: str | Path, quiet: bool, overwrite: bool = False, resume: bool = False,
-             changing: bool = False) -> dict | None:
+def run_stages(recipe: Recipe, out: str | Path, quiet: bool, overwrite: bool = False, resume: bool = False,
+               changing: bool = False) -> dict | None:
+    """Every stage of `recipe` in the run folder `out` (`run` without the accuracy-budget search);
+    `changing` keeps the stored results a changed recipe does not invalidate."""
     rt = runtime()
     seed_everything(recipe.seed)
     baseline = preflight(recipe)
@@ -660,7 +653,7 @@ def export_run(out: str | Path, opset: int | None = None, simplify: bool | None 
         overrides["int8.enabled"] = True
         if data:
             overrides["int8.data"] = data
-    final = _execute(apply_overrides(recipe, overrides), root, quiet, changing=True)
+    final = run_stages(apply_overrides(recipe, overrides), root, quiet, changing=True)
     assert final is not None  # export runs in one process
     return final
 

@@ -47,9 +47,12 @@ def _has_data(recipe: Recipe) -> bool:
 
 
 def _prune_reads(recipe: Recipe) -> tuple[str, ...]:
-    # Every pruning option but the tracing guard's limits, which change whether it runs, not its result, and
-    # the allocation's fields unless it is a sensitivity one (global_pruning tells uniform from global).
-    skip = ("trace_",) if recipe.prune.allocation == "sensitivity" else ("trace_", "allocation", "sensitivity_")
+    # Every pruning option but the tracing guard's limits, which change whether it runs, not its result, the
+    # accuracy budget's (it decides which runs happen, each with its own target), and the allocation's fields
+    # unless it is a sensitivity one (global_pruning tells uniform from global).
+    skip = ("trace_", "max_drop")
+    if recipe.prune.allocation != "sensitivity":
+        skip += ("allocation", "sensitivity_")
     reads = ("model", "seed", *(f"prune.{k}" for k in type(recipe.prune).model_fields if not k.startswith(skip)))
     if recipe.prune.target_latency_ms is not None:  # candidates are exported and timed
         reads += ("latency", "export")

@@ -141,8 +141,7 @@ def _create_timm(name: str, weights: str, num_classes: int | None, size):
     path = None if pretrained else _weights_path(weights, name)
     if path is not None:
         load_checkpoint(model, path)
-    classes = model.get_classifier().out_features if hasattr(model.get_classifier(), "out_features") else None
-    spec = ModelSpec(name=name, num_classes=num_classes or classes or 1000, input_size=found["input_size"],
+    spec = ModelSpec(name=name, num_classes=model.num_classes, input_size=found["input_size"],
                      mean=found["mean"], std=found["std"], weights=str(path) if path else weights)
     return model, spec
 
@@ -155,6 +154,19 @@ def _create_custom(name: str, weights: str, num_classes: int | None, model_args:
     spec = ModelSpec(name=resolve_import(name), num_classes=found["num_classes"], input_size=found["input_size"],
                      weights=str(path) if path else "none", builder_kwargs=dict(model_args))
     return model, spec
+
+
+def rebuild(spec: ModelSpec) -> nn.Module:
+    """The unpruned architecture `spec` describes, randomly initialised (what a pruned artifact replays its
+    history on): the same builder, arguments and input size."""
+    extra: dict = {}
+    if spec.task == "detect":
+        extra = {"imgsz": spec.input_size[-1]}
+    elif is_import_name(spec.name):  # the user's code, called as it was
+        extra = {"model_args": spec.builder_kwargs, "input_size": spec.input_size}
+    elif is_timm_name(spec.name):
+        extra = {"input_size": spec.input_size}
+    return create_model(spec.name, weights="none", num_classes=spec.num_classes, **extra)
 
 
 def _create_cifar(name: str, weights: str, num_classes: int | None):
