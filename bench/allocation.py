@@ -57,7 +57,9 @@ def _save(results: dict) -> None:
                   f"per timing, {rate['threads']} threads, best of {len(rate['rounds']['pruned_ce'])} rounds timed in "
                   f"turn): unpruned CE {r['unpruned_ce']:.0f} img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
                   f"CE {r['pruned_ce']:.0f} img/s ({rate['pruned_ce_vs_unpruned_ce']:.2f}x), pruned with distillation "
-                  f"{r['pruned_kd']:.0f} img/s."]
+                  f"{r['pruned_kd']:.0f} img/s. Alone: the augmented data loader "
+                  f"{r.get('data_loader', float('nan')):.0f} img/s, the teacher's forward "
+                  f"{r.get('teacher_forward', float('nan')):.0f} img/s."]
     lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
@@ -71,7 +73,7 @@ def train_rates(images: int, rounds: int = 2) -> dict:
     import torch
 
     from edgeprune import create_model, load_recipe, prune
-    from edgeprune.data import load_split
+    from edgeprune.data import load_split, loader
     from edgeprune.distributed import runtime
     from edgeprune.measure import count_macs
     from edgeprune.recover import finetune
@@ -91,6 +93,18 @@ def train_rates(images: int, rounds: int = 2) -> dict:
                               opts.model_copy(update={"distill": teacher is not None}), runtime())
             rates[key].append(round(images / result.epochs[0].seconds, 1))
     best = {k: max(v) for k, v in rates.items()}
+    # where a distilled step's time goes: the augmented batches alone, and the teacher's forward alone
+    t0, seen = time.perf_counter(), 0
+    for _, y in loader(train, opts.batch_size, shuffle=True, limit=images):
+        seen += len(y)
+    best["data_loader"] = round(seen / (time.perf_counter() - t0), 1)
+    batch = torch.randn(opts.batch_size, *model.edgeprune_spec.input_size)
+    with torch.no_grad():
+        model.eval()(batch)
+        t0 = time.perf_counter()
+        for _ in range(images // opts.batch_size):
+            model(batch)
+    best["teacher_forward"] = round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
     return {"images": images, "threads": torch.get_num_threads(), "rounds": rates, "img_per_s": best,
             "pruned_ce_vs_unpruned_ce": round(best["pruned_ce"] / best["unpruned_ce"], 3),
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
