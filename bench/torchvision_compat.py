@@ -1,5 +1,6 @@
-"""Which torchvision classifiers edgeprune prunes at ratio 0.5: each model runs `edgeprune prune` in
-its own process (random init, so no download), and the outcome is its exit status and last error line.
+"""Which torchvision classifiers (and timm/NAME or other models given with --models) edgeprune prunes at
+ratio 0.5: each model runs `edgeprune prune` in its own process (random init, so no download), and the
+outcome is its exit status and last error line.
 
     python bench/torchvision_compat.py [--models resnet18 vgg11 ...] [--timeout 900]
 
@@ -64,7 +65,8 @@ def main() -> None:
     (RESULTS / "torchvision_compat.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "refused", "timeout", "crash")}
     unchecked = sorted(set(torchvision.models.list_models(module=torchvision.models)) - set(by_model))
-    lines = ["# torchvision classifiers at channel ratio 0.5", "", f"Command: `{command}`", ""]
+    lines = ["# torchvision classifiers (and timm/NAME ones named with --models) at channel ratio 0.5", "",
+             f"Command: `{command}`", ""]
     earlier = sorted({r["bench_command"] for r in rows if r.get("bench_command", command) != command})
     undocumented = sum("command" not in r for r in rows)
     if earlier or undocumented:
