@@ -1,4 +1,5 @@
 """The memory and time guard around DepGraph tracing: real tracing, real limits, no stray exceptions."""
+import mmap
 import threading
 import time
 
@@ -59,18 +60,27 @@ def test_the_default_memory_limit_is_a_share_of_the_available_memory():
     assert memory_limit_bytes(0.5) == 0.5 * 2**30
 
 
+def resident(nbytes: int) -> mmap.mmap:
+    """`nbytes` of fresh anonymous memory, every page touched: resident growth whatever malloc holds
+    from earlier tests (a bytearray may reuse freed heap pages that are already resident)."""
+    block = mmap.mmap(-1, nbytes)
+    for offset in range(0, nbytes, mmap.PAGESIZE):
+        block[offset] = 1
+    return block
+
+
 def test_memory_growth_is_measured_from_the_level_at_entry():
-    """A 64 MB buffer made and touched inside the block passes a 32 MB limit; one made before does not."""
-    held = bytearray(64 * 2**20)
+    """A 64 MB block made and touched before the guard passes a 32 MB limit; one made inside does not."""
+    held = resident(64 * 2**20)
     with trace_guard("held", 0.03125):
         busy(3 * POLL_S)
+    grown = []
     with pytest.raises(EdgePruneError, match=r"tracing grow with DepGraph used more than 0.0312 GB of memory "
                                              r"\(limit prune.trace_memory_gb\)"):
         with trace_guard("grow", 0.03125):
-            grown = bytearray(64 * 2**20)
-            grown[::4096] = b"x" * len(grown[::4096])  # resident page by page
+            grown.append(resident(64 * 2**20))  # the guard stops the block here or in busy()
             busy(10)
-    del held
+    held.close()
 
 
 def test_a_timeout_stops_pure_python_promptly():
