@@ -94,6 +94,28 @@ def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path
     assert q["fp32"]["onnx_bytes"] >= 3 * q["onnx_bytes"], q
     assert json.loads((out / "stages" / "int8.json").read_text())["result"]["onnx_bytes"] == q["onnx_bytes"]
     assert "## INT8" in (out / "report.md").read_text() and (out / "report.html").exists()
+    assert report["openvino_parity"]["max_abs_diff"] <= 1e-4 and report["openvino_parity"]["passed"]
+    assert {"ort_cpu", "ov_cpu"} <= set(q["latency_ms"]) and q["fp32"]["latency_ms"]["ov_cpu"] > 0
+
+    # Every runtime x precision side by side, with accuracy through each.
+    proc = run_cli("benchmark", str(out), "--data", "cifar10", "--limit", "2000", "--repeats", "10", "--json",
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["runtime"], r["precision"]): r for r in json.loads(proc.stdout)}
+    assert set(rows) == {("torch_cpu", "fp32"), ("ort_cpu", "fp32"), ("ort_cpu", "int8"), ("ov_cpu", "fp32"),
+                         ("ov_cpu", "int8")}
+    assert all(r["latency_ms"] > 0 and r["images"] == 2000 and r["bytes"] > 0 for r in rows.values())
+    assert rows["ort_cpu", "fp32"]["file"] == "model.onnx" and rows["ov_cpu", "int8"]["file"] == "model.int8.onnx"
+    assert rows["ort_cpu", "fp32"]["top1"] == pytest.approx(report["onnx"]["top1"], abs=0.1)  # the same 2,000 images
+    for runtime in ("ort_cpu", "ov_cpu"):
+        assert rows[runtime, "fp32"]["max_abs_diff"] <= 1e-4
+        assert abs(rows[runtime, "fp32"]["top1"] - rows["torch_cpu", "fp32"]["top1"]) <= 0.1
+        assert rows[runtime, "fp32"]["top1"] - rows[runtime, "int8"]["top1"] <= 0.5, rows
+    assert rows["ov_cpu", "int8"]["bytes"] * 3 <= rows["ov_cpu", "fp32"]["bytes"]
+    stored = json.loads((out / "benchmark.json").read_text())
+    assert stored["rows"] == json.loads(proc.stdout) and stored["command"].startswith("edgeprune benchmark")
+    assert json.loads((out / "report.json").read_text())["benchmark"] == stored
+    assert "Runtimes and precisions" in (out / "report.html").read_text()
 
 
 def test_int8_needs_data(tmp_path):

@@ -39,7 +39,7 @@ def test_one_table_renders_the_same_figures_in_markdown_html_and_the_console(fin
     out, report = finished
     table = rows.comparison(report)
     assert [r[0] for r in table.rows] == ["MACs", "Params", "Size, state dict (MB)", "Size, ONNX (MB)",
-                                          "CPU ms, PyTorch", "CPU ms, ONNX Runtime"]
+                                          "CPU ms, PyTorch", "CPU ms, ONNX Runtime", "CPU ms, OpenVINO"]
     md = (out / "report.md").read_text()
     page_html = (out / "report.html").read_text()
     from rich.console import Console

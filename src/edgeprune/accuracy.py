@@ -53,16 +53,16 @@ def evaluate_model(model: nn.Module, data: DataLoader, rt: Runtime | None = None
 
 
 def evaluate_onnx_predictions(path: str | os.PathLike, data: DataLoader, threads: int = 2,
-                              quiet: bool = True) -> tuple[Accuracy, np.ndarray]:
-    """The accuracy computed by ONNX Runtime on the exported file, and every image's top-1 class."""
-    from .measure import ort_session
+                              quiet: bool = True, runtime: str = "ort_cpu") -> tuple[Accuracy, np.ndarray]:
+    """The accuracy computed by `runtime` (ONNX Runtime, or OpenVINO with `ov_cpu`) on the exported file,
+    and every image's top-1 class."""
+    from .measure import onnx_predictor
 
-    sess = ort_session(path, threads)
-    name = sess.get_inputs()[0].name
+    predict = onnx_predictor(path, runtime, threads)
     top1 = top5 = n = 0
     predictions = []
     for x, y in tqdm(data, desc=f"evaluate {Path(path).name}", disable=quiet, leave=False):
-        logits = torch.from_numpy(np.asarray(sess.run(None, {name: x.numpy()})[0]))
+        logits = torch.from_numpy(predict(x.numpy()))
         c1, c5 = topk_correct(logits, y, 5)
         top1, top5, n = top1 + c1, top5 + c5, n + len(y)
         predictions.append(logits.argmax(1).numpy())
@@ -71,8 +71,9 @@ def evaluate_onnx_predictions(path: str | os.PathLike, data: DataLoader, threads
     return Accuracy(top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=int(n)), np.concatenate(predictions)
 
 
-def evaluate_onnx(path: str | os.PathLike, data: DataLoader, threads: int = 2, quiet: bool = True) -> Accuracy:
-    return evaluate_onnx_predictions(path, data, threads, quiet)[0]
+def evaluate_onnx(path: str | os.PathLike, data: DataLoader, threads: int = 2, quiet: bool = True,
+                  runtime: str = "ort_cpu") -> Accuracy:
+    return evaluate_onnx_predictions(path, data, threads, quiet, runtime)[0]
 
 
 def evaluate(model: nn.Module | str | os.PathLike, data: str | os.PathLike, *, weights: str = "default",

@@ -195,7 +195,8 @@ def prune_cmd(
     max_drop_by: str | None = typer.Option(None, "--max-drop-by", help="macs (default: the most MACs removed) or "
                                            "latency (the lowest latency on --latency-runtime)"),
     max_drop_trials: int | None = typer.Option(None, "--max-drop-trials", help="trials at most (default 5)"),
-    latency_runtime: str | None = typer.Option(None, "--latency-runtime", help="ort_cpu (default) or torch_cpu"),
+    latency_runtime: str | None = typer.Option(None, "--latency-runtime", help="ort_cpu (default), ov_cpu "
+                                               "(OpenVINO, needs the openvino extra) or torch_cpu"),
     importance: str | None = typer.Option(None, "--importance", help="l1, l2 (default), bn-scale, taylor, hessian, "
                                           "lamp, fpgm or random"),
     allocation: str | None = typer.Option(None, "--allocation", help="uniform (one ratio for every layer, the "
@@ -438,6 +439,43 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, o
     else:
         out_console.print(f"{model}: top-1 {acc.top1:.2f}%, top-5 {acc.top5:.2f}% on {acc.images} images",
                           highlight=False)
+
+
+@app.command("benchmark")
+def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
+                  data: str | None = typer.Option(None, "--data", help="also measure accuracy on this dataset's "
+                                                  "evaluation split (cifar10, an ImageFolder root, a YOLO data.yaml)"),
+                  limit: int | None = typer.Option(None, "--limit", help="with --data: an even subset of N images"),
+                  baseline: bool = typer.Option(False, "--baseline", help="also the unpruned model (rebuilt from the "
+                                                "run's recipe, FP32) on every runtime"),
+                  threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the run's)"),
+                  warmup: int | None = typer.Option(None, "--warmup", help="untimed runs (default: the run's)"),
+                  repeats: int | None = typer.Option(None, "--repeats", help="timed runs (default: the run's)"),
+                  as_json: bool = typer.Option(False, "--json", help="print the rows as a JSON list"),
+                  quiet: bool = QuietOpt):
+    """Time a run's pruned model on every runtime and precision available here (PyTorch, ONNX Runtime,
+    OpenVINO when installed; FP32, and INT8 when the run wrote model.int8.onnx) side by side in one process:
+    file, size, latency median/p90, outputs against PyTorch, and accuracy with --data. Writes
+    OUT/benchmark.json and adds the table to the run's report."""
+    from .benchmark import benchmark
+    from .fsio import read_json
+    from .recipe import LatencyOptions
+
+    latency = None
+    given = _given({"threads": threads, "warmup": warmup, "repeats": repeats})
+    if given:
+        recipe_file = out / "recipe.json"
+        run_latency = read_json(recipe_file).get("latency", {}) if recipe_file.is_file() else {}
+        latency = LatencyOptions(**{**run_latency, **given})
+    result = benchmark(out, data=data, limit=limit, latency=latency, baseline=baseline, quiet=quiet)
+    if as_json:
+        print(json.dumps(result["rows"], indent=2))
+        return
+    from .rows import benchmark as table
+    from .rows import rich
+
+    out_console.print(rich(table(result)))
+    out_console.print(f"Benchmark: {out / 'benchmark.json'} (also in {out / 'report.html'})", highlight=False)
 
 
 def main() -> None:

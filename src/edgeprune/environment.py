@@ -42,7 +42,7 @@ def cpu_flags() -> set[str] | None:
 
 def environment() -> dict[str, str]:
     env = {"cpu": cpu_name(), "torch": torch.__version__, "torch_pruning": _version("torch-pruning"),
-           "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx")}
+           "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx"), "openvino": _version("openvino")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

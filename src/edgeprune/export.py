@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .errors import EdgePruneError, first_line
-from .measure import ort_session
+from .measure import ONNX_RUNTIMES, onnx_predictor
 from .models.yolo import export_form
 from .quiet import quiet_stdout
 from .recipe import ExportOptions
@@ -98,8 +98,9 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
 
 @torch.no_grad()
 def check_parity(model: nn.Module, onnx_path: str | os.PathLike, input_size, opts: ExportOptions,
-                 inputs: torch.Tensor | None = None) -> Parity:
-    """Run PyTorch and ONNX Runtime on the same batch; a mismatch raises EdgePruneError.
+                 inputs: torch.Tensor | None = None, runtime: str = "ort_cpu") -> Parity:
+    """Run PyTorch and the exported file on `runtime` (ONNX Runtime, or OpenVINO with `ov_cpu`) on the
+    same batch; a mismatch raises EdgePruneError.
 
     A detector's boxes are compared in units of the image size (so that one tolerance serves boxes and
     scores alike) and its agreement is that of the top class at every anchor."""
@@ -109,8 +110,7 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, input_size, opt
         shape = (opts.parity_batch, *input_size)
         inputs = torch.rand(shape, generator=gen) if detector else torch.randn(shape, generator=gen)
     ref = model.eval().cpu()(inputs).numpy()
-    sess = ort_session(onnx_path, threads=torch.get_num_threads())
-    got = sess.run(None, {sess.get_inputs()[0].name: inputs.numpy()})[0]
+    got = onnx_predictor(onnx_path, runtime, threads=torch.get_num_threads())(inputs.numpy())
     if detector:
         scale = np.ones((1, ref.shape[1], 1), dtype=ref.dtype)
         scale[:, :4] = 1 / input_size[-1]
@@ -127,6 +127,7 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, input_size, opt
     parity = Parity(max_abs_diff=diff, top1_agreement=agree, batch=len(inputs), tolerance=tol,
                     passed=diff <= tol and agree == 1.0)
     if not parity.passed:
-        raise EdgePruneError(f"ONNX parity failed for {onnx_path}: max abs diff {diff:.3g} (tolerance {tol:.3g}), "
+        raise EdgePruneError(f"ONNX parity failed for {onnx_path} on {ONNX_RUNTIMES[runtime]}: max abs diff "
+                             f"{diff:.3g} (tolerance {tol:.3g}), "
                              f"top-1 agreement {agree:.1%}; the exported model does not compute the same thing")
     return parity

@@ -1,4 +1,5 @@
-"""Measurements of a model: parameters, MACs, sizes on disk and latency (PyTorch and ONNX Runtime).
+"""Measurements of a model: parameters, MACs, sizes on disk and latency (PyTorch, ONNX Runtime and,
+when it is installed, OpenVINO).
 
 MACs follow Torch-Pruning's counter (`tp.utils.count_ops_and_params`, ptflops convention): one
 multiply-accumulate per weight use in conv/linear layers, plus BatchNorm, activation and pooling
@@ -116,6 +117,62 @@ def ort_runner(path: str | Path, input_size, batch_size: int, threads: int,
     return lambda: sess.run(None, feed)
 
 
+def openvino_available() -> bool:
+    """Whether OpenVINO (the optional `openvino` extra) can be imported."""
+    try:
+        require_openvino()
+    except EdgePruneError:
+        return False
+    return True
+
+
+def require_openvino():
+    """The openvino module, or a one-line error saying how to install it."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise EdgePruneError("OpenVINO is not installed: pip install -e '.[openvino]' (or pip install openvino), "
+                             "or pick another runtime") from exc
+    return openvino
+
+
+def ov_compiled(path: str | Path, threads: int, shape: tuple[int, ...] | None = None):
+    """The ONNX model at `path` compiled by OpenVINO for the CPU: `threads` threads, one stream, FP32
+    arithmetic wherever the model is in float (no bf16 or f16 shortcuts on CPUs that have them; a QDQ
+    model's quantized ops still run in INT8). `shape` fixes the input's shape (faster than a dynamic batch)."""
+    ov = require_openvino()
+    core = ov.Core()
+    model = core.read_model(str(path))
+    if shape is not None:
+        model.reshape(list(shape))
+    return core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+
+
+def ov_runner(path: str | Path, input_size, batch_size: int, threads: int) -> Callable[[], None]:
+    """One OpenVINO CPU inference of the model at `path`, its input shape fixed at (batch_size, *input_size)."""
+    shape = (batch_size, *input_size)
+    request = ov_compiled(path, threads, shape).create_infer_request()
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return lambda: request.infer({0: x})
+
+
+ONNX_RUNTIMES = {"ort_cpu": "ONNX Runtime", "ov_cpu": "OpenVINO"}
+
+
+def onnx_predictor(path: str | Path, runtime: str = "ort_cpu", threads: int = 2) -> Callable[[np.ndarray], np.ndarray]:
+    """`predict(x)`: the first output of the ONNX model at `path` run by `runtime` (`ort_cpu` or
+    `ov_cpu`) on a float32 batch, as a NumPy array of its own."""
+    if runtime == "ov_cpu":
+        request = ov_compiled(path, threads).create_infer_request()
+        return lambda x: np.array(request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[0], copy=True)
+    if runtime != "ort_cpu":
+        raise ValueError(f"no ONNX runtime {runtime!r}; use one of {list(ONNX_RUNTIMES)}")
+    sess = ort_session(path, threads)
+    name = sess.get_inputs()[0].name
+    return lambda x: np.asarray(sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0])
+
+
 def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOptions, quiet: bool = True,
                      desc: str = "latency") -> dict[str, Latency]:
     """Time several runners round-robin, so load on a shared machine hits them all alike.
@@ -155,8 +212,10 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
             quiet: bool = True) -> dict[str, Measurement]:
     """Params, MACs, sizes and latency of each `(model, exported onnx path)`, timed side by side.
 
-    Latency keys: `torch_cpu`, `ort_cpu`, and `torch_cuda` / `ort_cuda` when a GPU is there.
+    Latency keys: `torch_cpu`, `ort_cpu`, `ov_cpu` when OpenVINO is installed (and `opts.openvino`), and
+    `torch_cuda` / `ort_cuda` when a GPU is there.
     """
+    use_openvino = opts.openvino and openvino_available()
     runners: dict[str, Callable[[], None]] = {}
     cuda_runners: dict[str, Callable[[], None]] = {}
     use_cuda = opts.cuda and torch.cuda.is_available()
@@ -164,6 +223,8 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
         runners[f"{label}/torch_cpu"] = torch_runner(model, input_size, opts.batch_size)
         runners[f"{label}/ort_cpu"] = ort_runner(onnx_path, input_size, opts.batch_size, opts.threads,
                                                  spinning=opts.ort_spinning)
+        if use_openvino:
+            runners[f"{label}/ov_cpu"] = ov_runner(onnx_path, input_size, opts.batch_size, opts.threads)
         if use_cuda:
             import onnxruntime as ort
 
@@ -176,7 +237,7 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
     # Interleave models within one runtime only: PyTorch's OpenMP workers spin after a run, so
     # alternating runtimes would make each pay for the other's spinning.
     timed: dict[str, Latency] = {}
-    for runtime in ("torch_cpu", "ort_cpu", "torch_cuda", "ort_cuda"):
+    for runtime in ("torch_cpu", "ort_cpu", "ov_cpu", "torch_cuda", "ort_cuda"):
         group = {k: fn for k, fn in {**runners, **cuda_runners}.items() if k.endswith("/" + runtime)}
         if group:
             timed.update(time_interleaved(group, opts, quiet, runtime))

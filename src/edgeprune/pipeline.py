@@ -26,7 +26,7 @@ from .environment import environment
 from .errors import EdgePruneError
 from .export import check_parity, export_onnx
 from .fsio import ensure_writable_dir, link_file, read_json, write_json, write_text
-from .measure import count_macs, measure, onnx_bytes
+from .measure import count_macs, measure, onnx_bytes, openvino_available
 from .models import create_model
 from .pruning import OnnxLatencyProbe, PruneResult, prune
 from .pruning.schedule import epoch_shares, layer_widths, prune_to_widths, step_widths
@@ -285,7 +285,13 @@ def preflight(recipe: Recipe) -> nn.Module:
     """Check what a run reads before it writes anything: the model and its weights, and a detector's
     dataset (images and labels); returns the unpruned model."""
     from .detection.data import is_detection_data
+    from .measure import require_openvino
 
+    opts = recipe.prune
+    if opts.latency_runtime == "ov_cpu" and (opts.target_latency_ms is not None or opts.max_drop_by == "latency"):
+        if not recipe.latency.openvino:
+            raise EdgePruneError("prune.latency_runtime ov_cpu times OpenVINO: set latency.openvino true")
+        require_openvino()
     model = create_model(**recipe.model.model_dump())
     if recipe.prune.allocation == "sensitivity":
         check_sensitivity(recipe, model)
@@ -495,9 +501,11 @@ def _export(r: Runner) -> ExportResult:
     model, opts = r.model_at(final_model_stage(r.recipe)), r.recipe.export
     fallback: list[str] = []
     path = export_onnx(model, r.spec.input_size, r.root / ONNX_NAME, opts, on_fallback=fallback.append)
+    openvino = (check_parity(model, path, r.spec.input_size, opts, runtime="ov_cpu")
+                if r.recipe.latency.openvino and openvino_available() else None)
     return ExportResult(parity=check_parity(model, path, r.spec.input_size, opts), opset=opts.opset,
                         exporter="dynamo" if opts.dynamo or fallback else "torchscript", onnx_bytes=onnx_bytes(path),
-                        fallback_reason=fallback[0] if fallback else None)
+                        fallback_reason=fallback[0] if fallback else None, openvino_parity=openvino)
 
 
 def _accuracy_onnx(r: Runner) -> Accuracy:

@@ -38,6 +38,8 @@ class LatencyOptions(_Strict):
     batch_size: int = Field(default=1, ge=1)
     cuda: bool = True  # also measure on a GPU when one exists
     ort_spinning: bool = False  # ONNX Runtime workers busy-wait between runs (faster only on idle cores)
+    openvino: bool = Field(default=True, description="also time the exported model on OpenVINO (ov_cpu) and check "
+                           "its parity there, when OpenVINO is installed (pip install -e '.[openvino]')")
     per_layer: bool = Field(default=True, description="profile every layer (ONNX Runtime and PyTorch) for the "
                             "'why isn't it faster?' diagnostics")
 
@@ -59,7 +61,9 @@ class PruneOptions(_Strict):
     max_drop_by: Literal["macs", "latency"] = Field(
         default="macs", description="max_drop: search the MACs reduction, or the latency on latency_runtime")
     max_drop_trials: int = Field(default=5, ge=1, le=20, description="max_drop: prune-and-recover trials at most")
-    latency_runtime: Literal["ort_cpu", "torch_cpu"] = "ort_cpu"
+    latency_runtime: Literal["ort_cpu", "torch_cpu", "ov_cpu"] = Field(
+        default="ort_cpu", description="the runtime latency targets and budgets are measured on: ONNX Runtime, "
+        "PyTorch eager, or OpenVINO (needs the openvino extra); all on the CPU")
     latency_margin: float = Field(default=0.1, ge=0, lt=0.5, description="the search aims this fraction below "
                                   "the target, so that re-measuring on a noisy machine stays under it")
     round_to_candidates: list[int] = Field(

@@ -47,6 +47,8 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict) -> dict
         report["schedule"] = {"epochs": schedule.epochs, "steps": [asdict(s) for s in schedule.steps]}
     prune = asdict(results["prune"])
     recipe_json = recipe.model_dump(mode="json")
+    if exported.openvino_parity is not None:
+        report["openvino_parity"] = asdict(exported.openvino_parity)
     report.update({"onnx_parity": asdict(exported.parity),
                    "export": {"exporter": exported.exporter, "opset": exported.opset,
                               "onnx_bytes": exported.onnx_bytes, "fallback_reason": exported.fallback_reason},
@@ -98,7 +100,7 @@ def markdown(report: dict) -> str:
     comparison = rows.comparison(report)
     comparison.title = "Before and after"
     lines += rows.markdown(comparison)
-    for table in (rows.accuracy(report), rows.int8(report)):
+    for table in (rows.accuracy(report), rows.int8(report), rows.benchmark(report.get("benchmark"))):
         if table is not None:
             lines += rows.markdown(table)
     epochs = report.get("finetuned", {}).get("epochs", [])

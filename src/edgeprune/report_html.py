@@ -174,7 +174,8 @@ def page(report: dict) -> str:
     body.append("<h2>Before and after</h2>")
     body.append(rows.html(rows.comparison(report)))
     body.append(f"<p class='muted'>{html.escape(rows.latency_method(report))}</p>")
-    for table in (rows.accuracy(report), rows.int8(report), rows.max_drop(report), rows.schedule(report)):
+    for table in (rows.accuracy(report), rows.int8(report), rows.benchmark(report.get("benchmark")),
+                  rows.max_drop(report), rows.schedule(report)):
         if table is not None:
             body.append(rows.html(table, with_title=True))
     if report.get("sensitivity"):

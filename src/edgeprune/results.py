@@ -74,6 +74,7 @@ class ExportResult:
     exporter: str  # "torchscript" or "dynamo"
     onnx_bytes: int
     fallback_reason: str | None = None  # set when the TorchScript exporter failed and dynamo took over
+    openvino_parity: Parity | None = None  # the same check run by OpenVINO, when it is installed
 
 
 @dataclass

@@ -14,6 +14,7 @@ METRICS = [
     ("Size, ONNX (MB)", ("onnx_bytes",), lambda v: f"{v / 1e6:.2f}"),
     ("CPU ms, PyTorch", ("latency_ms", "torch_cpu"), lambda v: f"{v:.2f}"),
     ("CPU ms, ONNX Runtime", ("latency_ms", "ort_cpu"), lambda v: f"{v:.2f}"),
+    ("CPU ms, OpenVINO", ("latency_ms", "ov_cpu"), lambda v: f"{v:.2f}"),
     ("GPU ms, PyTorch", ("latency_ms", "torch_cuda"), lambda v: f"{v:.2f}"),
     ("GPU ms, ONNX Runtime", ("latency_ms", "ort_cuda"), lambda v: f"{v:.2f}"),
     ("Top-1 (%)", ("top1",), lambda v: f"{v:.2f}"),
@@ -104,6 +105,9 @@ def int8(report: dict) -> Table | None:
              f"{q['size_reduction_x']:.2f}x smaller"],
             ["CPU ms, ONNX Runtime", f"{f['latency_ms']['ort_cpu']:.2f}", f"{q['latency_ms']['ort_cpu']:.2f}",
              f"{q['speedup_vs_fp32']:.2f}x faster"]]
+    if "ov_cpu" in q["latency_ms"] and "ov_cpu" in f["latency_ms"]:
+        before, after = f["latency_ms"]["ov_cpu"], q["latency_ms"]["ov_cpu"]
+        rows.append(["CPU ms, OpenVINO", f"{before:.2f}", f"{after:.2f}", f"{before / after:.2f}x faster"])
     for key, label in accuracy_keys(q):
         rows.append([label[0].upper() + label[1:], f"{f[key]:.2f}", f"{q[key]:.2f}", f"{q[key] - f[key]:+.2f} pts"])
     if q.get("top1_agreement") is not None:
@@ -188,6 +192,28 @@ def sensitivity(report: dict) -> Table | None:
                  code_names=True)
 
 
+RUNTIME_NAMES = {"torch_cpu": "PyTorch", "torch_cuda": "PyTorch CUDA", "ort_cpu": "ONNX Runtime", "ov_cpu": "OpenVINO"}
+
+
+def benchmark(result: dict | None) -> Table | None:
+    """`edgeprune benchmark`: every runtime x precision of the model, timed side by side."""
+    if not result:
+        return None
+    rows = result["rows"]
+    metric = [(k, label) for k, label in (("top1", "top-1 (%)"), ("map50_95", "mAP50-95 (%)"))
+              if any(r.get(k) is not None for r in rows)]
+    columns = ["model", "runtime", "precision", "file", "MB", "ms median", "ms p90", "max abs diff vs PyTorch",
+               *(label for _, label in metric)]
+    body = [[r["model"], RUNTIME_NAMES.get(r["runtime"], r["runtime"]), r["precision"].upper(), r["file"],
+             f"{r['bytes'] / 1e6:.2f}", f"{r['latency_ms']:.2f}", f"{r['latency_p90_ms']:.2f}",
+             "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}",
+             *("" if r.get(k) is None else f"{r[k]:.2f}" for k, _ in metric)] for r in rows]
+    images = next((r["images"] for r in rows if r.get("images")), None)
+    return Table(f"Runtimes and precisions (batch {result['batch_size']}, {result['threads']} threads, median of "
+                 f"{result['repeats']} runs" + (f", accuracy on {images} images of {result['data']}" if images else "")
+                 + f"; `{result['command']}`)", columns, body)
+
+
 def layer_times(diag: dict) -> Table:
     return Table("Per-layer profile", [
         "layer", "channels", "MACs before", "MACs after", "ORT ms before", "ORT ms after", "PyTorch ms before",
@@ -229,9 +255,13 @@ def latency_verdict(report: dict) -> tuple[str, bool] | None:
 
 
 def parity(report: dict) -> str:
-    p = report["onnx_parity"]
-    return (f"ONNX parity (ONNX Runtime vs PyTorch, batch {p['batch']}): max abs diff {p['max_abs_diff']:.2e}, "
+    p, ov = report["onnx_parity"], report.get("openvino_parity")
+    text = (f"ONNX parity (ONNX Runtime vs PyTorch, batch {p['batch']}): max abs diff {p['max_abs_diff']:.2e}, "
             f"top-1 agreement {p['top1_agreement']:.1%}.")
+    if ov:
+        text += (f" OpenVINO vs PyTorch: max abs diff {ov['max_abs_diff']:.2e}, "
+                 f"top-1 agreement {ov['top1_agreement']:.1%}.")
+    return text
 
 
 def runs(report: dict) -> int:

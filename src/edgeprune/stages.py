@@ -84,7 +84,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("finetuned", ("model", "data", "recover", "seed"), after=(MODEL,),
           writes=("stages/finetuned/model.safetensors",), makes_model=True, collective=True,
           wanted=lambda r: _has_data(r) and r.recover.epochs > 0),
-    Stage("export", ("export",), after=(MODEL,), writes=(ONNX_NAME,)),
+    Stage("export", ("export", "latency.openvino"), after=(MODEL,), writes=(ONNX_NAME,)),
     Stage("accuracy_onnx", ("data", "latency.threads"), after=("export",), wanted=_has_data),
     Stage("int8", ("int8", "data", "latency"), after=("export",), writes=(INT8_NAME,),
           wanted=lambda r: r.int8.enabled),

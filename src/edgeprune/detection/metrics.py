@@ -65,14 +65,14 @@ def evaluate_model(model: nn.Module, data: DetectionData, batch_size: int = 32, 
 
 
 def evaluate_onnx(path: str | os.PathLike, data: DetectionData, imgsz: int, threads: int = 2, batch_size: int = 32,
-                  limit: int | None = None, quiet: bool = True) -> Accuracy:
-    from ..measure import ort_session
+                  limit: int | None = None, quiet: bool = True, runtime: str = "ort_cpu") -> Accuracy:
+    """mAP of the ONNX file at `path` run by `runtime` (ONNX Runtime, or OpenVINO with `ov_cpu`)."""
+    from ..measure import onnx_predictor
 
-    sess = ort_session(path, threads)
-    name = sess.get_inputs()[0].name
+    run = onnx_predictor(path, runtime, threads)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0])
+        return torch.from_numpy(run(x.numpy()))
 
     return evaluate(predict, data, imgsz, batch_size, limit, quiet, desc=f"mAP {Path(path).name}")
 

@@ -7,7 +7,7 @@ from typing import Protocol
 import torch.nn as nn
 
 from ..export import export_onnx
-from ..measure import ort_runner, time_interleaved, torch_runner
+from ..measure import ort_runner, ov_runner, time_interleaved, torch_runner
 from ..recipe import ExportOptions, LatencyOptions
 
 PROBE_MIN_REPEATS = 50  # the baseline's first reading, which every candidate is scaled by, takes at least these
@@ -27,7 +27,7 @@ class LatencyProbe(Protocol):
 
 class OnnxLatencyProbe:
     """Exports each candidate to ONNX (as the pipeline will) and times it on `runtime`
-    (`ort_cpu` or `torch_cpu`) next to the unpruned model.
+    (`ort_cpu`, `ov_cpu` or `torch_cpu`) next to the unpruned model.
 
     Each reading is scaled by how the baseline measured in that same call compares with its first
     reading, so load on a shared machine that slows both does not move the candidate's figure.
@@ -49,6 +49,8 @@ class OnnxLatencyProbe:
         if self.runtime == "torch_cpu":
             return torch_runner(model, self.input_size, self.latency.batch_size)
         path = exported or export_onnx(model, self.input_size, self.workdir / f"{name}.onnx", self.export)
+        if self.runtime == "ov_cpu":
+            return ov_runner(path, self.input_size, self.latency.batch_size, self.latency.threads)
         return ort_runner(path, self.input_size, self.latency.batch_size, self.latency.threads,
                           spinning=self.latency.ort_spinning)
 

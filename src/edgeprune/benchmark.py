@@ -1,0 +1,233 @@
+"""`edgeprune benchmark OUT`: a run's pruned model on every runtime and precision available here.
+
+One table, one process: PyTorch (FP32), ONNX Runtime and OpenVINO (FP32 model.onnx, INT8 model.int8.onnx
+when the run wrote one), each row's file and size, latency (median and p90, the rows of one runtime timed
+round-robin so that load on a shared machine hits them alike), its outputs against PyTorch's on the same
+batch, and, with data, its accuracy (top-1/top-5, or mAP for detectors). With `baseline`, the unpruned
+model (rebuilt from the run's recipe and exported here) gets FP32 rows beside it.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import artifact
+from .errors import EdgePruneError
+from .fsio import read_json, write_json
+from .measure import (
+    ONNX_RUNTIMES,
+    Latency,
+    onnx_bytes,
+    onnx_predictor,
+    openvino_available,
+    ort_runner,
+    ov_runner,
+    state_dict_bytes,
+    time_interleaved,
+    torch_runner,
+    torch_threads,
+)
+from .recipe import LatencyOptions, Recipe
+from .stages import INT8_NAME, ONNX_NAME
+
+RUNTIME_LABELS = {"torch_cpu": "PyTorch", "torch_cuda": "PyTorch (CUDA)", **ONNX_RUNTIMES}
+PARITY_BATCH = 8
+
+
+@dataclass
+class BenchmarkRow:
+    model: str  # "pruned", or "unpruned" (with baseline)
+    runtime: str  # torch_cpu, ort_cpu, ov_cpu, torch_cuda
+    precision: str  # fp32 or int8
+    file: str  # relative to the run folder (the unpruned model's files live in a temporary folder)
+    bytes: int
+    latency_ms: float
+    latency_p90_ms: float
+    max_abs_diff: float | None  # outputs against the same model in PyTorch (FP32), on the same batch
+    top1_agreement: float | None  # classifiers: share of that batch whose top-1 class is PyTorch's
+    top1: float | None = None
+    top5: float | None = None
+    map50_95: float | None = None
+    map50: float | None = None
+    images: int | None = None
+
+
+@dataclass
+class _Entry:
+    model: str
+    runtime: str
+    precision: str
+    file: str
+    bytes: int
+    runner: Callable[[], None]
+    predict: Callable[[np.ndarray], np.ndarray]  # a float32 batch -> the first output
+    reference: nn.Module  # the PyTorch model its outputs are compared with
+
+
+def _torch_predict(model: nn.Module, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+    return predict
+
+
+def _entries(label: str, model: nn.Module, weights: str, files: dict[str, Path], root: Path, opts: LatencyOptions,
+             openvino: bool) -> list[_Entry]:
+    """The rows of one model: PyTorch (its weights file named `weights`), then each ONNX file of `files`
+    (by precision) on each ONNX runtime."""
+    size = model.edgeprune_spec.input_size
+    entries = [_Entry(label, "torch_cpu", "fp32", weights, state_dict_bytes(model),
+                      torch_runner(model, size, opts.batch_size), _torch_predict(model), model)]
+    if opts.cuda and torch.cuda.is_available():
+        import copy
+
+        gpu = copy.deepcopy(model).cuda().eval()
+        entries.append(_Entry(label, "torch_cuda", "fp32", entries[0].file, entries[0].bytes,
+                              torch_runner(gpu, size, opts.batch_size, "cuda"), _torch_predict(gpu, "cuda"), model))
+    runtimes = ["ort_cpu"] + (["ov_cpu"] if openvino else [])
+    for runtime in runtimes:
+        for precision in ("fp32", "int8"):
+            path = files.get(precision)
+            if path is None:
+                continue
+            runner = (ov_runner(path, size, opts.batch_size, opts.threads) if runtime == "ov_cpu" else
+                      ort_runner(path, size, opts.batch_size, opts.threads, spinning=opts.ort_spinning))
+            name = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+            entries.append(_Entry(label, runtime, precision, name, onnx_bytes(path), runner,
+                                  onnx_predictor(path, runtime, opts.threads), model))
+    return entries
+
+
+def _compare(ref: np.ndarray, got: np.ndarray, detector: bool, image_size: int) -> tuple[float, float | None]:
+    """Max abs difference (a detector's boxes in units of the image size) and, for classifiers, top-1 agreement."""
+    if detector:
+        scale = np.ones((1, ref.shape[1], 1), dtype=ref.dtype)
+        scale[:, :4] = 1 / image_size
+        return float(np.max(np.abs(ref * scale - got * scale))), None
+    return float(np.max(np.abs(ref - got))), float(np.mean(ref.argmax(1) == got.argmax(1)))
+
+
+class _Accuracy:
+    """Evaluates a row's predictor on the evaluation split of `data` (the same batches for every row)."""
+
+    def __init__(self, spec, data: str, limit: int | None, threads: int, quiet: bool):
+        self.detector, self.threads, self.quiet, self.limit = spec.task == "detect", threads, quiet, limit
+        self.imgsz = spec.input_size[-1]
+        if self.detector:
+            from .detection.data import is_detection_data, load_detection_data
+            from .pipeline import check_detection_data
+
+            if not is_detection_data(str(data)):
+                raise EdgePruneError(f"{spec.name} is a detector: --data must be a YOLO data.yaml, not {data}")
+            self.det = check_detection_data(load_detection_data(data), spec)
+        else:
+            from .data import load_split, loader
+
+            self.batches = loader(load_split(data, spec, train=False, quiet=quiet), 250, limit=limit)
+
+    def first_batch(self) -> np.ndarray:
+        if self.detector:
+            from .detection.data import dataset, loader
+
+            batch = next(iter(loader(dataset(self.det, "val", self.imgsz), PARITY_BATCH)))
+            return (batch["img"].float() / 255).numpy()
+        return next(iter(self.batches))[0][:PARITY_BATCH].numpy()
+
+    def __call__(self, entry: _Entry) -> dict:
+        desc = f"{entry.model} {entry.runtime} {entry.precision}"
+        if self.detector:
+            from .detection import metrics
+
+            acc = metrics.evaluate(lambda x: torch.from_numpy(entry.predict(x.numpy())), self.det, self.imgsz,
+                                   limit=self.limit, quiet=self.quiet, desc=desc)
+        else:
+            from .accuracy import Accuracy, topk_correct
+
+            top1 = top5 = n = 0
+            for x, y in self.batches:
+                logits = torch.from_numpy(entry.predict(x.numpy()))
+                c1, c5 = topk_correct(logits, y, 5)
+                top1, top5, n = top1 + c1, top5 + c5, n + len(y)
+            if n == 0:
+                raise EdgePruneError("the evaluation set holds no images; check the dataset's val/ (or test/) split")
+            acc = Accuracy(top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=int(n))
+        return {k: v for k, v in asdict(acc).items() if k in ("top1", "top5", "map50_95", "map50", "images")}
+
+
+def _unpruned_files(recipe: Recipe, tmp: Path) -> tuple[nn.Module, dict[str, Path]]:
+    from .export import export_onnx
+    from .models import create_model
+
+    model = create_model(**recipe.model.model_dump()).eval()
+    path = export_onnx(model, model.edgeprune_spec.input_size, tmp / "unpruned.onnx", recipe.export)
+    return model, {"fp32": path}
+
+
+def benchmark(out: str | os.PathLike, data: str | None = None, limit: int | None = None,
+              latency: LatencyOptions | None = None, baseline: bool = False, quiet: bool = True,
+              command: str | None = None) -> dict:
+    """Benchmark the pruned model of the run folder `out` on every runtime x precision available; returns
+    {"rows": [...], ...} and writes it to out/benchmark.json, and into report.json/.md/.html as "benchmark"."""
+    from .pipeline import write_report
+    from .recipe import build
+
+    root = Path(out)
+    if not (root / "recipe.json").is_file() or not (root / artifact.META).is_file():
+        raise EdgePruneError(f"{root} holds no finished prune run (recipe.json and {artifact.META}); "
+                             "run edgeprune prune or run first")
+    recipe = build(Recipe, read_json(root / "recipe.json"))
+    opts = latency or recipe.latency
+    openvino = openvino_available()
+    pruned = artifact.load(root)
+    spec = pruned.edgeprune_spec
+    if not (root / ONNX_NAME).is_file():
+        raise EdgePruneError(f"{root / ONNX_NAME} is missing; run edgeprune export {root}")
+    files = {"fp32": root / ONNX_NAME}
+    if (root / INT8_NAME).is_file():
+        files["int8"] = root / INT8_NAME
+    scorer = _Accuracy(spec, data, limit, opts.threads, quiet) if data else None
+    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp, torch_threads(opts.threads):
+        entries = _entries("pruned", pruned, artifact.WEIGHTS, files, root, opts, openvino)
+        if baseline:
+            unpruned, unpruned_files = _unpruned_files(recipe, Path(tmp))
+            entries += _entries("unpruned", unpruned, f"{recipe.model.name} ({recipe.model.weights})",
+                                unpruned_files, Path(tmp), opts, openvino)
+        timed: dict[int, Latency] = {}
+        for runtime in dict.fromkeys(e.runtime for e in entries):  # one runtime at a time, its rows round-robin
+            group = {i: e.runner for i, e in enumerate(entries) if e.runtime == runtime}
+            timed.update(time_interleaved(group, opts, quiet, f"latency {RUNTIME_LABELS[runtime]}"))
+        if scorer is not None:
+            inputs = scorer.first_batch()
+        else:
+            gen = torch.Generator().manual_seed(0)
+            shape = (PARITY_BATCH, *spec.input_size)
+            inputs = (torch.rand(shape, generator=gen) if spec.task == "detect" else
+                      torch.randn(shape, generator=gen)).numpy()
+        references = {id(e.reference): _torch_predict(e.reference)(inputs) for e in entries}
+        rows = []
+        for i, e in enumerate(entries):
+            diff = agree = None
+            if e.runtime != "torch_cpu":
+                diff, agree = _compare(references[id(e.reference)], e.predict(inputs), spec.task == "detect",
+                                       spec.input_size[-1])
+            row = BenchmarkRow(e.model, e.runtime, e.precision, e.file, e.bytes, timed[i].median_ms,
+                               timed[i].p90_ms, diff, agree, **(scorer(e) if scorer is not None else {}))
+            rows.append(asdict(row))
+    result = {"rows": rows, "threads": opts.threads, "batch_size": opts.batch_size, "repeats": opts.repeats,
+              "data": data, "limit": limit, "openvino": openvino,
+              "command": command or shlex.join(["edgeprune", *sys.argv[1:]])}
+    write_json(root / "benchmark.json", result)
+    if (root / "report.json").is_file():
+        report = read_json(root / "report.json")
+        report["benchmark"] = result
+        write_report(root, report)
+    return result
