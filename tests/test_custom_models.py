@@ -37,8 +37,8 @@ NET = textwrap.dedent('''
     def not_a_model():
         return 3
 ''')
-FAST = ("--weights", "none", "--ratio", "0.5", "--warmup", "1", "--repeats", "3", "--set", "latency.per_layer=false",
-        "-q")
+FAST = ("--weights", "none", "--ratio", "0.5", "--round-to", "1", "--warmup", "1", "--repeats", "3",
+        "--set", "latency.per_layer=false", "-q")
 
 
 def test_a_model_from_the_users_file_prunes_exports_and_reloads(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 import edgeprune
+from edgeprune import EdgePruneError
 from edgeprune.data import load_split, loader, unaugmented
 from edgeprune.export import export_onnx
 from edgeprune.models import create_model
@@ -169,12 +170,32 @@ class MacsProbe:
         return self.ms(model)
 
 
+def test_round_to_auto_keeps_the_fastest_multiple_that_meets_the_target():
+    model = create_model("cifar_resnet20", "none")
+    probe = MacsProbe(model.edgeprune_spec.example_input())
+    probe.baseline_ms = probe.ms(model)
+    pruned, result = prune(model, PruneOptions(ratio=0.4, round_to="auto"), latency_probe=probe)
+    rounding = result.rounding
+    by = {c["round_to"]: c for c in rounding["candidates"]}
+    # ratio 0.4 keeps 9 of 16 channels unrounded, 8 with round_to 8; with 16 they round to zero and the
+    # layers stay whole: more MACs than the ratio leaves, so 16 does not meet the target and is not timed.
+    assert by[1]["meets_target"] and by[8]["meets_target"] and not by[16]["meets_target"]
+    assert by[16]["latency_ms"] is None and by[16]["macs"] > by[1]["macs"] > by[8]["macs"]
+    assert by[8]["latency_ms"] < 0.97 * by[1]["latency_ms"]  # fewer MACs: faster on this probe
+    assert rounding["chosen"] == result.round_to == 8 and pruned.layer1[0].conv1.out_channels == 8
+    assert rounding["why"] in result.notes and "16 left more MACs than the target allows" in rounding["why"]
+    assert probe.calls == 2  # only the eligible candidates were timed
+    with pytest.raises(EdgePruneError, match="round_to auto times each channel multiple"):
+        prune(model, PruneOptions(ratio=0.4, round_to="auto"))
+
+
 def test_latency_search_keeps_the_most_macs_within_the_target_across_round_to():
     model = create_model("cifar_resnet20", "none")
     probe = MacsProbe(model.edgeprune_spec.example_input())
     probe.baseline_ms = probe.ms(model)
     target = 0.7 * probe.baseline_ms
-    pruned, result = prune(model, PruneOptions(target_latency_ms=target, latency_margin=0.0), latency_probe=probe)
+    pruned, result = prune(model, PruneOptions(target_latency_ms=target, latency_margin=0.0, round_to="auto"),
+                           latency_probe=probe)
     search = result.latency_search
     assert probe.ms(pruned) <= target
     tried = {t["round_to"] for t in search["trials"]}

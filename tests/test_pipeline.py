@@ -48,8 +48,8 @@ def test_prune_with_a_recipe_runs_the_recipe_and_options_override_only_themselve
 
 def test_reexport_at_another_opset_recomputes_everything_measured_on_the_old_file(tmp_path):
     out = tmp_path / "r20"
-    proc = run_cli("prune", "--model", "cifar_resnet20", "--ratio", "0.4", "--out", str(out), "--warmup", "1",
-                   "--repeats", "5", "-q")
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--ratio", "0.4", "--round-to", "1", "--out", str(out),
+                   "--warmup", "1", "--repeats", "5", "-q")
     assert proc.returncode == 0, proc.stderr
     before = {name: json.loads((out / "stages" / f"{name}.json").read_text())
               for name in ("prune", "export", "measure", "diagnose")}

@@ -42,7 +42,7 @@ def resnet20():
 
 def search(model, slow_rechecks=0, **opts):
     clock = MacsClock(model, slow_rechecks)
-    opts = {"target_latency_ms": 0.7 * clock.baseline_ms, "latency_margin": 0.0, **opts}
+    opts = {"target_latency_ms": 0.7 * clock.baseline_ms, "latency_margin": 0.0, "round_to": "auto", **opts}
     pruned, result = prune(model, PruneOptions(**opts), latency_probe=clock)
     return clock, pruned, result
 

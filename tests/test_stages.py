@@ -56,6 +56,17 @@ def test_a_changed_export_invalidates_exactly_what_reads_the_onnx_file(tmp_path)
         "export", "accuracy_onnx", "int8", "measure", "diagnose"]
 
 
+def test_round_to_auto_is_chosen_again_for_other_threads_not_for_more_repeats(tmp_path):
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert FULL.prune.round_to == "auto"
+    assert stale(store, apply_overrides(FULL, {"latency.repeats": 100})) == ["int8", "measure", "diagnose"]
+    assert stale(store, apply_overrides(FULL, {"latency.threads": 4}))[0] == "prune"
+    fixed = apply_overrides(FULL, {"prune.round_to": 8})
+    fill(store, fixed)
+    assert "prune" not in stale(store, apply_overrides(fixed, {"latency.threads": 4}))
+
+
 def test_a_changed_recovery_keeps_pruning_and_baseline_accuracy(tmp_path):
     store = StageStore(tmp_path)
     fill(store, FULL)

@@ -350,11 +350,13 @@ def _one_shot(r: Runner) -> tuple[nn.Module, PruneResult]:
     opts = r.recipe.prune
     r.log("pruning with DepGraph")
     probe = None
-    if opts.target_latency_ms is not None:
+    auto = opts.round_to == "auto" and opts.allocation != "sensitivity"
+    if opts.target_latency_ms is not None or auto:
         probe = OnnxLatencyProbe(r.baseline, opts.latency_runtime, r.recipe.latency, r.recipe.export,
                                  r.scratch, baseline_onnx=r.baseline_onnx())
-        r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; searching for "
-              f"<= {opts.target_latency_ms:g} ms")
+        r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; " +
+              (f"searching for <= {opts.target_latency_ms:g} ms" if opts.target_latency_ms is not None else
+               f"timing channel multiples {', '.join(map(str, opts.round_to_candidates))} (round_to auto)"))
     sens = r.result("sensitivity") if opts.allocation == "sensitivity" else None
     return prune(r.baseline, opts, calibration=_gradient_batches(r), latency_probe=probe, log=r.log,
                  sensitivity=sens)
@@ -390,7 +392,7 @@ def _steps(r: Runner) -> Schedule:
     """prune.steps = N: the one-shot plan's widths, then steps 1..N-1 (prune k/N of the way, re-calibrate BN,
     fine-tune for the step's share of the epochs). Each finished step is kept in stages/steps/step-K/, so an
     interrupted run resumes after the last one; under torchrun the main process prunes and the others load."""
-    opts, n = r.recipe.prune, r.recipe.prune.steps
+    n = r.recipe.prune.steps
     shares = epoch_shares(r.recipe.recover.epochs, n)
     folder, fingerprint = r.store.folder / "steps", r.fingerprints["steps"]
     plan_file = folder / "plan.json"
@@ -421,7 +423,7 @@ def _steps(r: Runner) -> Schedule:
         r.log(f"pruning step {k} of {n}")
         work = folder / f"step-{k}-pruned"
         if r.rt.is_main:
-            pruned, step_history = _prune_step(r, model, planned, step_widths(start, final, k, n, opts.round_to))
+            pruned, step_history = _prune_step(r, model, planned, step_widths(start, final, k, n, planned.round_to))
             artifact.save(pruned, history + step_history, work)
         r.rt.barrier()
         model = artifact.load(work)

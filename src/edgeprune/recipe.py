@@ -67,8 +67,8 @@ class PruneOptions(_Strict):
     latency_margin: float = Field(default=0.1, ge=0, lt=0.5, description="the search aims this fraction below "
                                   "the target, so that re-measuring on a noisy machine stays under it")
     round_to_candidates: list[int] = Field(
-        default_factory=lambda: [1, 8, 16], description="with a latency target and no round_to: the channel "
-        "multiples tried (1: none); the one keeping the most MACs within the target wins")
+        default_factory=lambda: [1, 8, 16], description="round_to auto: the channel multiples tried (1: none); "
+        "with a latency target the one keeping the most MACs within it wins, otherwise the fastest")
     importance: Importance = "l2"
     allocation: Literal["uniform", "global", "sensitivity"] = Field(
         default="uniform", description="how the target is spread over the layers: one ratio for every layer "
@@ -82,7 +82,10 @@ class PruneOptions(_Strict):
                                     "score (an even subset of the evaluation split)")
     sensitivity_calibration_images: int = Field(default=256, ge=1, description="allocation sensitivity: training "
                                                 "images each trial re-calibrates BatchNorm on (the same for all)")
-    round_to: int | None = Field(default=None, ge=1)
+    round_to: int | Literal["auto"] | None = Field(
+        default=None, description="keep each pruned layer's channel count a multiple of this (1 or null: any "
+        "count); auto: prune at each of round_to_candidates, time them on latency_runtime and keep the fastest "
+        "(the default in recipes and on the command line)")
     steps: int = Field(default=1, ge=1, le=50, description="prune in this many steps, each followed by BN "
                        "re-calibration and its share of recover.epochs (distilled); the last step lands on the "
                        "one-shot plan's widths")
@@ -103,6 +106,24 @@ class PruneOptions(_Strict):
         if v is not None and not 0 < v < 1:
             raise ValueError(f"must be between 0 and 1 (exclusive), got {v}")
         return v
+
+    @field_validator("round_to")
+    @classmethod
+    def _multiple(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be a positive channel multiple, 'auto' or null, got {v}")
+        return None if v == 1 else v
+
+    @field_validator("round_to_candidates")
+    @classmethod
+    def _candidates(cls, v):
+        if any(m < 1 for m in v):
+            raise ValueError(f"every channel multiple must be at least 1, got {v}")
+        return sorted(set(v))
+
+    def fixed_round_to(self) -> int | None:
+        """round_to as a number (None: no rounding); `auto` is only resolved by measuring, so it reads as None."""
+        return None if self.round_to == "auto" else self.round_to
 
     @field_validator("sensitivity_ratios")
     @classmethod
@@ -128,6 +149,14 @@ class PruneOptions(_Strict):
         if not given:
             self.ratio = 0.5
         return self
+
+
+class RecipePruneOptions(PruneOptions):
+    """A recipe's pruning options: as PruneOptions, but channel rounding is measured unless a recipe or
+    --round-to says otherwise."""
+
+    round_to: int | Literal["auto"] | None = Field(
+        default="auto", description=PruneOptions.model_fields["round_to"].description)
 
 
 class ExportOptions(_Strict):
@@ -187,7 +216,7 @@ class RecoverOptions(_Strict):
 
 class Recipe(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
-    prune: PruneOptions = Field(default_factory=PruneOptions)
+    prune: RecipePruneOptions = Field(default_factory=RecipePruneOptions)
     export: ExportOptions = Field(default_factory=ExportOptions)
     int8: Int8Options = Field(default_factory=Int8Options)
     latency: LatencyOptions = Field(default_factory=LatencyOptions)

@@ -56,6 +56,10 @@ def _prune_reads(recipe: Recipe) -> tuple[str, ...]:
     reads = ("model", "seed", *(f"prune.{k}" for k in type(recipe.prune).model_fields if not k.startswith(skip)))
     if recipe.prune.target_latency_ms is not None:  # candidates are exported and timed
         reads += ("latency", "export")
+    elif recipe.prune.round_to == "auto" and recipe.prune.allocation != "sensitivity":
+        # the multiple is chosen by timing for these threads and batch; more repeats or another opset do not
+        # re-prune (and re-train) a model
+        reads += ("latency.threads", "latency.batch_size")
     if recipe.prune.importance in ("taylor", "hessian"):  # gradients from training images
         reads += ("data.path",)
     return reads

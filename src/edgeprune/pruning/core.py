@@ -56,6 +56,7 @@ class PruneResult:
     group_ratios: dict[str, float] | None = None  # allocation sensitivity: the ratio of each pruned group
     predicted_distortion: float | None = None  # allocation sensitivity: summed KL of the chosen points (nats)
     steps: int = 1  # prune.steps: the widths above reached in this many steps
+    rounding: dict | None = None  # round_to auto: every multiple tried, timed, and why the chosen one won
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,8 +114,11 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     model and these options.
 
     A latency target (`opts.target_latency_ms`) needs `latency_probe`, which measures a candidate
-    model on the target runtime (see `edgeprune.pruning.OnnxLatencyProbe`).
+    model on the target runtime (see `edgeprune.pruning.OnnxLatencyProbe`); so does `round_to="auto"`
+    with a ratio or MACs target, which prunes at each of `opts.round_to_candidates` and keeps the fastest.
     """
+    if opts.round_to == "auto" and opts.target_latency_ms is None:
+        return _auto_round_to(model, opts, example, calibration, latency_probe, log, sensitivity)
     if opts.target_latency_ms is not None and latency_probe is None:
         raise EdgePruneError("a latency target needs a latency probe (edgeprune.pruning.OnnxLatencyProbe)")
     if opts.allocation == "sensitivity" and sensitivity is None:  # PruneOptions refuses it with a latency target
@@ -137,6 +141,74 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     if spec is not None:
         pruned.edgeprune_spec = copy.deepcopy(spec)
     return pruned.eval(), result
+
+
+AUTO_MIN_GAIN = 0.03  # round_to auto: a larger multiple must be this much faster than the best smaller one
+
+
+def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, probe: LatencyProbe | None,
+                   log: Callable[[str], None] | None, sensitivity: Sensitivity | None) -> tuple[nn.Module, PruneResult]:
+    """round_to auto for a ratio or MACs target: the target pruned at each candidate multiple, every
+    candidate timed side by side on the probe's runtime; the fastest wins, a larger multiple only when it is
+    at least AUTO_MIN_GAIN faster (rounding moves the target, so it must buy speed)."""
+    if opts.allocation == "sensitivity":  # its curves are scored without rounding
+        pruned, result = prune(model, opts.model_copy(update={"round_to": None}), example, calibration, None, log,
+                               sensitivity)
+        result.rounding = {"chosen": 1, "candidates": [], "runtime": None,
+                           "why": "round_to auto: no channel rounding with sensitivity allocation (its per-group "
+                                  "curves are scored at unrounded widths); set prune.round_to to round"}
+        result.notes.append(result.rounding["why"])
+        return pruned, result
+    if probe is None:
+        raise EdgePruneError("round_to auto times each channel multiple: pass a latency probe "
+                             "(edgeprune.pruning.OnnxLatencyProbe) or a number")
+    def at(multiple: int):
+        return prune(model, opts.model_copy(update={"round_to": None if multiple == 1 else multiple}), example,
+                     calibration, None, log, sensitivity)
+
+    tried = {m: at(m) for m in opts.round_to_candidates}
+    ex = example if example is not None else model.edgeprune_spec.example_input()
+    macs = {m: count_macs(pruned, ex) for m, (pruned, _) in tried.items()}
+    base_macs = count_macs(model, ex)
+    # What meets the target: a MACs target's MACs; for a ratio, the MACs the ratio leaves without rounding
+    # (rounding kept widths down removes more, unless a narrow layer rounds to zero and stays whole).
+    if opts.macs_reduction is not None:
+        goal = base_macs * (1 - opts.macs_reduction)
+    else:
+        goal = macs[1] if 1 in macs else count_macs(at(1)[0], ex)
+    eligible = [m for m in sorted(tried) if macs[m] <= goal * (1 + opts.tolerance)] or sorted(tried)
+    compare = getattr(probe, "compare", None)
+    models = {str(m): tried[m][0] for m in eligible}
+    times = compare(models) if compare else {k: probe(m) for k, m in models.items()}
+    chosen = first = eligible[0]
+    for multiple in eligible:
+        if times[str(multiple)] < times[str(chosen)] * (1 - AUTO_MIN_GAIN):
+            chosen = multiple
+
+    def removed(m: int) -> str:
+        return f"{100 * (1 - macs[m] / base_macs):.1f}% of the MACs"
+
+    listed = ", ".join(f"{m}: {times[str(m)]:.2f} ms" for m in eligible) + f" on {probe.runtime}"
+    missed = [m for m in sorted(tried) if m not in eligible]
+    if missed:
+        listed += (f"; {', '.join(map(str, missed))} left more MACs than the target allows (narrow layers would "
+                   "round to zero and stay whole), not timed")
+    if chosen == first:
+        why = (f"round_to auto kept {'no rounding' if first == 1 else first} ({listed}): no "
+               f"larger multiple was {AUTO_MIN_GAIN:.0%} faster")
+    else:
+        why = (f"round_to auto chose {chosen}: {times[str(chosen)]:.2f} ms on {probe.runtime} against "
+               f"{times[str(first)]:.2f} ms {'unrounded' if first == 1 else f'at {first}'} ({listed}); rounding "
+               f"removes {removed(chosen)} against {removed(first)}")
+    if log:
+        log(why)
+    pruned, result = tried[chosen]
+    result.rounding = {"chosen": chosen, "runtime": probe.runtime, "why": why,
+                       "candidates": [{"round_to": m, "latency_ms": times.get(str(m)), "macs": macs[m],
+                                       "ratio": tried[m][1].ratio, "meets_target": m in eligible}
+                                      for m in sorted(tried)]}
+    result.notes.append(why)
+    return pruned, result
 
 
 def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, opts: PruneOptions,

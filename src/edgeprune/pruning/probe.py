@@ -22,6 +22,14 @@ class LatencyProbe(Protocol):
     runtime: str
     baseline_ms: float
 
+    def compare(self, models: dict[str, nn.Module]) -> dict[str, float]:
+        """Several candidates timed round-robin with the baseline in one call (ms, drift-scaled as above)."""
+        runners = {"baseline": self._baseline, **{k: self._runner(m, f"candidate-{i}")
+                                                  for i, (k, m) in enumerate(models.items())}}
+        timed = time_interleaved(runners, self._more_repeats())
+        drift = self.baseline_ms / timed["baseline"].median_ms
+        return {k: timed[k].median_ms * drift for k in models}
+
     def __call__(self, model: nn.Module) -> float: ...
 
 

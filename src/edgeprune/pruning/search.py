@@ -132,7 +132,7 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
     """The least-pruned model whose measured latency is within the target, and the search's record
     (JSON: target_ms, goal_ms, runtime, baseline_ms, chosen, trials).
 
-    For each channel multiple (`round_to`, or each of `round_to_candidates`), the most pruned model
+    For each channel multiple (`round_to`, or with `auto` each of `round_to_candidates`), the most pruned model
     (ratio `max_layer_ratio`, at most FAR_RATIO_CAP, or less where rounding undoes it) is measured
     first, so an unreachable target fails fast; then the ratio is narrowed by regula falsi on measured
     milliseconds to LATENCY_RATIO_RESOLUTION. The candidate keeping the most MACs wins; it is measured
@@ -146,7 +146,7 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
         raise EdgePruneError(f"the unpruned model already runs in {base:.2f} ms <= {target:g} ms on {runtime}; "
                              "nothing to prune (set a lower --target-latency-ms)")
     far_ratio = min(opts.max_layer_ratio, FAR_RATIO_CAP)
-    multiples = [opts.round_to] if opts.round_to else opts.round_to_candidates
+    multiples = opts.round_to_candidates if opts.round_to == "auto" else [opts.round_to or 1]
     records: list[dict] = []
 
     def with_multiple(multiple: int) -> PruneOptions:

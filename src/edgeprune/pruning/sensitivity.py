@@ -237,12 +237,13 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
             scores = scores.detach().cpu()
             entry = GroupSensitivity(name=name, channels=channels, layers=layers)
             for ratio in ratios:
-                n = pruned_count(channels, ratio, opts.round_to)
+                n = pruned_count(channels, ratio, opts.fixed_round_to())
                 if n == 0:
                     bar.update()
                     continue
                 # the pruner's choice: the n least important (topk; argsort once round_to changed n)
-                chosen = torch.argsort(scores)[:n] if opts.round_to else torch.topk(scores, n, largest=False)[1]
+                chosen = (torch.argsort(scores)[:n] if opts.fixed_round_to() else
+                          torch.topk(scores, n, largest=False)[1])
                 idxs = sorted(chosen.tolist())
                 sub = graph.get_pruning_group(root, group[0][0].handler, idxs)
                 with torch.no_grad():
