@@ -257,9 +257,14 @@ def test_unwritable_output_folder(tmp_path):
                           "not writable", "--out")
 
 
-def test_unprunable_torchvision_model_stops_cleanly(tmp_path):
+STOCK_SHUFFLENET = "import torchvision\n\ndef net():\n    return torchvision.models.shufflenet_v2_x0_5()\n"
+
+
+def test_unprunable_model_stops_cleanly(tmp_path):
+    """torchvision's ShuffleNet V2 as a user's own model (create_model rewrites its shuffle; this does not)."""
+    (tmp_path / "stock.py").write_text(STOCK_SHUFFLENET)
     out = tmp_path / "shufflenet"
-    proc = run_cli("prune", "--model", "shufflenet_v2_x0_5", "--weights", "none", "--out", str(out), "-q", *FAST)
+    proc = run_cli("prune", "--model", "stock.py:net", "--out", str(out), "-q", *FAST, cwd=tmp_path)
     assert_one_line_error(proc, "cannot be pruned safely")
     assert not (out / "model.safetensors").exists() and not (out / "model.onnx").exists()
 

@@ -119,6 +119,10 @@ def create_model(name: str, weights: str | os.PathLike | None = "none",
         model, spec = _create_cifar(name, weights, num_classes)
     elif name in torchvision.models.list_models(module=torchvision.models):
         model, spec = _create_torchvision(name, weights, num_classes)
+        if name.startswith("shufflenet_v2"):
+            from .shuffle import rewrite_channel_shuffles
+
+            rewrite_channel_shuffles(model)  # the same function, in a form DepGraph can trace
     else:
         raise _unknown_model(name)
     model.eval()

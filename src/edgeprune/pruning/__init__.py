@@ -8,10 +8,11 @@ from .probe import LatencyProbe, OnnxLatencyProbe
 from .rules import (
     HEAD_REASON,
     PAD_REASON,
+    SELECT_REASON,
     TORCH_PRUNING_FAILURES,
     build_graph,
+    find_coupled,
     find_heads,
-    find_pad_coupled,
     out_channels,
     prunable_layers,
     resolve_unpruned,
@@ -19,8 +20,8 @@ from .rules import (
 from .search import Trial
 
 __all__ = [
-    "HEAD_REASON", "PAD_REASON", "TORCH_PRUNING_FAILURES", "HessianImportance", "LatencyProbe", "LayerWidth",
-    "OnnxLatencyProbe", "PruneResult", "TracingLimitExceeded", "Trial", "build_graph", "calibration_grads",
-    "check_runs", "find_heads", "find_pad_coupled", "make_importance", "out_channels", "prunable_layers", "prune",
-    "prune_copy", "resolve_unpruned", "trace_guard",
+    "HEAD_REASON", "PAD_REASON", "SELECT_REASON", "TORCH_PRUNING_FAILURES", "HessianImportance", "LatencyProbe",
+    "LayerWidth", "OnnxLatencyProbe", "PruneResult", "TracingLimitExceeded", "Trial", "build_graph",
+    "calibration_grads", "check_runs", "find_heads", "find_coupled", "make_importance", "out_channels",
+    "prunable_layers", "prune", "prune_copy", "resolve_unpruned", "trace_guard",
 ]

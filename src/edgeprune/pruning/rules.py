@@ -1,5 +1,5 @@
 """Which layers may be pruned: conv/linear layers, minus the classifier head(s), the recipe's
-ignores and the layers DepGraph couples through zero-padding."""
+ignores and the layers DepGraph couples through zero-padding or a channel selection."""
 from __future__ import annotations
 
 import fnmatch
@@ -15,6 +15,8 @@ from .guard import in_torch_pruning, trace_guard
 
 PAD_REASON = ("output channels are coupled through a zero-padding op (F.pad), whose channel offset "
               "DepGraph cannot index; pruning them would break the residual stream")
+SELECT_REASON = ("output channels pass through a channel split or shuffle (ShuffleNet's, as index_select), "
+                 "whose channel order DepGraph cannot follow")
 HEAD_REASON = "classifier head: its outputs are the classes"
 DETECT_HEAD_REASON = "detection head: its outputs are the box distributions and class scores (and the fixed DFL)"
 ATTENTION_REASON = "inside an attention block, whose channels are reshaped into heads"
@@ -98,20 +100,29 @@ def build_graph(model: nn.Module, example: torch.Tensor, memory_gb: float | None
         raise unsupported(model, exc) from exc
 
 
-def find_pad_coupled(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module],
-                     memory_gb: float | None = None, timeout_s: float | None = None) -> list[str]:
-    """Layers whose output channels DepGraph couples through a padding op: they must stay whole."""
+# Ops DepGraph traces as element-wise although they move channels, by autograd node name: zero-padding
+# (a channel offset) and index_select (ShuffleNet's split and shuffle, see models/shuffle.py).
+COUPLING_OPS = {"Pad": PAD_REASON, "IndexSelect": SELECT_REASON}
+
+
+def find_coupled(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module],
+                     memory_gb: float | None = None, timeout_s: float | None = None) -> dict[str, str]:
+    """Layers whose output channels DepGraph couples through a padding or channel-selection op (which it
+    maps as if channels stayed in place): they must stay whole; each with the reason."""
     graph = build_graph(model, example, memory_gb, timeout_s)
-    pads = [m for m in graph.module2node if isinstance(m, tp.ops._ElementWiseOp) and "Pad" in str(m._grad_fn)]
-    if not pads:
-        return []
+    ops = {m: reason for m in graph.module2node if isinstance(m, tp.ops._ElementWiseOp)
+           for key, reason in COUPLING_OPS.items() if key in str(m._grad_fn)}
+    if not ops:
+        return {}
     layers = {m: n for n, m in prunable_layers(model).items()}
-    coupled: list[str] = []
+    coupled: dict[str, str] = {}
     for group in graph.get_all_groups(ignored_layers=ignored):
-        if any(dep.target.module in pads for dep, _ in group):
-            coupled += [layers[dep.target.module] for dep, _ in group
-                        if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler)]
-    return list(dict.fromkeys(coupled))
+        reasons = [ops[dep.target.module] for dep, _ in group if dep.target.module in ops]
+        if reasons:
+            for dep, _ in group:
+                if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler):
+                    coupled.setdefault(layers[dep.target.module], reasons[0])
+    return coupled
 
 
 def resolve_unpruned(model: nn.Module, example: torch.Tensor, opts: PruneOptions) -> dict[str, str]:
@@ -131,6 +142,7 @@ def resolve_unpruned(model: nn.Module, example: torch.Tensor, opts: PruneOptions
                                  "with `edgeprune profile --layers`")
         unpruned.update({n: IGNORED_REASON for n in hits if n not in unpruned})
     ignored = [modules[n] for n in unpruned]
-    for name in find_pad_coupled(model, example, ignored, opts.trace_memory_gb, opts.trace_timeout_s):
-        unpruned.setdefault(name, PAD_REASON)
+    for name, reason in find_coupled(model, example, ignored, opts.trace_memory_gb,
+                                         opts.trace_timeout_s).items():
+        unpruned.setdefault(name, reason)
     return unpruned
