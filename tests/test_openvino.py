@@ -40,10 +40,11 @@ def test_a_latency_target_on_openvino_is_met(tmp_path):
     """ResNet-18 at 224: long enough a run (~10 ms) that OpenVINO's timings are steady on a shared machine."""
     proc = run_cli("profile", "--model", "resnet18", "--weights", "none", "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    target = 0.6 * json.loads(proc.stdout)["latency_ms"]["ov_cpu"]
+    target = 0.5 * json.loads(proc.stdout)["latency_ms"]["ov_cpu"]  # OpenVINO's readings vary by up to ~1.7x here
     out = tmp_path / "r18"
     proc = run_cli("prune", "--model", "resnet18", "--weights", "none", "--target-latency-ms", f"{target:.3f}",
-                   "--latency-runtime", "ov_cpu", "--out", str(out), "--set", "latency.per_layer=false", "--quiet")
+                   "--latency-runtime", "ov_cpu", "--out", str(out), "--set", "latency.per_layer=false",
+                   "--set", "prune.latency_margin=0.2", "--quiet")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["target"]["runtime"] == "ov_cpu" and report["prune"]["latency_search"]["runtime"] == "ov_cpu"

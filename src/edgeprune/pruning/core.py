@@ -144,13 +144,17 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
 
 
 AUTO_MIN_GAIN = 0.03  # round_to auto: a larger multiple must be this much faster than the best smaller one
+AUTO_MACS_SLACK = 0.05  # round_to auto: a rounded model's MACs within this share of the target's, either way
 
 
 def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, probe: LatencyProbe | None,
                    log: Callable[[str], None] | None, sensitivity: Sensitivity | None) -> tuple[nn.Module, PruneResult]:
-    """round_to auto for a ratio or MACs target: the target pruned at each candidate multiple, every
-    candidate timed side by side on the probe's runtime; the fastest wins, a larger multiple only when it is
-    at least AUTO_MIN_GAIN faster (rounding moves the target, so it must buy speed)."""
+    """round_to auto for a ratio or MACs target: the target pruned without rounding, then each layer's width
+    rounded to the nearest multiple of each candidate (at least one multiple, at most its unpruned width), so
+    that the allocation stays the target's; a candidate whose MACs land more than AUTO_MACS_SLACK from the
+    target's does not meet it. The others are timed side by side on the probe's runtime; the fastest wins, a
+    larger multiple only when it is at least AUTO_MIN_GAIN faster (rounding moves the target, so it must buy
+    speed)."""
     if opts.allocation == "sensitivity":  # its curves are scored without rounding
         pruned, result = prune(model, opts.model_copy(update={"round_to": None}), example, calibration, None, log,
                                sensitivity)
@@ -162,21 +166,38 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     if probe is None:
         raise EdgePruneError("round_to auto times each channel multiple: pass a latency probe "
                              "(edgeprune.pruning.OnnxLatencyProbe) or a number")
-    def at(multiple: int):
-        return prune(model, opts.model_copy(update={"round_to": None if multiple == 1 else multiple}), example,
-                     calibration, None, log, sensitivity)
+    from .importance import GRADIENT_CRITERIA, calibration_grads
+    from .schedule import layer_widths, prune_to_widths
 
-    tried = {m: at(m) for m in opts.round_to_candidates}
     ex = example if example is not None else model.edgeprune_spec.example_input()
+    plain, plain_result = prune(model, opts.model_copy(update={"round_to": None}), ex, calibration, None, log,
+                                sensitivity)
+    full, widths = layer_widths(model), layer_widths(plain)
+    grads = {}
+    if opts.importance in GRADIENT_CRITERIA:
+        grads, _ = calibration_grads(model, ex, opts.importance, calibration, opts.calibration_batches)
+    with torch.no_grad():
+        expected = model.eval()(ex).shape
+    tried = {}
+    for multiple in opts.round_to_candidates:
+        if multiple == 1:
+            tried[1] = (plain, plain_result)
+            continue
+        rounded = {n: w if w == full[n] else min(full[n], max(multiple, multiple * int(w / multiple + 0.5)))
+                   for n, w in widths.items()}
+        with torch.enable_grad():
+            pruned, history = prune_to_widths(model, ex, opts, rounded, plain_result.unpruned, grads)
+        check_runs(pruned, ex, expected)
+        result = copy.deepcopy(plain_result)
+        result.history, result.round_to = [list(h) for h in history], multiple
+        result.layers = [LayerWidth(la.name, la.kind, la.channels_before, rounded[la.name]) for la in result.layers]
+        tried[multiple] = (pruned.eval(), result)
     macs = {m: count_macs(pruned, ex) for m, (pruned, _) in tried.items()}
     base_macs = count_macs(model, ex)
-    # What meets the target: a MACs target's MACs; for a ratio, the MACs the ratio leaves without rounding
-    # (rounding kept widths down removes more, unless a narrow layer rounds to zero and stays whole).
-    if opts.macs_reduction is not None:
-        goal = base_macs * (1 - opts.macs_reduction)
-    else:
-        goal = macs[1] if 1 in macs else count_macs(at(1)[0], ex)
-    eligible = [m for m in sorted(tried) if macs[m] <= goal * (1 + opts.tolerance)] or sorted(tried)
+    # The target's MACs: a MACs target's; for a ratio, what the ratio leaves without rounding.
+    goal = base_macs * (1 - opts.macs_reduction) if opts.macs_reduction is not None else count_macs(plain, ex)
+    eligible = ([m for m in sorted(tried) if m == 1 or abs(macs[m] / goal - 1) <= AUTO_MACS_SLACK]
+                or [min(tried)])
     compare = getattr(probe, "compare", None)
     models = {str(m): tried[m][0] for m in eligible}
     times = compare(models) if compare else {k: probe(m) for k, m in models.items()}
@@ -191,8 +212,8 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     listed = ", ".join(f"{m}: {times[str(m)]:.2f} ms" for m in eligible) + f" on {probe.runtime}"
     missed = [m for m in sorted(tried) if m not in eligible]
     if missed:
-        listed += (f"; {', '.join(map(str, missed))} left more MACs than the target allows (narrow layers would "
-                   "round to zero and stay whole), not timed")
+        listed += (f"; {', '.join(map(str, missed))} moved the MACs more than {AUTO_MACS_SLACK:.0%} from the "
+                   "target's, not timed")
     if chosen == first:
         why = (f"round_to auto kept {'no rounding' if first == 1 else first} ({listed}): no "
                f"larger multiple was {AUTO_MIN_GAIN:.0%} faster")
