@@ -58,10 +58,15 @@ def evaluate_onnx_predictions(path: str | os.PathLike, data: DataLoader, threads
     and every image's top-1 class."""
     from .measure import onnx_predictor
 
-    predict = onnx_predictor(path, runtime, threads)
+    return evaluate_predictor(onnx_predictor(path, runtime, threads), data, quiet, f"evaluate {Path(path).name}")
+
+
+def evaluate_predictor(predict, data: DataLoader, quiet: bool = True,
+                       desc: str = "evaluate") -> tuple[Accuracy, np.ndarray]:
+    """Top-1/top-5 of `predict` (a float32 NumPy batch -> logits) on `data`, and every image's top-1 class."""
     top1 = top5 = n = 0
     predictions = []
-    for x, y in tqdm(data, desc=f"evaluate {Path(path).name}", disable=quiet, leave=False):
+    for x, y in tqdm(data, desc=desc, disable=quiet, leave=False):
         logits = torch.from_numpy(predict(x.numpy()))
         c1, c5 = topk_correct(logits, y, 5)
         top1, top5, n = top1 + c1, top5 + c5, n + len(y)

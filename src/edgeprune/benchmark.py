@@ -150,16 +150,9 @@ class _Accuracy:
             acc = metrics.evaluate(lambda x: torch.from_numpy(entry.predict(x.numpy())), self.det, self.imgsz,
                                    limit=self.limit, quiet=self.quiet, desc=desc)
         else:
-            from .accuracy import Accuracy, topk_correct
+            from .accuracy import evaluate_predictor
 
-            top1 = top5 = n = 0
-            for x, y in self.batches:
-                logits = torch.from_numpy(entry.predict(x.numpy()))
-                c1, c5 = topk_correct(logits, y, 5)
-                top1, top5, n = top1 + c1, top5 + c5, n + len(y)
-            if n == 0:
-                raise EdgePruneError("the evaluation set holds no images; check the dataset's val/ (or test/) split")
-            acc = Accuracy(top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=int(n))
+            acc = evaluate_predictor(entry.predict, self.batches, self.quiet, desc)[0]
         return {k: v for k, v in asdict(acc).items() if k in ("top1", "top5", "map50_95", "map50", "images")}
 
 

@@ -195,7 +195,8 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     macs = {m: count_macs(pruned, ex) for m, (pruned, _) in tried.items()}
     base_macs = count_macs(model, ex)
     # The target's MACs: a MACs target's; for a ratio, what the ratio leaves without rounding.
-    goal = base_macs * (1 - opts.macs_reduction) if opts.macs_reduction is not None else count_macs(plain, ex)
+    goal = base_macs * (1 - opts.macs_reduction) if opts.macs_reduction is not None else (
+        macs[1] if 1 in macs else count_macs(plain, ex))
     eligible = ([m for m in sorted(tried) if m == 1 or abs(macs[m] / goal - 1) <= AUTO_MACS_SLACK]
                 or [min(tried)])
     compare = getattr(probe, "compare", None)
