@@ -36,7 +36,7 @@ from .measure import (
     torch_runner,
     torch_threads,
 )
-from .recipe import LatencyOptions, Recipe
+from .recipe import LatencyOptions, Recipe, apply_overrides
 from .stages import INT8_NAME, ONNX_NAME
 
 RUNTIME_LABELS = {"torch_cpu": "PyTorch", "torch_cuda": "PyTorch (CUDA)", **ONNX_RUNTIMES}
@@ -109,11 +109,11 @@ def _entries(label: str, model: nn.Module, weights: str, files: dict[str, Path],
 
 def _compare(ref: np.ndarray, got: np.ndarray, detector: bool, image_size: int) -> tuple[float, float | None]:
     """Max abs difference (a detector's boxes in units of the image size) and, for classifiers, top-1 agreement."""
-    if detector:
-        scale = np.ones((1, ref.shape[1], 1), dtype=ref.dtype)
-        scale[:, :4] = 1 / image_size
-        return float(np.max(np.abs(ref * scale - got * scale))), None
-    return float(np.max(np.abs(ref - got))), float(np.mean(ref.argmax(1) == got.argmax(1)))
+    from .export import comparable
+
+    ref, got = comparable(ref, got, detector, image_size)
+    agree = None if detector else float(np.mean(ref.argmax(1) == got.argmax(1)))
+    return float(np.max(np.abs(ref - got))), agree
 
 
 class _Accuracy:
@@ -122,14 +122,10 @@ class _Accuracy:
     def __init__(self, spec, data: str, limit: int | None, threads: int, quiet: bool):
         self.detector, self.threads, self.quiet, self.limit = spec.task == "detect", threads, quiet, limit
         self.imgsz = spec.input_size[-1]
-        if self.detector:
-            from .detection.data import is_detection_data, load_detection_data
-            from .pipeline import check_detection_data
+        from .pipeline import check_data_kind
 
-            if not is_detection_data(str(data)):
-                raise EdgePruneError(f"{spec.name} is a detector: --data must be a YOLO data.yaml, not {data}")
-            self.det = check_detection_data(load_detection_data(data), spec)
-        else:
+        self.det = check_data_kind(str(data), spec)
+        if not self.detector:
             from .data import load_split, loader
 
             self.batches = loader(load_split(data, spec, train=False, quiet=quiet), 250, limit=limit)
@@ -166,19 +162,16 @@ def _unpruned_files(recipe: Recipe, tmp: Path) -> tuple[nn.Module, dict[str, Pat
 
 
 def benchmark(out: str | os.PathLike, data: str | None = None, limit: int | None = None,
-              latency: LatencyOptions | None = None, baseline: bool = False, quiet: bool = True,
+              latency_overrides: dict | None = None, baseline: bool = False, quiet: bool = True,
               command: str | None = None) -> dict:
     """Benchmark the pruned model of the run folder `out` on every runtime x precision available; returns
-    {"rows": [...], ...} and writes it to out/benchmark.json, and into report.json/.md/.html as "benchmark"."""
-    from .pipeline import write_report
-    from .recipe import build
+    {"rows": [...], ...} and writes it to out/benchmark.json, and into report.json/.md/.html as "benchmark".
+    `latency_overrides` replaces fields of the run's latency options (threads, warmup, repeats, ...)."""
+    from .pipeline import read_run, write_report
 
     root = Path(out)
-    if not (root / "recipe.json").is_file() or not (root / artifact.META).is_file():
-        raise EdgePruneError(f"{root} holds no finished prune run (recipe.json and {artifact.META}); "
-                             "run edgeprune prune or run first")
-    recipe = build(Recipe, read_json(root / "recipe.json"))
-    opts = latency or recipe.latency
+    recipe = read_run(root)
+    opts = apply_overrides(recipe, {f"latency.{k}": v for k, v in (latency_overrides or {}).items()}).latency
     openvino = openvino_available()
     pruned = artifact.load(root)
     spec = pruned.edgeprune_spec

@@ -458,16 +458,9 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
     file, size, latency median/p90, outputs against PyTorch, and accuracy with --data. Writes
     OUT/benchmark.json and adds the table to the run's report."""
     from .benchmark import benchmark
-    from .fsio import read_json
-    from .recipe import LatencyOptions
 
-    latency = None
     given = _given({"threads": threads, "warmup": warmup, "repeats": repeats})
-    if given:
-        recipe_file = out / "recipe.json"
-        run_latency = read_json(recipe_file).get("latency", {}) if recipe_file.is_file() else {}
-        latency = LatencyOptions(**{**run_latency, **given})
-    result = benchmark(out, data=data, limit=limit, latency=latency, baseline=baseline, quiet=quiet)
+    result = benchmark(out, data=data, limit=limit, latency_overrides=given, baseline=baseline, quiet=quiet)
     if as_json:
         print(json.dumps(result["rows"], indent=2))
         return

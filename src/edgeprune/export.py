@@ -96,6 +96,16 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
     return path
 
 
+def comparable(ref: np.ndarray, got: np.ndarray, detector: bool, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two outputs of one model in units one tolerance serves: a detector's boxes (its first four rows,
+    in pixels) divided by the image size, like its scores in [0, 1]; a classifier's logits as they are."""
+    if not detector:
+        return ref, got
+    scale = np.ones((1, ref.shape[1], 1), dtype=ref.dtype)
+    scale[:, :4] = 1 / image_size
+    return ref * scale, got * scale
+
+
 @torch.no_grad()
 def check_parity(model: nn.Module, onnx_path: str | os.PathLike, input_size, opts: ExportOptions,
                  inputs: torch.Tensor | None = None, runtime: str = "ort_cpu") -> Parity:
@@ -111,10 +121,7 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, input_size, opt
         inputs = torch.rand(shape, generator=gen) if detector else torch.randn(shape, generator=gen)
     ref = model.eval().cpu()(inputs).numpy()
     got = onnx_predictor(onnx_path, runtime, threads=torch.get_num_threads())(inputs.numpy())
-    if detector:
-        scale = np.ones((1, ref.shape[1], 1), dtype=ref.dtype)
-        scale[:, :4] = 1 / input_size[-1]
-        ref, got = ref * scale, got * scale
+    ref, got = comparable(ref, got, detector, input_size[-1])
     diff = float(np.max(np.abs(ref - got)))
     tol = opts.parity_atol + opts.parity_rtol * float(np.max(np.abs(ref)))
     if detector:  # the top class at every anchor whose two best scores are further apart than the tolerance

@@ -262,6 +262,20 @@ def check_detection_data(data, spec):
     return data
 
 
+def check_data_kind(path: str, spec):
+    """`path` checked against the model's task: a detector needs a YOLO data.yaml (returned loaded and
+    scanned), a classifier anything else (returns None)."""
+    from .detection.data import is_detection_data, load_detection_data
+
+    yolo = spec.task == "detect"
+    if yolo and not is_detection_data(path):
+        raise EdgePruneError(f"{spec.name} is a detector: --data must be a YOLO data.yaml, not {path}")
+    if not yolo and is_detection_data(path):
+        raise EdgePruneError(f"{path} is a detection dataset; {spec.name} is a classifier (pass a "
+                             "YOLO model such as yolov8n.yaml, or an ImageFolder root)")
+    return check_detection_data(load_detection_data(path), spec) if yolo else None
+
+
 def check_sensitivity(recipe: Recipe, model: nn.Module) -> None:
     """What a sensitivity allocation needs, checked before anything runs or is written."""
     from .pruning import resolve_unpruned
@@ -284,7 +298,6 @@ def check_sensitivity(recipe: Recipe, model: nn.Module) -> None:
 def preflight(recipe: Recipe) -> nn.Module:
     """Check what a run reads before it writes anything: the model and its weights, and a detector's
     dataset (images and labels); returns the unpruned model."""
-    from .detection.data import is_detection_data
     from .measure import require_openvino
 
     opts = recipe.prune
@@ -296,16 +309,7 @@ def preflight(recipe: Recipe) -> nn.Module:
     if recipe.prune.allocation == "sensitivity":
         check_sensitivity(recipe, model)
     for path in dict.fromkeys(p for p in (recipe.data.path, recipe.int8.data) if p):
-        yolo = model.edgeprune_spec.task == "detect"
-        if yolo and not is_detection_data(path):
-            raise EdgePruneError(f"{recipe.model.name} is a detector: --data must be a YOLO data.yaml, not {path}")
-        if not yolo and is_detection_data(path):
-            raise EdgePruneError(f"{path} is a detection dataset; {recipe.model.name} is a classifier (pass a "
-                                 "YOLO model such as yolov8n.yaml, or an ImageFolder root)")
-        if yolo:
-            from .detection.data import load_detection_data
-
-            check_detection_data(load_detection_data(path), model.edgeprune_spec)
+        check_data_kind(path, model.edgeprune_spec)
     return model
 
 
@@ -645,6 +649,14 @@ def write_report(root: Path, final: dict) -> None:
     write_text(root / "report.html", page(final))
 
 
+def read_run(root: Path) -> Recipe:
+    """The recipe of the finished prune run in `root` (a clear error when `root` holds none)."""
+    if not (root / "recipe.json").is_file() or not (root / artifact.META).is_file():
+        raise EdgePruneError(f"{root} holds no finished prune run (recipe.json and {artifact.META}); "
+                             "run edgeprune prune or run first")
+    return build(Recipe, read_json(root / "recipe.json"))
+
+
 def export_run(out: str | Path, opset: int | None = None, simplify: bool | None = None, int8: bool = False,
                data: str | None = None, quiet: bool = True) -> dict:
     """Re-export the pruned model of a finished run (for example at another opset), with `int8` also
@@ -652,10 +664,7 @@ def export_run(out: str | Path, opset: int | None = None, simplify: bool | None 
     export (accuracy through ONNX Runtime, INT8, measurement, diagnostics) is computed again, so the
     report describes the new files; returns the report."""
     root = Path(out)
-    if not (root / "recipe.json").is_file() or not (root / artifact.META).is_file():
-        raise EdgePruneError(f"{root} holds no finished prune run (recipe.json and {artifact.META}); "
-                             "run edgeprune prune or run first")
-    recipe = build(Recipe, read_json(root / "recipe.json"))
+    recipe = read_run(root)
     overrides: dict = {k: v for k, v in (("export.opset", opset), ("export.simplify", simplify)) if v is not None}
     if int8:
         if not (data or recipe.int8_data):
