@@ -127,12 +127,12 @@ def test_int8_needs_data(tmp_path):
 # --- latency target -------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_resnet50_pruned_for_half_its_measured_latency(tmp_path):
-    proc = run_cli("profile", "--model", "resnet50", "--weights", "none", "--json", "--quiet")
+def test_resnet18_pruned_for_half_its_measured_latency(tmp_path):
+    proc = run_cli("profile", "--model", "resnet18", "--weights", "none", "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     target = json.loads(proc.stdout)["latency_ms"]["ort_cpu"] / 2
-    out = tmp_path / "r50"
-    proc = run_cli("prune", "--model", "resnet50", "--weights", "none", "--target-latency-ms", f"{target:.3f}",
+    out = tmp_path / "r18"
+    proc = run_cli("prune", "--model", "resnet18", "--weights", "none", "--target-latency-ms", f"{target:.3f}",
                    "--round-to", "16", "--set", "latency.per_layer=false", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())

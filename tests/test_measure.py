@@ -34,3 +34,32 @@ def test_latency_drops_with_width():
     runners = {name: torch_runner(m, (3, 112, 112), 1) for name, m in (("full", model), ("pruned", pruned))}
     timed = time_interleaved(runners, LatencyOptions(warmup=3, repeats=15))
     assert timed["pruned"].median_ms < timed["full"].median_ms
+
+
+def test_spinning_runtimes_are_timed_in_settled_turns():
+    """ONNX Runtime's workers spin for tens of ms after a run: with `spinning`, each model's turn first runs it
+    untimed until the one before has settled, then times a block of runs; the timed count stays `repeats`."""
+    import itertools
+    import time
+
+    from edgeprune.measure import SPIN_BLOCK, SPIN_SETTLE_S, time_interleaved
+
+    calls: list[tuple[str, float]] = []
+
+    def runner(name):
+        def run():
+            calls.append((name, time.perf_counter()))
+            time.sleep(0.002)
+        return run
+
+    opts = LatencyOptions(warmup=1, repeats=SPIN_BLOCK + 3)
+    timed = time_interleaved({"a": runner("a"), "b": runner("b")}, opts, spinning=True)
+    assert timed["a"].runs == timed["b"].runs == SPIN_BLOCK + 3
+    turns = [(name, [t for _, t in group]) for name, group in itertools.groupby(calls[2:], key=lambda c: c[0])]
+    assert [name for name, _ in turns] == ["a", "b", "a", "b"]  # after the warm-up: two turns each, in turn
+    for (_, times), timed_runs in zip(turns, (SPIN_BLOCK, SPIN_BLOCK, 3, 3), strict=True):
+        assert len(times) > timed_runs and times[-timed_runs] - times[0] >= SPIN_SETTLE_S  # settled first
+    calls.clear()
+    plain = time_interleaved({"a": runner("a"), "b": runner("b")}, opts)
+    assert plain["a"].runs == SPIN_BLOCK + 3 and len(calls) == 2 * (1 + SPIN_BLOCK + 3)  # round-robin, no settling
+    assert [name for name, _ in calls[2:6]] == ["a", "b", "a", "b"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -93,8 +94,9 @@ def torch_runner(model: nn.Module, input_size, batch_size: int, device: str = "c
 
 
 def ort_session(path: str | Path, threads: int, provider: str = "CPUExecutionProvider", spinning: bool = False):
-    """An ONNX Runtime session; worker threads do not spin between runs unless `spinning` (spinning
-    threads steal the cores from whatever runs next, another model included)."""
+    """An ONNX Runtime session; worker threads do not spin between runs unless `spinning` (ONNX Runtime's
+    default, faster; spinning threads steal the cores from whatever runs next for tens of milliseconds,
+    another model included: see `time_interleaved`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -173,22 +175,36 @@ def onnx_predictor(path: str | Path, runtime: str = "ort_cpu", threads: int = 2)
     return lambda x: np.asarray(sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0])
 
 
+SPIN_BLOCK = 10  # with spinning ONNX Runtime workers: timed runs per turn, after SPIN_SETTLE_S of untimed ones
+SPIN_SETTLE_S = 0.15  # measured here: a session's workers spin on for 50-100 ms after its last run
+
+
 def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOptions, quiet: bool = True,
-                     desc: str = "latency") -> dict[str, Latency]:
-    """Time several runners round-robin, so load on a shared machine hits them all alike.
+                     desc: str = "latency", spinning: bool = False) -> dict[str, Latency]:
+    """Time several runners in turn, so load on a shared machine hits them all alike.
 
     Ratios between models measured in one call are what to compare; absolute ms drift between runs.
+    With `spinning` (ONNX Runtime sessions whose workers busy-wait after a run for the next, its default)
+    each turn runs its model untimed for SPIN_SETTLE_S, then times SPIN_BLOCK runs, so that no model is
+    timed while the one before it still spins on the same cores; otherwise the turns are single runs.
     """
+    block = SPIN_BLOCK if spinning and len(runners) > 1 else 1
     times: dict[str, list[float]] = {key: [] for key in runners}
     with torch_threads(opts.threads):
         for fn in runners.values():
             for _ in range(opts.warmup):
                 fn()
-        for _ in tqdm(range(opts.repeats), desc=desc, leave=False, disable=quiet):
+        for turn in tqdm(range(math.ceil(opts.repeats / block)), desc=desc, leave=False, disable=quiet):
             for key, fn in runners.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
+                settle = time.perf_counter() + SPIN_SETTLE_S
+                while block > 1 and time.perf_counter() < settle:
+                    fn()
+                for _ in range(min(block, opts.repeats - turn * block)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[key].append(time.perf_counter() - t0)
+    if block > 1:
+        time.sleep(SPIN_SETTLE_S)  # whatever is timed next does not pay for our workers' spinning
     return {key: _summarize(t) for key, t in times.items()}
 
 
@@ -240,7 +256,8 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
     for runtime in ("torch_cpu", "ort_cpu", "ov_cpu", "torch_cuda", "ort_cuda"):
         group = {k: fn for k, fn in {**runners, **cuda_runners}.items() if k.endswith("/" + runtime)}
         if group:
-            timed.update(time_interleaved(group, opts, quiet, runtime))
+            spinning = runtime == "ort_cpu" and opts.ort_spinning
+            timed.update(time_interleaved(group, opts, quiet, runtime, spinning=spinning))
     example = torch.randn(1, *input_size)
     results = {}
     for label, (model, onnx_path) in models.items():

@@ -37,7 +37,10 @@ class LatencyOptions(_Strict):
     repeats: int = Field(default=30, ge=1)
     batch_size: int = Field(default=1, ge=1)
     cuda: bool = True  # also measure on a GPU when one exists
-    ort_spinning: bool = False  # ONNX Runtime workers busy-wait between runs (faster only on idle cores)
+    ort_spinning: bool = Field(
+        default=False, description="time ONNX Runtime with its worker threads busy-waiting between runs (its "
+        "own default: faster on idle cores, erratic when anything else wants them); each model is then timed "
+        "in turns of 10 runs, after the previous one's workers have settled. false: workers sleep between runs")
     openvino: bool = Field(default=True, description="also time the exported model on OpenVINO (ov_cpu) and check "
                            "its parity there, when OpenVINO is installed (pip install -e '.[openvino]')")
     per_layer: bool = Field(default=True, description="profile every layer (ONNX Runtime and PyTorch) for the "
