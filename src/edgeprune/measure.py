@@ -203,7 +203,7 @@ def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOption
                     t0 = time.perf_counter()
                     fn()
                     times[key].append(time.perf_counter() - t0)
-    if block > 1:
+    if spinning:
         time.sleep(SPIN_SETTLE_S)  # whatever is timed next does not pay for our workers' spinning
     return {key: _summarize(t) for key, t in times.items()}
 

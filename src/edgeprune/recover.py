@@ -7,6 +7,7 @@ would, because each epoch's shuffling and augmentation are seeded from (seed, ep
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -106,6 +107,7 @@ class FinetuneResult:
     epochs: list[EpochResult] = field(default_factory=list)
     resumed_from_epoch: int = 0
     world_size: int = 1
+    channels_last: bool = False  # trained in the channels-last memory layout
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,8 +122,46 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     with another tag belongs to other inputs and is discarded rather than resumed."""
     device = rt.device
     student.to(device)
+    channels_last = _channels_last(opts, student, teacher, train_ds, device)
     if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
-        teacher.eval().to(device)
+        teacher = (copy.deepcopy(teacher).to(device, memory_format=torch.channels_last) if channels_last else
+                   teacher.to(device)).eval()
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+    try:
+        result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag,
+                           torch.channels_last if channels_last else torch.contiguous_format)
+    finally:
+        student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
+    result.channels_last = channels_last
+    return result
+
+
+def _channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None, train_ds: Dataset,
+                   device: str) -> bool:
+    """Whether to fine-tune channels-last: asked for, image batches, no 5-D tensors, and both models run a
+    channels-last batch (one that reshapes activations with .view() cannot; it trains contiguous)."""
+    models = [m for m in (student, teacher) if m is not None]
+    if not opts.channels_last or any(t.dim() > 4 for m in models for t in (*m.parameters(), *m.buffers())):
+        return False
+    x = train_ds[0][0] if len(train_ds) else None
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        return False
+    x = x.unsqueeze(0).to(device).contiguous(memory_format=torch.channels_last)
+    for model in models:
+        probe = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad():
+                probe(x)
+        except RuntimeError:  # the layout's fault: the same model ran contiguous batches before this stage
+            return False
+    return True
+
+
+def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, eval_ds: Dataset | None,
+              opts: RecoverOptions, rt: Runtime, checkpoint: Path | None, resume: bool, seed: int, quiet: bool,
+              tag: str | None, layout: torch.memory_format) -> FinetuneResult:
+    device = rt.device
     model = student
     if rt.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device != "cpu" else None)
@@ -164,6 +204,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
         t0, total, seen = time.time(), 0.0, 0
         for x, y in tqdm(train_loader, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=layout)
             with torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext():
                 with torch.no_grad():
                     t_logits = teacher(x) if teacher is not None else None
