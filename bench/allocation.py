@@ -57,7 +57,10 @@ def _save(results: dict) -> None:
                   f"per timing, {rate['threads']} threads, best of {len(rate['rounds']['pruned_ce'])} rounds timed in "
                   f"turn): unpruned CE {r['unpruned_ce']:.0f} img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
                   f"CE {r['pruned_ce']:.0f} img/s ({rate['pruned_ce_vs_unpruned_ce']:.2f}x), pruned with distillation "
-                  f"{r['pruned_kd']:.0f} img/s. Alone: the augmented data loader "
+                  f"{r['pruned_kd']:.0f} img/s; channels-last (the default), and in the contiguous layout "
+                  + (f"{r['unpruned_ce_contiguous']:.0f}, {r['pruned_ce_contiguous']:.0f} and "
+                     f"{r['pruned_kd_contiguous']:.0f} img/s" if "pruned_kd_contiguous" in r else "not timed")
+                  + ". Alone: the augmented data loader "
                   f"{r.get('data_loader', float('nan')):.0f} img/s, the teacher's forward "
                   f"{r.get('teacher_forward', float('nan')):.0f} img/s."]
     lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
@@ -78,19 +81,23 @@ def train_rates(images: int, rounds: int = 2) -> dict:
     from edgeprune.measure import count_macs
     from edgeprune.recover import finetune
 
-    recipe = load_recipe(None, {"prune.macs_reduction": 0.5})
+    recipe = load_recipe(None, {"prune.macs_reduction": 0.5, "prune.round_to": None})  # as timed before auto
     model = create_model(**recipe.model.model_dump())
     pruned, _ = prune(model, recipe.prune)
     train = load_split(recipe.data.path, model.edgeprune_spec, True)
     example = model.edgeprune_spec.example_input()
     runs = {"unpruned_ce": (model, None), "pruned_ce": (pruned, None), "pruned_kd": (pruned, model)}
+    # each also in the contiguous layout (recover.channels_last false), the default before 2026-11-29
+    runs.update({f"{k}_contiguous": v for k, v in runs.items()})
     opts = recipe.recover.model_copy(update={"epochs": 1, "train_images": images})
     finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}), runtime())
     rates: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for key, (student, teacher) in runs.items():
             result = finetune(copy.deepcopy(student), teacher, train, None,
-                              opts.model_copy(update={"distill": teacher is not None}), runtime())
+                              opts.model_copy(update={"distill": teacher is not None,
+                                                      "channels_last": not key.endswith("_contiguous")}),
+                              runtime())
             rates[key].append(round(images / result.epochs[0].seconds, 1))
     best = {k: max(v) for k, v in rates.items()}
     # where a distilled step's time goes: the augmented batches alone, and the teacher's forward alone
@@ -151,7 +158,8 @@ def main() -> None:
             allocation, factor, steps = _variant(name)
             recipe = load_recipe(None, {"prune.macs_reduction": TARGETS[factor], "prune.allocation": allocation,
                                         "prune.steps": steps, "recover.epochs": args.epochs, "int8.enabled": False,
-                                        "latency.per_layer": False})
+                                        "latency.per_layer": False,
+                                        "prune.round_to": None})  # allocation alone: sensitivity does not round
             folder = out / name
             shutil.rmtree(folder, ignore_errors=True)
             if allocation == "sensitivity":
