@@ -190,8 +190,7 @@ def benchmark(out: str | os.PathLike, data: str | None = None, limit: int | None
         timed: dict[int, Latency] = {}
         for runtime in dict.fromkeys(e.runtime for e in entries):  # one runtime at a time, its rows round-robin
             group = {i: e.runner for i, e in enumerate(entries) if e.runtime == runtime}
-            timed.update(time_interleaved(group, opts, quiet, f"latency {RUNTIME_LABELS[runtime]}",
-                                          spinning=runtime == "ort_cpu" and opts.ort_spinning))
+            timed.update(time_interleaved(group, opts, quiet, f"latency {RUNTIME_LABELS[runtime]}"))
         if scorer is not None:
             inputs = scorer.first_batch()
         else:

@@ -112,11 +112,16 @@ def ort_session(path: str | Path, threads: int, provider: str = "CPUExecutionPro
 
 def ort_runner(path: str | Path, input_size, batch_size: int, threads: int,
                provider: str = "CPUExecutionProvider", spinning: bool = False) -> Callable[[], None]:
-    """One ONNX Runtime run of the model at `path`."""
+    """One ONNX Runtime run of the model at `path`; its `spins` attribute tells `time_interleaved` whether
+    the session's workers busy-wait between runs."""
     sess = ort_session(path, threads, provider, spinning)
     feed = {sess.get_inputs()[0].name:
             np.random.default_rng(0).standard_normal((batch_size, *input_size)).astype(np.float32)}
-    return lambda: sess.run(None, feed)
+
+    def run():
+        sess.run(None, feed)
+    run.spins = spinning
+    return run
 
 
 def openvino_available() -> bool:
@@ -180,14 +185,16 @@ SPIN_SETTLE_S = 0.15  # measured here: a session's workers spin on for 50-100 ms
 
 
 def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOptions, quiet: bool = True,
-                     desc: str = "latency", spinning: bool = False) -> dict[str, Latency]:
+                     desc: str = "latency") -> dict[str, Latency]:
     """Time several runners in turn, so load on a shared machine hits them all alike.
 
     Ratios between models measured in one call are what to compare; absolute ms drift between runs.
-    With `spinning` (ONNX Runtime sessions whose workers busy-wait after a run for the next, its default)
-    each turn runs its model untimed for SPIN_SETTLE_S, then times SPIN_BLOCK runs, so that no model is
-    timed while the one before it still spins on the same cores; otherwise the turns are single runs.
+    When a runner spins (`ort_runner(..., spinning=True)`: ONNX Runtime's workers busy-wait after a run for
+    the next, its default) each turn runs its model untimed for SPIN_SETTLE_S, then times SPIN_BLOCK runs,
+    so that no model is timed while the one before it still spins on the same cores; otherwise the turns
+    are single runs.
     """
+    spinning = any(getattr(fn, "spins", False) for fn in runners.values())
     block = SPIN_BLOCK if spinning and len(runners) > 1 else 1
     times: dict[str, list[float]] = {key: [] for key in runners}
     with torch_threads(opts.threads):
@@ -196,9 +203,10 @@ def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOption
                 fn()
         for turn in tqdm(range(math.ceil(opts.repeats / block)), desc=desc, leave=False, disable=quiet):
             for key, fn in runners.items():
-                settle = time.perf_counter() + SPIN_SETTLE_S
-                while block > 1 and time.perf_counter() < settle:
-                    fn()
+                if block > 1:
+                    settle = time.perf_counter() + SPIN_SETTLE_S
+                    while time.perf_counter() < settle:
+                        fn()
                 for _ in range(min(block, opts.repeats - turn * block)):
                     t0 = time.perf_counter()
                     fn()
@@ -256,8 +264,7 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
     for runtime in ("torch_cpu", "ort_cpu", "ov_cpu", "torch_cuda", "ort_cuda"):
         group = {k: fn for k, fn in {**runners, **cuda_runners}.items() if k.endswith("/" + runtime)}
         if group:
-            spinning = runtime == "ort_cpu" and opts.ort_spinning
-            timed.update(time_interleaved(group, opts, quiet, runtime, spinning=spinning))
+            timed.update(time_interleaved(group, opts, quiet, runtime))
     example = torch.randn(1, *input_size)
     results = {}
     for label, (model, onnx_path) in models.items():

@@ -154,8 +154,7 @@ def compare_int8(fp32_path: Path, int8_path: Path, evaluate: Evaluate, input_siz
     files = (("fp32", fp32_path), ("int8", int8_path))
     runners = {name: ort_runner(path, input_size, latency.batch_size, latency.threads, spinning=latency.ort_spinning)
                for name, path in files}
-    timed = {f"{name}/ort_cpu": t for name, t in time_interleaved(runners, latency, quiet, "INT8 latency",
-                                                                       spinning=latency.ort_spinning).items()}
+    timed = {f"{name}/ort_cpu": t for name, t in time_interleaved(runners, latency, quiet, "INT8 latency").items()}
     if latency.openvino and openvino_available():  # OpenVINO runs the QDQ model's quantized ops in INT8 too
         runners = {name: ov_runner(path, input_size, latency.batch_size, latency.threads) for name, path in files}
         timed.update({f"{name}/ov_cpu": t for name, t in

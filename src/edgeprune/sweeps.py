@@ -139,7 +139,7 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
     size = model.edgeprune_spec.input_size
     runners = {p["label"]: ort_runner(p["onnx"], size, lat.batch_size, lat.threads, spinning=lat.ort_spinning)
                for p in points}
-    timed = time_interleaved(runners, lat, quiet, "sweep latency", spinning=lat.ort_spinning)
+    timed = time_interleaved(runners, lat, quiet, "sweep latency")
     for p in points:
         p["ms"] = timed[p["label"]].median_ms
         p["p90_ms"] = timed[p["label"]].p90_ms

@@ -26,7 +26,7 @@ class LatencyProbe(Protocol):
         """Several candidates timed round-robin with the baseline in one call (ms, drift-scaled as above)."""
         runners = {"baseline": self._baseline, **{k: self._runner(m, f"candidate-{i}")
                                                   for i, (k, m) in enumerate(models.items())}}
-        timed = time_interleaved(runners, self._more_repeats(), spinning=self._spinning)
+        timed = time_interleaved(runners, self._more_repeats())
         drift = self.baseline_ms / timed["baseline"].median_ms
         return {k: timed[k].median_ms * drift for k in models}
 
@@ -46,9 +46,8 @@ class OnnxLatencyProbe:
         self.runtime, self.latency, self.export = runtime, latency, export
         self.workdir = Path(workdir)
         self.input_size = baseline.edgeprune_spec.input_size
-        self._spinning = runtime == "ort_cpu" and latency.ort_spinning
         self._baseline = self._runner(baseline, "baseline", baseline_onnx)
-        first = time_interleaved({"baseline": self._baseline}, self._more_repeats(), spinning=self._spinning)
+        first = time_interleaved({"baseline": self._baseline}, self._more_repeats())
         self.baseline_ms = first["baseline"].median_ms
 
     def _more_repeats(self) -> LatencyOptions:
@@ -65,6 +64,6 @@ class OnnxLatencyProbe:
 
     def __call__(self, model: nn.Module) -> float:
         timed = time_interleaved({"baseline": self._baseline, "candidate": self._runner(model, "candidate")},
-                                 self.latency, spinning=self._spinning)
+                                 self.latency)
         drift = self.baseline_ms / timed["baseline"].median_ms
         return timed["candidate"].median_ms * drift
