@@ -71,7 +71,7 @@ def test_finetune_improves_and_resumes_exactly(tmp_path):
 
 def test_channels_last_trains_the_same_model():
     """The memory layout changes the kernels, not the arithmetic: one epoch either way gives the same
-    losses and the same weights to float32 round-off (measured: 1.18x faster steps channels-last)."""
+    losses and the same weights to float32 round-off."""
     teacher, student, train, _ = setup_pruned()
     other = copy.deepcopy(student)
     runs, layouts = [], []

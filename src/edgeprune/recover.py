@@ -122,12 +122,9 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     with another tag belongs to other inputs and is discarded rather than resumed."""
     device = rt.device
     student.to(device)
-    channels_last = _channels_last(opts, student, teacher, train_ds, device)
+    channels_last, teacher_cl = _to_channels_last(opts, student, teacher, train_ds, device)
     if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
-        teacher = (copy.deepcopy(teacher).to(device, memory_format=torch.channels_last) if channels_last else
-                   teacher.to(device)).eval()
-    if channels_last:
-        student.to(memory_format=torch.channels_last)
+        teacher = teacher_cl if channels_last else teacher.eval().to(device)
     try:
         result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag,
                            torch.channels_last if channels_last else torch.contiguous_format)
@@ -137,25 +134,30 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     return result
 
 
-def _channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None, train_ds: Dataset,
-                   device: str) -> bool:
-    """Whether to fine-tune channels-last: asked for, image batches, no 5-D tensors, and both models run a
-    channels-last batch (one that reshapes activations with .view() cannot; it trains contiguous)."""
+def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None, train_ds: Dataset,
+                      device: str) -> tuple[bool, nn.Module | None]:
+    """Convert `student` in place to the channels-last layout, and return (True, a channels-last copy of
+    `teacher` on `device`), when fine-tuning can run that way: asked for, image batches, no 5-D tensors, and
+    both models run a channels-last batch (one that reshapes activations with .view() cannot). Otherwise
+    (False, None), with `student` as it was."""
     models = [m for m in (student, teacher) if m is not None]
     if not opts.channels_last or any(t.dim() > 4 for m in models for t in (*m.parameters(), *m.buffers())):
-        return False
+        return False, None
     x = train_ds[0][0] if len(train_ds) else None
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        return False
+        return False, None
     x = x.unsqueeze(0).to(device).contiguous(memory_format=torch.channels_last)
-    for model in models:
-        probe = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-        try:
-            with torch.no_grad():
-                probe(x)
-        except RuntimeError:  # the layout's fault: the same model ran contiguous batches before this stage
-            return False
-    return True
+    teacher_cl = copy.deepcopy(teacher).to(device, memory_format=torch.channels_last) if teacher is not None else None
+    student.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            for model in (student, teacher_cl):
+                if model is not None:
+                    model.eval()(x)  # eval: BatchNorm statistics stay as they are
+    except RuntimeError:  # the layout's fault: the same models ran contiguous batches before this stage
+        student.to(memory_format=torch.contiguous_format)
+        return False, None
+    return True, teacher_cl
 
 
 def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, eval_ds: Dataset | None,
