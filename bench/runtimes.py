@@ -51,7 +51,7 @@ def main() -> None:
         edgeprune(*run)
         bench = ["benchmark", out, "--baseline", "-q"] + (["--data", MODELS[name]["data"]] if MODELS[name]["data"]
                                                             else [])
-        edgeprune(*bench, "--json")
+        edgeprune(*bench)
         stored = json.loads((Path(out) / "benchmark.json").read_text())
         stored["commands"] = [shlex.join(["edgeprune", *run]), shlex.join(["edgeprune", *bench])]
         results["models"][name] = stored

@@ -76,9 +76,10 @@ def test_without_openvino_its_runtime_is_one_line_and_the_rest_works(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert "ov_cpu" not in report["pruned"]["latency_ms"] and "openvino_parity" not in report
-    proc = cli("benchmark", str(tmp_path / "b"), "--repeats", "3", "--json", "--quiet")
+    proc = cli("benchmark", str(tmp_path / "b"), "--repeats", "3", "--ort-spinning", "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert {r["runtime"] for r in json.loads(proc.stdout)} == {"torch_cpu", "ort_cpu"}
+    assert json.loads((tmp_path / "b" / "benchmark.json").read_text())["ort_spinning"] is True
 
 
 @pytest.mark.parametrize("args, needle", [

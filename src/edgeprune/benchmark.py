@@ -209,6 +209,7 @@ def benchmark(out: str | os.PathLike, data: str | None = None, limit: int | None
                                timed[i].p90_ms, diff, agree, **(scorer(e) if scorer is not None else {}))
             rows.append(asdict(row))
     result = {"rows": rows, "threads": opts.threads, "batch_size": opts.batch_size, "repeats": opts.repeats,
+              "ort_spinning": opts.ort_spinning,
               "data": data, "limit": limit, "openvino": openvino,
               "command": command or shlex.join(["edgeprune", *sys.argv[1:]])}
     write_json(root / "benchmark.json", result)

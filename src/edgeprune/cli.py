@@ -451,6 +451,9 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
                   threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the run's)"),
                   warmup: int | None = typer.Option(None, "--warmup", help="untimed runs (default: the run's)"),
                   repeats: int | None = typer.Option(None, "--repeats", help="timed runs (default: the run's)"),
+                  ort_spinning: bool | None = typer.Option(None, "--ort-spinning/--no-ort-spinning",
+                                                           help="ONNX Runtime's workers busy-wait between runs "
+                                                           "(its own default) or sleep (default: the run's)"),
                   as_json: bool = typer.Option(False, "--json", help="print the rows as a JSON list"),
                   quiet: bool = QuietOpt):
     """Time a run's pruned model on every runtime and precision available here (PyTorch, ONNX Runtime,
@@ -459,7 +462,7 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
     OUT/benchmark.json and adds the table to the run's report."""
     from .benchmark import benchmark
 
-    given = _given({"threads": threads, "warmup": warmup, "repeats": repeats})
+    given = _given({"threads": threads, "warmup": warmup, "repeats": repeats, "ort_spinning": ort_spinning})
     result = benchmark(out, data=data, limit=limit, latency_overrides=given, baseline=baseline, quiet=quiet)
     if as_json:
         print(json.dumps(result["rows"], indent=2))
