@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import artifact
 from .errors import EdgePruneError
+from .export import comparable
 from .fsio import read_json, write_json
 from .measure import (
     ONNX_RUNTIMES,
@@ -109,8 +110,6 @@ def _entries(label: str, model: nn.Module, weights: str, files: dict[str, Path],
 
 def _compare(ref: np.ndarray, got: np.ndarray, detector: bool, image_size: int) -> tuple[float, float | None]:
     """Max abs difference (a detector's boxes in units of the image size) and, for classifiers, top-1 agreement."""
-    from .export import comparable
-
     ref, got = comparable(ref, got, detector, image_size)
     agree = None if detector else float(np.mean(ref.argmax(1) == got.argmax(1)))
     return float(np.max(np.abs(ref - got))), agree
