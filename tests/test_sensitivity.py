@@ -173,3 +173,24 @@ def test_groups_masking_cannot_represent_are_refused():
     opts = PruneOptions(ratio=0.5)
     with pytest.raises(edgeprune.EdgePruneError, match="grouped conv"):
         S.check_maskable(model, x, list(resolve_unpruned(model, x, opts)), opts)
+
+
+def test_ratios_that_round_to_the_same_count_are_scored_once():
+    # round_to 8 on ResNet-20's 16-channel groups: 0.25 and 0.5 both keep 8 channels, 0.75 keeps none
+    model = edgeprune.create_model("cifar_resnet20", "none")
+    x = torch.randn(2, 3, 32, 32)
+    opts = PruneOptions(ratio=0.5, round_to=8)
+    calls = []
+
+    def score(m):
+        calls.append(1)
+        with torch.no_grad():
+            out = m(x)
+        return 50.0, out
+
+    sens = S.analyse(model, x, opts, list(resolve_unpruned(model, x, opts)), score, [0.25, 0.5, 0.75])
+    by_width = {g.channels: [p.channels_after for p in g.points] for g in sens.groups}
+    assert by_width[16] == [8]
+    assert by_width[32] == [24, 16, 8]
+    assert by_width[64] == [48, 32, 16]
+    assert len(calls) == 1 + sum(len(g.points) for g in sens.groups)  # the reference, then one per point

@@ -236,11 +236,13 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
                 continue
             scores = scores.detach().cpu()
             entry = GroupSensitivity(name=name, channels=channels, layers=layers)
+            tried = {0}  # nothing pruned, or a count an earlier ratio already scored (rounding merges them)
             for ratio in ratios:
                 n = pruned_count(channels, ratio, opts.fixed_round_to())
-                if n == 0:
+                if n in tried:
                     bar.update()
                     continue
+                tried.add(n)
                 # the pruner's choice: the n least important (topk; argsort once round_to changed n)
                 chosen = (torch.argsort(scores)[:n] if opts.fixed_round_to() else
                           torch.topk(scores, n, largest=False)[1])
