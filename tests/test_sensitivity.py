@@ -145,8 +145,6 @@ def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
     assert json.loads((out / "report.json").read_text())["prune"]["group_ratios"]
     for args, needle in ((("--allocation", "sensitivity"), "give --data"),
                          (("--allocation", "uniform", "--global"), "disagree"),
-                         (("--allocation", "sensitivity", "--data", "cifar10", "--target-latency-ms", "5"),
-                          "ratio or a MACs target"),
                          (("--allocation", "sensitivity", "--data", "cifar10", "--importance", "taylor"),
                           "without gradients")):
         bad = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", *args, "--out",
@@ -194,3 +192,99 @@ def test_ratios_that_round_to_the_same_count_are_scored_once():
     assert by_width[32] == [24, 16, 8]
     assert by_width[64] == [48, 32, 16]
     assert len(calls) == 1 + sum(len(g.points) for g in sens.groups)  # the reference, then one per point
+
+
+def _trivial_analysis(model, ratios):
+    """The analysis with a score that only runs the model (distortion is all the allocation reads)."""
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def score(m):
+        with torch.no_grad():
+            return 0.0, m(x)
+
+    example = model.edgeprune_spec.example_input()
+    opts = PruneOptions(ratio=0.5)
+    return S.analyse(model, example, opts, list(resolve_unpruned(model, example, opts)), score, ratios)
+
+
+def test_every_point_is_timed_on_the_runtime_layer_by_layer(tmp_path):
+    from edgeprune.pruning.layer_latency import time_savings
+    from edgeprune.pruning.probe import runner
+    from edgeprune.recipe import ExportOptions, LatencyOptions
+
+    model = edgeprune.create_model("cifar_resnet20", "cifar10-jpeg")
+    sens = _trivial_analysis(model, [0.3, 0.6])
+    latency = LatencyOptions(repeats=20, warmup=2)
+    time_savings(model, model.edgeprune_spec.example_input(), sens, "ort_cpu",
+                 lambda layer, size, name: runner(layer, size, "ort_cpu", latency, ExportOptions(),
+                                                  tmp_path / f"{name}.onnx"), latency)
+    assert sens.latency_runtime == "ort_cpu" and sens.latency_seconds > 0
+    for g in sens.groups:  # a block's inner channels: conv1 loses outputs, conv2 inputs
+        block = g.name.rsplit(".", 1)[0]
+        for p in g.points:
+            assert set(p.widths) == {f"{block}.conv1", f"{block}.conv2"}
+            assert p.widths[f"{block}.conv1"][1] == p.channels_after == p.widths[f"{block}.conv2"][0]
+            assert isinstance(p.latency_saved_ms, float)
+    # identical shapes are exported once: per stage the full conv, the strided first conv and 2 widths x 2
+    # convs, less the shared ones (layer1: 1 full + 4 pruned; layer2 and layer3: 3 + 1 + 2 + 2)
+    assert len(list(tmp_path.glob("*.onnx"))) == 21
+    deep = [p.latency_saved_ms for g in sens.groups if g.name.startswith("layer3") for p in g.points if p.ratio == 0.6]
+    assert sum(deep) > 0  # 60% of the 64-channel blocks' inner channels gone: measurably faster
+    from edgeprune.results import from_json
+
+    again = from_json(S.Sensitivity, json.loads(json.dumps(sens.to_dict())))  # as a run folder stores it
+    assert again == sens
+
+
+def test_a_latency_allocation_follows_milliseconds_not_macs():
+    def point(ratio, macs, ms):
+        return S.SensitivityPoint(ratio, 4, macs, 90.0, 0.0, 0.1, latency_saved_ms=ms)
+
+    sens = S.Sensitivity(metric="top1", reference=90.0, ratios=[0.5], macs=1000, groups=[
+        S.GroupSensitivity("thin", 8, ["thin"], [point(0.5, 200, 0.01)]),  # many MACs, no time (a narrow layer)
+        S.GroupSensitivity("wide", 8, ["wide"], [point(0.5, 100, 1.0)]),
+    ])
+    assert S.allocate(sens, 100)[0] == {"thin": 0.25}
+    assert S.allocate(sens, 0.5, by="latency")[0] == {"wide": 0.25}
+    sens.groups[0].points[0].latency_saved_ms = None
+    with pytest.raises(edgeprune.EdgePruneError, match="no latency savings"):
+        S.allocate(sens, 0.5, by="latency")
+
+
+class _MacsClock:
+    """Milliseconds that follow MACs exactly (a deterministic latency probe)."""
+
+    def __init__(self, model, runtime):
+        self.runtime, self.example = runtime, model.edgeprune_spec.example_input()
+        self.baseline_ms = self(model)
+
+    def __call__(self, model) -> float:
+        return count_macs(model, self.example) / 1e6
+
+
+def test_sensitivity_allocation_meets_a_latency_target():
+    from edgeprune.errors import UnreachableTarget
+
+    model = edgeprune.create_model("cifar_resnet20", "cifar10-jpeg")
+    sens = _trivial_analysis(model, [0.3, 0.6, 0.85])
+    for g in sens.groups:  # estimates off by a third from what the clock will read: the search must rescale
+        for p in g.points:
+            p.latency_saved_ms = p.macs_saved / 1e6 * 0.67
+    sens.latency_runtime = "macs-clock"
+    clock = _MacsClock(model, "macs-clock")
+    opts = PruneOptions(target_latency_ms=0.6 * clock.baseline_ms, allocation="sensitivity",
+                        sensitivity_ratios=[0.3, 0.6, 0.85], round_to="auto")
+    pruned, result = edgeprune.prune(model, opts, sensitivity=sens, latency_probe=clock)
+    s = result.latency_search
+    assert s["runtime"] == "macs-clock" and s["baseline_ms"] == clock.baseline_ms
+    assert clock(pruned) == s["chosen"]["latency_ms"] <= s["goal_ms"] == pytest.approx(0.9 * opts.target_latency_ms)
+    assert clock(pruned) >= 0.85 * s["goal_ms"]  # close under the goal, not pruned to the floor
+    assert len(s["trials"]) >= 2 and all("budget_ms" in t for t in s["trials"])
+    assert result.allocation == "sensitivity" and len(set(result.group_ratios.values())) > 1
+    assert result.round_to is None and any("no channel rounding" in n for n in result.notes)
+    with pytest.raises(UnreachableTarget, match="by sensitivity allocation"):
+        edgeprune.prune(model, opts.model_copy(update={"target_latency_ms": 0.05 * clock.baseline_ms}),
+                        sensitivity=sens, latency_probe=clock)
+    sens.latency_runtime = "ort_cpu"
+    with pytest.raises(edgeprune.EdgePruneError, match="timed its layers on ort_cpu"):
+        edgeprune.prune(model, opts, sensitivity=sens, latency_probe=clock)

@@ -320,6 +320,8 @@ def _sensitivity(r: Runner) -> Sensitivity:
     import torch
 
     from .pruning import resolve_unpruned
+    from .pruning.layer_latency import time_savings
+    from .pruning.probe import runner
     from .pruning.sensitivity import analyse
 
     opts, rec = r.recipe.prune, r.recipe.recover
@@ -345,6 +347,11 @@ def _sensitivity(r: Runner) -> Sensitivity:
     sens = analyse(copy.deepcopy(r.baseline).to(device), example.to(device), opts, list(unpruned), score,
                    opts.sensitivity_ratios, quiet=r.quiet)
     sens.images = images
+    r.log(f"timing every layer the analysis changed, alone, on {opts.latency_runtime}")
+    time_savings(r.baseline, example, sens, opts.latency_runtime,
+                 lambda layer, size, name: runner(layer, size, opts.latency_runtime, r.recipe.latency,
+                                                  r.recipe.export, r.scratch / "layers" / f"{name}.onnx"),
+                 r.recipe.latency, quiet=r.quiet)
     write_json(r.root / SENSITIVITY_NAME, sens.to_dict())
     return sens
 

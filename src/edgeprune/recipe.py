@@ -142,9 +142,6 @@ class PruneOptions(_Strict):
         if self.global_pruning and self.allocation == "uniform":
             self.allocation = "global"
         self.global_pruning = self.allocation == "global"
-        if self.allocation == "sensitivity" and self.target_latency_ms is not None:
-            raise ValueError("allocation sensitivity takes a ratio or a MACs target; for a latency target use "
-                             "allocation uniform")
         given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of ratio, macs_reduction, target_latency_ms, max_drop, not "

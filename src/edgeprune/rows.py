@@ -180,14 +180,17 @@ def sensitivity(report: dict) -> Table | None:
         return None
     chosen = report["prune"].get("group_ratios") or {}
     rows_ = []
+    timed = sens.get("latency_runtime")
     for g in sens["groups"]:
-        at = {p["ratio"]: (p["drop"], p["distortion"]) for p in g["points"]}
-        rows_.append([g["name"], str(g["channels"]),
-                      *[f"{at[r][0]:.2f} / {at[r][1]:.4f}" if r in at else "" for r in sens["ratios"]],
+        at = {p["ratio"]: f"{p['drop']:.2f} / {p['distortion']:.4f}" + (
+            f" / {p['latency_saved_ms']:.3f}" if timed and p.get("latency_saved_ms") is not None else "")
+            for p in g["points"]}
+        rows_.append([g["name"], str(g["channels"]), *[at.get(r, "") for r in sens["ratios"]],
                       f"{chosen[g['name']]:g}" if g["name"] in chosen else "0"])
-    return Table(f"Sensitivity: {sens['metric']} drop (points) / output distortion (KL, nats) with each group "
-                 f"alone pruned, after BN re-calibration (unpruned {sens['reference']:.2f} on {sens['images']} "
-                 "images); the allocation ranks by distortion",
+    saved = f" / ms saved on {timed} (its layers timed alone)" if timed else ""
+    return Table(f"Sensitivity: {sens['metric']} drop (points) / output distortion (KL, nats){saved} with each "
+                 f"group alone pruned, after BN re-calibration (unpruned {sens['reference']:.2f} on {sens['images']} "
+                 "images); the allocation ranks by distortion per MAC (per ms for a latency target)",
                  ["group", "channels", *[f"at {r:g}" for r in sens["ratios"]], "chosen ratio"], rows_,
                  code_names=True)
 

@@ -71,7 +71,10 @@ def _sensitive(recipe: Recipe) -> bool:
 
 SENSITIVITY_READS = ("model", "data.path", "seed", "prune.importance", "prune.round_to", "prune.ignore",
                      "prune.sensitivity_ratios", "prune.sensitivity_images", "prune.sensitivity_calibration_images",
-                     "recover.batch_size")
+                     "recover.batch_size",
+                     # each point's latency saving: its layers timed alone
+                     "prune.latency_runtime", "latency.threads", "latency.batch_size", "latency.ort_spinning",
+                     "export.opset")
 
 STAGES: tuple[Stage, ...] = (
     Stage("sensitivity", SENSITIVITY_READS, writes=(SENSITIVITY_NAME,), wanted=_sensitive),

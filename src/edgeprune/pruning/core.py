@@ -27,7 +27,7 @@ from .rules import (
     resolve_unpruned,
     unsupported,
 )
-from .search import search_allocation, search_latency, search_macs
+from .search import search_allocation, search_allocation_latency, search_latency, search_macs
 from .sensitivity import Sensitivity
 
 
@@ -121,7 +121,7 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
         return _auto_round_to(model, opts, example, calibration, latency_probe, log, sensitivity)
     if opts.target_latency_ms is not None and latency_probe is None:
         raise EdgePruneError("a latency target needs a latency probe (edgeprune.pruning.OnnxLatencyProbe)")
-    if opts.allocation == "sensitivity" and sensitivity is None:  # PruneOptions refuses it with a latency target
+    if opts.allocation == "sensitivity" and sensitivity is None:
         raise EdgePruneError("allocation sensitivity needs a sensitivity analysis: give --data (or use "
                              "--allocation uniform)")
     spec = getattr(model, "edgeprune_spec", None)
@@ -255,7 +255,17 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
     search = None
     allocation = None
     round_to = opts.round_to
-    if opts.allocation == "sensitivity":
+    if opts.allocation == "sensitivity" and opts.target_latency_ms is not None:
+        fixed = opts.model_copy(update={"round_to": opts.fixed_round_to()})  # auto: unrounded, as analysed
+        allocation, search = search_allocation_latency(
+            sensitivity, fixed, probe,
+            lambda ratios: prune_copy(model, example, fixed, 0.0, unpruned, grads, ratios), count, log)
+        ratio, pruned, history, trials = 0.0, allocation.model, allocation.history, allocation.trials
+        round_to = opts.fixed_round_to()
+        if opts.round_to == "auto":
+            notes.append("round_to auto: no channel rounding with sensitivity allocation (its per-group curves "
+                         "are scored at unrounded widths); set prune.round_to to round")
+    elif opts.allocation == "sensitivity":
         if opts.ratio is not None:  # the MACs a uniform ratio would leave, spread by sensitivity instead
             macs_target = count(prune_at(model, opts.model_copy(update={"allocation": "uniform"}), opts.ratio,
                                          grads)[0])

@@ -54,16 +54,24 @@ class OnnxLatencyProbe:
         return self.latency.model_copy(update={"repeats": max(self.latency.repeats, PROBE_MIN_REPEATS)})
 
     def _runner(self, model: nn.Module, name: str, exported: Path | None = None):
-        if self.runtime == "torch_cpu":
-            return torch_runner(model, self.input_size, self.latency.batch_size)
-        path = exported or export_onnx(model, self.input_size, self.workdir / f"{name}.onnx", self.export)
-        if self.runtime == "ov_cpu":
-            return ov_runner(path, self.input_size, self.latency.batch_size, self.latency.threads)
-        return ort_runner(path, self.input_size, self.latency.batch_size, self.latency.threads,
-                          spinning=self.latency.ort_spinning)
+        return runner(model, self.input_size, self.runtime, self.latency, self.export,
+                      exported or self.workdir / f"{name}.onnx", exported=exported is not None)
 
     def __call__(self, model: nn.Module) -> float:
         timed = time_interleaved({"baseline": self._baseline, "candidate": self._runner(model, "candidate")},
                                  self.latency)
         drift = self.baseline_ms / timed["baseline"].median_ms
         return timed["candidate"].median_ms * drift
+
+
+def runner(model: nn.Module, input_size, runtime: str, latency: LatencyOptions, export: ExportOptions, path: Path,
+           exported: bool = False):
+    """One run of `model` on `runtime` (`ort_cpu`, `ov_cpu`: exported to `path` first, unless `exported`
+    says it is there; `torch_cpu`: eager) with `latency`'s batch size and threads."""
+    if runtime == "torch_cpu":
+        return torch_runner(model, input_size, latency.batch_size)
+    if not exported:
+        path = export_onnx(model, input_size, path, export)
+    if runtime == "ov_cpu":
+        return ov_runner(path, input_size, latency.batch_size, latency.threads)
+    return ort_runner(path, input_size, latency.batch_size, latency.threads, spinning=latency.ort_spinning)

@@ -22,6 +22,7 @@ CountMacs = Callable[[nn.Module], int]
 # MACs target
 BISECT_STEPS = 20  # bisection steps per pass
 ALLOCATION_STEPS = 8  # budget rescalings of a sensitivity allocation
+LATENCY_BUDGET_RESOLUTION = 0.05  # a latency allocation's budget bracket stops halving this narrow (relative)
 RATIO_RESOLUTION = 1e-4  # a pass stops once its ratio bracket is this narrow
 GLOBAL_MAX_RATIO = 0.99  # upper end of the ratio under global pruning (max_layer_ratio bounds local pruning)
 TOUCH_UP_MAX_RATIO = 0.5  # upper end of the global touch-up's ratio, applied to the uniformly pruned model
@@ -251,3 +252,93 @@ def search_allocation(sens, target: int, opts: PruneOptions, prune_at_ratios, co
         best.note = (f"sensitivity allocation left {best.macs:,} MACs for a target of {target:,} (channel counts "
                      "move in whole channels per group)")
     return best
+
+
+def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, prune_at_ratios,
+                              count: CountMacs, log: Callable[[str], None]) -> tuple[AllocationSearch, dict]:
+    """Sensitivity allocation for a latency target: allocate an estimated budget of milliseconds to save
+    (each point's `latency_saved_ms`, its layers timed alone), prune with the per-group ratios, measure the
+    whole model on the probe's runtime, and rescale the budget until it lands within the goal (the target
+    less `latency_margin`) and close under it. The least-pruned model within the goal wins; it is measured
+    again, and its budget raised while it misses the target. Returns it and the search's record (as
+    `search_latency`'s)."""
+    from .sensitivity import allocate
+
+    target = opts.target_latency_ms
+    goal = target * (1 - opts.latency_margin)
+    base, runtime = probe.baseline_ms, probe.runtime
+    if base <= target:
+        raise EdgePruneError(f"the unpruned model already runs in {base:.2f} ms <= {target:g} ms on {runtime}; "
+                             "nothing to prune (set a lower --target-latency-ms)")
+    if sens.latency_runtime != runtime:
+        raise EdgePruneError(f"the sensitivity analysis timed its layers on {sens.latency_runtime}, the target is on "
+                             f"{runtime}; run it again with prune.latency_runtime {runtime}")
+    need = base - goal
+    records: list[dict] = []
+    best: AllocationSearch | None = None
+    best_ms = None
+    tried: list[dict] = []
+
+    def at(budget: float) -> tuple[AllocationSearch, float] | None:
+        ratios, predicted = allocate(sens, budget, opts.max_layer_ratio, by="latency")
+        if ratios in tried:  # the curves are spent (or the budget stopped moving)
+            return None
+        tried.append(ratios)
+        model, history = prune_at_ratios(ratios)
+        ms, macs = probe(model), count(model)
+        records.append({"budget_ms": round(budget, 4), "latency_ms": ms, "macs": macs, "within_goal": ms <= goal,
+                        "predicted_distortion": predicted})
+        log(f"sensitivity allocation saving {budget:.2f} ms (estimated): {ms:.2f} ms on {runtime} "
+            f"(aim {goal:.2f} ms), {macs:,} MACs")
+        return AllocationSearch(ratios, predicted, model, history, macs, len(records), None), ms
+
+    # The budget (estimated ms to save) is bracketed: `short` left the model over the goal, `enough` met it.
+    # Until both ends are known the estimate is rescaled by how far the measured saving fell from it; then
+    # the bracket is halved, until it is LATENCY_BUDGET_RESOLUTION narrow or a trial lands close under the goal.
+    budget, short, enough = need, 0.0, None
+    for _ in range(ALLOCATION_STEPS):
+        found = at(budget)
+        if found is None:
+            break
+        trial, ms = found
+        if ms <= goal:
+            enough = budget if enough is None else min(enough, budget)
+            if best is None or trial.macs > best.macs:
+                best, best_ms = trial, ms
+            if (goal - ms) / goal <= opts.latency_margin / 2:
+                break  # close under the goal
+        else:
+            short = max(short, budget)
+        saved = base - ms
+        if enough is None:
+            budget = max(budget * need / saved, budget * 1.05) if saved > 0 else budget * 2
+        elif short == 0.0 and saved > 0:
+            budget = budget * need / saved
+        else:
+            if (enough - short) <= LATENCY_BUDGET_RESOLUTION * enough:
+                break
+            budget = (short + enough) / 2
+    if best is None:
+        fastest = min(records, key=lambda t: t["latency_ms"])
+        raise UnreachableTarget(
+            f"cannot reach {target:g} ms on {runtime} by sensitivity allocation: the fastest model tried still takes "
+            f"{fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); add larger prune.sensitivity_ratios, raise "
+            "the target, or use allocation uniform")
+    budget = records[best.trials - 1]["budget_ms"]
+    for _ in range(RECHECKS):  # a noisy first reading must not hand in a model over the target
+        check = probe(best.model)
+        records.append({"budget_ms": budget, "latency_ms": check, "macs": best.macs, "within_goal": check <= goal,
+                        "recheck": True})
+        if check <= target:
+            break
+        budget *= 1.05
+        found = at(budget)
+        if found is None:
+            break
+        best, best_ms = found
+    best.trials = len([r for r in records if not r.get("recheck")])
+    search = {"target_ms": target, "goal_ms": goal, "runtime": runtime, "baseline_ms": base,
+              "chosen": {"ratio": None, "round_to": opts.fixed_round_to() or 1, "latency_ms": best_ms,
+                         "macs": best.macs},
+              "trials": records}
+    return best, search

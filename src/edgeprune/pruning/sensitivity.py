@@ -41,6 +41,9 @@ class SensitivityPoint:
     score: float
     drop: float  # reference score - score (points)
     distortion: float  # mean KL(unpruned || masked) of the output distributions (nats)
+    # every conv/linear layer the point changes: [input channels, output channels] once pruned
+    widths: dict[str, list[int]] = field(default_factory=dict)
+    latency_saved_ms: float | None = None  # the changed layers timed alone on `Sensitivity.latency_runtime`
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Sensitivity:
     groups: list[GroupSensitivity]
     images: int | None = None
     seconds: float | None = None
+    latency_runtime: str | None = None  # where `latency_saved_ms` was measured (see `layer_latency`)
+    latency_seconds: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +161,28 @@ def _macs_saved(group, graph: tp.DependencyGraph, layer_macs: dict[nn.Module, in
     return saved
 
 
+def _widths(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) -> dict[str, list[int]]:
+    """[input, output] channels of every conv/linear layer `group` changes, once its channels are cut."""
+    widths: dict[str, list[int]] = {}
+    for dep, idxs in group:
+        module = dep.target.module
+        if module not in names or not len(idxs):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            cin, cout = module.in_channels, module.out_channels
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+        else:
+            cin, cout, depthwise = module.in_features, module.out_features, False
+        now = widths.setdefault(names[module], [cin, cout])
+        if _is_out(graph, dep) or depthwise:
+            now[1] = cout - len(idxs)
+            if depthwise:
+                now[0] = now[1]
+        else:
+            now[0] = cin - len(idxs)
+    return widths
+
+
 def _unmaskable(module: nn.Module) -> str | None:
     """Why masking a channel of `module` would not compute what cutting it computes (None: it would)."""
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -215,6 +242,7 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
     saved_state = {k: v.clone() for k, v in model.state_dict().items()}
     importance = importance_for_grads(opts.importance)
     graph, groups = _groups(model, example, unpruned, opts)
+    names = {m: n for n, m in prunable_layers(model).items()}
     layer_macs = _layer_macs(model, example)
     reference, outputs = score(model)
     ref_logp = torch.log_softmax(outputs.float(), dim=-1)
@@ -255,7 +283,8 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
                 entry.points.append(SensitivityPoint(ratio=float(ratio), channels_after=channels - n,
                                                      macs_saved=_macs_saved(sub, graph, layer_macs),
                                                      score=float(value), drop=round(float(reference - value), 4),
-                                                     distortion=round(distortion(out), 6)))
+                                                     distortion=round(distortion(out), 6),
+                                                     widths=_widths(sub, graph, names)))
                 bar.update()
             results.append(entry)
     finally:
@@ -267,9 +296,10 @@ def analyse(model: nn.Module, example: torch.Tensor, opts, unpruned: Sequence[st
                        macs=count_macs(model, example), groups=results, seconds=round(time.time() - t0, 1))
 
 
-def _hull(points: list[tuple[float, int, float]]) -> list[tuple[float, int, float]]:
-    """The lower convex hull of (ratio, MACs saved, cost) from (0, 0, 0): the steps a greedy takes, each
-    the cheapest cost-per-MAC move from the last (a negative cost counts as zero)."""
+def _hull(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """The lower convex hull of (ratio, saving, cost) from (0, 0, 0): the steps a greedy takes, each the
+    cheapest cost-per-saving move from the last (a negative cost counts as zero; a point saving nothing,
+    e.g. a latency reading within noise, is no move)."""
     pts = sorted([(0.0, 0, 0.0)] + [(r, s, max(d, 0.0)) for r, s, d in points if s > 0], key=lambda p: p[1])
     hull = [pts[0]]
     rest = pts[1:]
@@ -284,23 +314,31 @@ def _hull(points: list[tuple[float, int, float]]) -> list[tuple[float, int, floa
     return hull
 
 
-def allocate(sens: Sensitivity, macs_to_remove: int, max_ratio: float = 1.0) -> tuple[dict[str, float], float]:
-    """Per-group ratios that remove `macs_to_remove` (estimated) MACs with the least summed distortion;
-    returns them and that predicted distortion. Groups stay whole until worth pruning; the last move stops
-    part-way along its segment (ratio and distortion interpolated) so that the budget is met, not overshot."""
-    hulls = {g.name: _hull([(p.ratio, p.macs_saved, p.distortion) for p in g.points if p.ratio <= max_ratio])
+def allocate(sens: Sensitivity, to_remove: float, max_ratio: float = 1.0,
+             by: str = "macs") -> tuple[dict[str, float], float]:
+    """Per-group ratios that remove `to_remove` (estimated) MACs, or with `by="latency"` milliseconds (each
+    point's `latency_saved_ms`), with the least summed distortion; returns them and that predicted
+    distortion. Groups stay whole until worth pruning; the last move stops part-way along its segment (ratio
+    and distortion interpolated) so that the budget is met, not overshot."""
+    def saved(p: SensitivityPoint):
+        return p.macs_saved if by == "macs" else p.latency_saved_ms
+
+    if by != "macs" and any(saved(p) is None for g in sens.groups for p in g.points):
+        raise EdgePruneError("this sensitivity analysis holds no latency savings; run it again (edgeprune "
+                             "sensitivity) to time its layers")
+    hulls = {g.name: _hull([(p.ratio, saved(p), p.distortion) for p in g.points if p.ratio <= max_ratio])
              for g in sens.groups}
     level = {name: 0 for name in hulls}
     ratios: dict[str, float] = {}
-    removed, predicted = 0, 0.0
-    while removed < macs_to_remove:
+    removed, predicted = 0.0, 0.0
+    while removed < to_remove:
         moves = [(name, (h[level[name] + 1][2] - h[level[name]][2]) / (h[level[name] + 1][1] - h[level[name]][1]))
                  for name, h in hulls.items() if level[name] + 1 < len(h)]
         if not moves:
             break
         name, _ = min(moves, key=lambda m: m[1])
         (r0, s0, d0), (r1, s1, d1) = hulls[name][level[name]], hulls[name][level[name] + 1]
-        part = min(1.0, (macs_to_remove - removed) / (s1 - s0))
+        part = min(1.0, (to_remove - removed) / (s1 - s0))
         ratios[name] = round(r0 + part * (r1 - r0), 4)
         removed += part * (s1 - s0)
         predicted += part * (d1 - d0)
