@@ -184,7 +184,8 @@ def main() -> None:
                             "recalibrated": report["recalibrated"]["top1"],
                             "finetuned": report.get("finetuned", {}).get("top1")},
                    "ort_speedup": report["speedup"].get("ort_cpu"), "command": command}
-            results["variants"] = [v for v in results["variants"] if v["name"] != name] + [row]
+            results["variants"] = [v for v in results["variants"]  # a variant's row per epoch budget
+                                   if (v["name"], v["epochs"]) != (name, args.epochs)] + [row]
             _save(results)
             print(json.dumps(row), flush=True)
 
