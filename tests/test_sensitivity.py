@@ -288,3 +288,34 @@ def test_sensitivity_allocation_meets_a_latency_target():
     sens.latency_runtime = "ort_cpu"
     with pytest.raises(edgeprune.EdgePruneError, match="timed its layers on ort_cpu"):
         edgeprune.prune(model, opts, sensitivity=sens, latency_probe=clock)
+
+
+def test_cli_latency_target_with_sensitivity_allocation(tmp_path):
+    from edgeprune.export import export_onnx
+    from edgeprune.measure import ort_runner, time_interleaved
+    from edgeprune.recipe import ExportOptions, LatencyOptions
+
+    model = edgeprune.create_model("cifar_resnet20", "cifar10-jpeg")
+    size = model.edgeprune_spec.input_size
+    path = export_onnx(model, size, tmp_path / "unpruned.onnx", ExportOptions())
+    unpruned_ms = time_interleaved({"m": ort_runner(path, size, 1, 2)}, LatencyOptions(repeats=100))["m"].median_ms
+    target = round(0.8 * unpruned_ms, 4)
+    out = tmp_path / "run"
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
+                   "--allocation", "sensitivity", "--target-latency-ms", str(target), "--out", str(out), "-q",
+                   "--epochs", "0", "--set", "int8.enabled=false", "--set", "latency.per_layer=false",
+                   "--set", "prune.sensitivity_images=200", "--set", "prune.sensitivity_ratios=[0.3,0.6,0.85]",
+                   "--set", "prune.sensitivity_calibration_images=128", "--set", "data.eval_images=200")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "stages" / "sensitivity_latency.json").exists()
+    points = [p for g in report["sensitivity"]["groups"] for p in g["points"]]
+    assert report["sensitivity"]["latency_runtime"] == "ort_cpu" and all(
+        isinstance(p["latency_saved_ms"], float) for p in points)
+    assert json.loads((out / "sensitivity.json").read_text()) == report["sensitivity"]
+    search = report["prune"]["latency_search"]
+    assert search["chosen"]["latency_ms"] <= search["goal_ms"] and all("budget_ms" in t for t in search["trials"])
+    assert report["prune"]["allocation"] == "sensitivity" and report["prune"]["group_ratios"]
+    assert report["target"]["kind"] == "latency" and report["target"]["latency_ms"] == target
+    assert report["pruned"]["macs"] < report["baseline"]["macs"]
+    assert "ms saved on ort_cpu" in (out / "report.md").read_text()

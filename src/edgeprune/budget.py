@@ -24,7 +24,8 @@ MAX_FRACTION = 0.9  # the most MACs (or latency) a trial removes
 FIRST_FRACTION = 0.5  # the first trial, unless the recipe's target says otherwise
 CLAMP = 0.15  # keep each guess this share of the bracket away from its ends
 RESOLUTION = 0.02  # stop once the bracket is this narrow
-SHARED_STAGES = ("sensitivity", "accuracy_baseline")  # results a trial may take from an earlier one (same inputs)
+# results a trial may take from an earlier one (same inputs)
+SHARED_STAGES = ("sensitivity", "sensitivity_latency", "accuracy_baseline")
 PUBLISHED = ("model.safetensors", "model.json", ONNX_NAME, INT8_NAME)
 
 

@@ -320,8 +320,6 @@ def _sensitivity(r: Runner) -> Sensitivity:
     import torch
 
     from .pruning import resolve_unpruned
-    from .pruning.layer_latency import time_savings
-    from .pruning.probe import runner
     from .pruning.sensitivity import analyse
 
     opts, rec = r.recipe.prune, r.recipe.recover
@@ -347,10 +345,22 @@ def _sensitivity(r: Runner) -> Sensitivity:
     sens = analyse(copy.deepcopy(r.baseline).to(device), example.to(device), opts, list(unpruned), score,
                    opts.sensitivity_ratios, quiet=r.quiet)
     sens.images = images
-    r.log(f"timing every layer the analysis changed, alone, on {opts.latency_runtime}")
-    time_savings(r.baseline, example, sens, opts.latency_runtime,
-                 lambda layer, size, name: runner(layer, size, opts.latency_runtime, r.recipe.latency,
-                                                  r.recipe.export, r.scratch / "layers" / f"{name}.onnx"),
+    write_json(r.root / SENSITIVITY_NAME, sens.to_dict())
+    return sens
+
+
+def _sensitivity_latency(r: Runner) -> Sensitivity:
+    """For a latency target: what each point of the analysis saves on prune.latency_runtime, every layer it
+    changes timed alone (see `pruning.layer_latency`); the analysis is stored again with the savings."""
+    from .pruning.layer_latency import time_savings
+    from .pruning.probe import runner
+
+    runtime = r.recipe.prune.latency_runtime
+    sens = r.result("sensitivity")
+    r.log(f"timing every layer the sensitivity analysis changed, alone, on {runtime}")
+    time_savings(r.baseline, r.spec.example_input(), sens, runtime,
+                 lambda layer, size, name: runner(layer, size, runtime, r.recipe.latency, r.recipe.export,
+                                                  r.scratch / "layers" / f"{name}.onnx"),
                  r.recipe.latency, quiet=r.quiet)
     write_json(r.root / SENSITIVITY_NAME, sens.to_dict())
     return sens
@@ -368,7 +378,8 @@ def _one_shot(r: Runner) -> tuple[nn.Module, PruneResult]:
         r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; " +
               (f"searching for <= {opts.target_latency_ms:g} ms" if opts.target_latency_ms is not None else
                f"timing channel multiples {', '.join(map(str, opts.round_to_candidates))} (round_to auto)"))
-    sens = r.result("sensitivity") if opts.allocation == "sensitivity" else None
+    sens = (None if opts.allocation != "sensitivity" else
+            r.result("sensitivity_latency" if r.planned("sensitivity_latency") else "sensitivity"))
     return prune(r.baseline, opts, calibration=_gradient_batches(r), latency_probe=probe, log=r.log,
                  sensitivity=sens)
 
@@ -580,7 +591,8 @@ def _diagnose(r: Runner) -> Diagnosis:
 
 
 COMPUTE: dict[str, Callable[[Runner], object]] = {
-    "sensitivity": _sensitivity, "steps": _steps, "prune": _prune, "accuracy_baseline": _accuracy_baseline,
+    "sensitivity": _sensitivity, "sensitivity_latency": _sensitivity_latency,
+    "steps": _steps, "prune": _prune, "accuracy_baseline": _accuracy_baseline,
     "accuracy_pruned": _accuracy_pruned,
     "recalibrated": _recalibrated, "finetuned": _finetuned, "export": _export, "accuracy_onnx": _accuracy_onnx,
     "int8": _int8, "measure": _measure, "diagnose": _diagnose,

@@ -76,7 +76,8 @@ class PruneOptions(_Strict):
     allocation: Literal["uniform", "global", "sensitivity"] = Field(
         default="uniform", description="how the target is spread over the layers: one ratio for every layer "
         "(uniform), one importance ranking over all of them (global), or per-group ratios from a sensitivity "
-        "analysis on the data (sensitivity: the least predicted accuracy loss for the target's MACs)")
+        "analysis on the data (sensitivity: the least predicted accuracy loss for the target's MACs, or for a latency "
+        "target its milliseconds, each group's layers timed alone on latency_runtime)")
     global_pruning: bool = Field(default=False, description="the same as allocation: global (kept for old recipes)")
     sensitivity_ratios: list[float] = Field(
         default_factory=lambda: [0.2, 0.4, 0.6, 0.8], min_length=1,

@@ -40,8 +40,8 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict) -> dict
         report["int8"] = asdict(results["int8"])
     if "diagnose" in results:
         report["diagnostics"] = asdict(results["diagnose"])
-    if "sensitivity" in results:
-        report["sensitivity"] = asdict(results["sensitivity"])
+    if "sensitivity" in results:  # with a latency target, as timed (each point's latency_saved_ms)
+        report["sensitivity"] = asdict(results.get("sensitivity_latency") or results["sensitivity"])
     if "steps" in results:  # the steps before the last (the last one is the pruned/recalibrated/finetuned stages)
         schedule = results["steps"]
         report["schedule"] = {"epochs": schedule.epochs, "steps": [asdict(s) for s in schedule.steps]}

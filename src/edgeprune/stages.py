@@ -71,18 +71,25 @@ def _sensitive(recipe: Recipe) -> bool:
 
 SENSITIVITY_READS = ("model", "data.path", "seed", "prune.importance", "prune.round_to", "prune.ignore",
                      "prune.sensitivity_ratios", "prune.sensitivity_images", "prune.sensitivity_calibration_images",
-                     "recover.batch_size",
-                     # each point's latency saving: its layers timed alone
-                     "prune.latency_runtime", "latency.threads", "latency.batch_size", "latency.ort_spinning",
-                     "export.opset")
+                     "recover.batch_size")
+
+def _times_layers(recipe: Recipe) -> bool:
+    """A sensitivity allocation for a latency target: what each point saves in ms, its layers timed alone."""
+    return _sensitive(recipe) and recipe.prune.target_latency_ms is not None
+
 
 STAGES: tuple[Stage, ...] = (
     Stage("sensitivity", SENSITIVITY_READS, writes=(SENSITIVITY_NAME,), wanted=_sensitive),
-    Stage("steps", lambda r: (*_prune_reads(r), "data", "recover"), after=("sensitivity",),
+    Stage("sensitivity_latency", ("prune.latency_runtime", "latency.threads", "latency.batch_size",
+                                  "latency.ort_spinning", "latency.warmup", "latency.repeats", "export"),
+          # it rewrites the analysis's sensitivity.json with the savings, but does not own the file: dropping this
+          # stage (another target) must not delete the analysis
+          after=("sensitivity",), wanted=_times_layers),
+    Stage("steps", lambda r: (*_prune_reads(r), "data", "recover"), after=("sensitivity", "sensitivity_latency"),
           writes=("stages/steps/model.safetensors",), makes_model=True, collective=True,
           wanted=lambda r: r.prune.steps > 1),
-    Stage("prune", _prune_reads, after=("sensitivity", "steps"), writes=("stages/prune/model.safetensors",),
-          makes_model=True),
+    Stage("prune", _prune_reads, after=("sensitivity", "sensitivity_latency", "steps"),
+          writes=("stages/prune/model.safetensors",), makes_model=True),
     Stage("accuracy_baseline", ("model", "data"), collective=True, wanted=_has_data),
     Stage("accuracy_pruned", ("data",), after=("prune",), collective=True, wanted=_has_data),
     Stage("recalibrated", ("data", "recover.calibration_images", "recover.batch_size", "seed"), after=("prune",),

@@ -262,6 +262,8 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
             lambda ratios: prune_copy(model, example, fixed, 0.0, unpruned, grads, ratios), count, log)
         ratio, pruned, history, trials = 0.0, allocation.model, allocation.history, allocation.trials
         round_to = opts.fixed_round_to()
+        if allocation.note:
+            notes.append(allocation.note)
         if opts.round_to == "auto":
             notes.append("round_to auto: no channel rounding with sensitivity allocation (its per-group curves "
                          "are scored at unrounded widths); set prune.round_to to round")

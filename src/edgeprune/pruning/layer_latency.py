@@ -48,8 +48,8 @@ def _config(module: nn.Module, shape: Sequence[int], cin: int, cout: int) -> tup
     """What a standalone copy of `module` with `cin` inputs and `cout` outputs computes (a hashable key)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         depthwise = module.groups > 1 and module.groups == module.in_channels
-        # a subclass (timm's Conv2dSame, ...) is timed as the torch.nn class it extends
-        kind = next(c.__name__ for c in type(module).__mro__ if getattr(nn, c.__name__, None) is c)
+        # any conv (a subclass such as timm's Conv2dSame too) is timed as the plain torch.nn conv of its kind
+        kind = f"Conv{'Transpose' if module.transposed else ''}{len(module.kernel_size)}d"
         return (kind, cin, cout, module.kernel_size, module.stride, module.padding, module.dilation,
                 module.output_padding if module.transposed else None, depthwise, module.bias is not None,
                 module.padding_mode, tuple(shape[1:]))

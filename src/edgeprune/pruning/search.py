@@ -270,6 +270,9 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
     if base <= target:
         raise EdgePruneError(f"the unpruned model already runs in {base:.2f} ms <= {target:g} ms on {runtime}; "
                              "nothing to prune (set a lower --target-latency-ms)")
+    if sens.latency_runtime is None:
+        raise EdgePruneError("this sensitivity analysis holds no latency savings: a latency target needs its layers "
+                             "timed (the run's sensitivity_latency stage does it)")
     if sens.latency_runtime != runtime:
         raise EdgePruneError(f"the sensitivity analysis timed its layers on {sens.latency_runtime}, the target is on "
                              f"{runtime}; run it again with prune.latency_runtime {runtime}")
@@ -337,6 +340,10 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
             break
         best, best_ms = found
     best.trials = len([r for r in records if not r.get("recheck")])
+    last = records[-1]["latency_ms"]
+    if last > target:
+        best.note = (f"the chosen model last measured {last:.2f} ms on {runtime}, over the {target:g} ms target (a "
+                     "noisy machine, or the curves are spent); lower the target or add larger sensitivity ratios")
     search = {"target_ms": target, "goal_ms": goal, "runtime": runtime, "baseline_ms": base,
               "chosen": {"ratio": None, "round_to": opts.fixed_round_to() or 1, "latency_ms": best_ms,
                          "macs": best.macs},
