@@ -42,8 +42,8 @@ def _save(results: dict) -> None:
     lines = ["# ResNet-56 (JPEG CIFAR-10): uniform against sensitivity allocation", "",
              *dict.fromkeys(f"`{v['command']}`" for v in results["variants"]), "",
              "| variant | allocation | steps | MACs factor | epochs | top-1 baseline | after BN re-cal | fine-tuned | "
-             "drop | predicted distortion (KL, summed) | ORT speed-up | wall s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "drop | predicted distortion (KL, summed) | ORT speed-up | pruned ORT ms (target) | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in results["variants"]:
         t = v["top1"]
         drop = "" if t.get("finetuned") is None else f"{t['baseline'] - t['finetuned']:.2f}"
@@ -52,6 +52,8 @@ def _save(results: dict) -> None:
                      f"{t['baseline']:.2f} | {t['recalibrated']:.2f} | "
                      f"{'' if t.get('finetuned') is None else format(t['finetuned'], '.2f')} | {drop} | {predicted} | "
                      f"{'' if v.get('ort_speedup') is None else format(v['ort_speedup'], '.2f') + 'x'} | "
+                     f"{'' if v.get('pruned_ort_ms') is None else format(v['pruned_ort_ms'], '.2f')}"
+                     f"{'' if v.get('target_ms') is None else ' (' + format(v['target_ms'], 'g') + ')'} | "
                      f"{v['wall_s']:.0f} |")
     rate = results.get("train_rate")
     if rate:
