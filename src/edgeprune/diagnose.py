@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .measure import torch_threads
 from .pruning import out_channels, prunable_layers
+from .pruning.rules import forward_with_layer_hooks
 from .recipe import LatencyOptions
 from .results import Diagnosis, from_json
 
@@ -32,22 +33,15 @@ _PASS_THROUGH = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRe
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates of each conv/linear layer for one input of `example`'s batch."""
     macs: dict[str, int] = {}
-    names = {m: n for n, m in prunable_layers(model).items()}
 
-    def hook(mod, inputs, out):
+    def hook(name, mod, inputs, out):
         if isinstance(mod, nn.Linear):
             per_out = mod.in_features
         else:
             per_out = (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
-        macs[names[mod]] = macs.get(names[mod], 0) + int(out[0].numel()) * per_out
+        macs[name] = macs.get(name, 0) + int(out[0].numel()) * per_out
 
-    hooks = [m.register_forward_hook(hook) for m in names]
-    try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_layer_hooks(model, example, hook)
     return macs
 
 

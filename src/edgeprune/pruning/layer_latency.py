@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..measure import time_interleaved
 from ..recipe import LatencyOptions
-from .rules import prunable_layers
+from .rules import forward_with_layer_hooks, prunable_layers
 from .sensitivity import Sensitivity
 
 LAYER_MIN_REPEATS = 100  # single layers run in tens of microseconds: more turns, the same wall time
@@ -28,19 +28,8 @@ LAYER_MIN_REPEATS = 100  # single layers run in tens of microseconds: more turns
 def _input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """The input shape (without the batch) of every conv/linear layer for `example`."""
     shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(module, inputs, output) -> None:  # a hook returning a value would replace the output
-            shapes.setdefault(name, tuple(inputs[0].shape[1:]))
-        return hook
-
-    handles = [m.register_forward_hook(record(name)) for name, m in prunable_layers(model).items()]
-    try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_layer_hooks(model, example, lambda name, module, inputs, output: shapes.setdefault(
+        name, tuple(inputs[0].shape[1:])))
     return shapes
 
 

@@ -3,6 +3,7 @@ ignores and the layers DepGraph couples through zero-padding or a channel select
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -62,6 +63,24 @@ def out_channels(module: nn.Module) -> int:
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every conv and linear layer of `model` by qualified name, in definition order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
+def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor,
+                             hook: Callable[[str, nn.Module, tuple, torch.Tensor], None]) -> None:
+    """Run `model` (eval, no grad) on the first input of `example` with `hook(name, layer, inputs, output)`
+    called for every conv/linear layer; the hooks are removed afterwards."""
+    def attach(name: str):
+        def fn(module, inputs, output) -> None:  # a hook returning a value would replace the output
+            hook(name, module, inputs, output)
+        return fn
+
+    handles = [m.register_forward_hook(attach(n)) for n, m in prunable_layers(model).items()]
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def find_heads(model: nn.Module, example: torch.Tensor) -> list[str]:
