@@ -10,7 +10,8 @@ re-calibration on 1,024 images, distillation) at a MACs target (2x: macs_reducti
 the latency target --target-ms on ONNX Runtime (FACTOR ms; sensitivity then allocates milliseconds), with
 `--epochs` of fine-tuning (a suffix -sN: pruned in N steps, the epochs shared between them), evaluated on
 the full cifar10-jpeg test set (10,000 images), same seed. The sensitivity analysis (default settings:
-every group alone at 0.2/0.4/0.6/0.8, 500 images, BN re-calibrated on 256) runs once and is shared by the
+every group alone at 0.2/0.4/0.6/0.8, 500 held-out training images or with --sensitivity-split eval 500
+test images, BN re-calibrated on 256) runs once and is shared by the
 sensitivity variants (or reused from OUT/sensitivity when --out names a folder holding one); its own time
 is added to their wall time.
 Each variant is appended to bench/results/allocation.json (and .md) when it finishes, with the command.
@@ -41,14 +42,16 @@ def _save(results: dict) -> None:
     write_json(RESULTS, results)
     lines = ["# ResNet-56 (JPEG CIFAR-10): uniform against sensitivity allocation", "",
              *dict.fromkeys(f"`{v['command']}`" for v in results["variants"]), "",
-             "| variant | allocation | steps | MACs factor | epochs | top-1 baseline | after BN re-cal | fine-tuned | "
-             "drop | predicted distortion (KL, summed) | ORT speed-up | pruned ORT ms (target) | wall s |",
+             "| variant | allocation (analysed on) | steps | MACs factor | epochs | top-1 baseline | after BN re-cal | "
+             "fine-tuned | drop | predicted distortion (KL, summed) | ORT speed-up | pruned ORT ms (target) | wall s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in results["variants"]:
         t = v["top1"]
         drop = "" if t.get("finetuned") is None else f"{t['baseline'] - t['finetuned']:.2f}"
         predicted = "" if v.get("predicted_distortion") is None else f"{v['predicted_distortion']:.4f}"
-        lines.append(f"| {v['name']} | {v['allocation']} | {v['steps']} | {v['macs_factor']:.2f} | {v['epochs']} | "
+        split = f" ({v['sensitivity_split']})" if v.get("sensitivity_split") else ""
+        lines.append(f"| {v['name']} | {v['allocation']}{split} | {v['steps']} | {v['macs_factor']:.2f} | "
+                     f"{v['epochs']} | "
                      f"{t['baseline']:.2f} | {t['recalibrated']:.2f} | "
                      f"{'' if t.get('finetuned') is None else format(t['finetuned'], '.2f')} | {drop} | {predicted} | "
                      f"{'' if v.get('ort_speedup') is None else format(v['ort_speedup'], '.2f') + 'x'} | "
@@ -135,6 +138,8 @@ def main() -> None:
                                                          "sensitivity-3x"])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--target-ms", type=float, default=None, help="variants ALLOCATION-ms: the latency target")
+    parser.add_argument("--sensitivity-split", choices=("train", "eval"), default="train",
+                        help="the images the sensitivity analysis scores on (prune.sensitivity_split)")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--train-rate", type=int, default=None, metavar="IMAGES", help="only time fine-tuning "
                         "(unpruned and pruned in CE, pruned with distillation) on this many images each")
@@ -168,6 +173,7 @@ def main() -> None:
                       {"prune.macs_reduction": TARGETS[factor]})
             recipe = load_recipe(None, {**target, "prune.allocation": allocation,
                                         "prune.steps": steps, "recover.epochs": args.epochs, "int8.enabled": False,
+                                        "prune.sensitivity_split": args.sensitivity_split,
                                         "latency.per_layer": False,
                                         "prune.round_to": None})  # allocation alone: sensitivity does not round
             folder = out / name
@@ -187,6 +193,7 @@ def main() -> None:
                    "macs_factor": round(report["baseline"]["macs"] / report["pruned"]["macs"], 3),
                    "epochs": args.epochs, "wall_s": round(wall, 1),
                    "sensitivity_s": round(sens_seconds, 1) if allocation == "sensitivity" else None,
+                   "sensitivity_split": recipe.prune.sensitivity_split if allocation == "sensitivity" else None,
                    "target_ms": args.target_ms if factor == "ms" else None,
                    "pruned_ort_ms": report["pruned"]["latency_ms"].get("ort_cpu"),
                    "predicted_distortion": report["prune"].get("predicted_distortion"),

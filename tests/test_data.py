@@ -86,3 +86,12 @@ def test_subsets_and_shards_cover_the_data_once():
     assert [ds[i] for i in even_subset(ds, 10).indices] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
     parts = [list(shard(ds, r, 3)) for r in range(3)]
     assert sorted(sum(parts, [])) == ds
+
+
+def test_a_held_out_subset_shares_no_sample_with_the_calibration_one():
+    ds = list(range(1000))
+    calibration = set(even_subset(ds, 256).indices)
+    held_out = even_subset(ds, 500, besides=256).indices
+    assert len(held_out) == 500 and not calibration.intersection(held_out)
+    assert held_out[0] < 10 and held_out[-1] > 990  # still spread over every class of a sorted folder
+    assert len(even_subset(ds, None, besides=256)) == 744

@@ -126,6 +126,8 @@ def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
     assert "layer3.0.conv1" in proc.stdout
     sens = json.loads((out / "sensitivity.json").read_text())
     assert sens["images"] == 200 and sens["ratios"] == [0.3, 0.6] and len(sens["groups"]) == 9
+    assert sens["split"] == "train"  # held-out training images: the test split chooses nothing
+    assert sens["reference"] > 95  # the unpruned model on images it was trained on
     stamp = (out / "stages" / "sensitivity.json").stat().st_mtime
     proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
                    "--allocation", "sensitivity", "--ratio", "0.4", "--out", str(out), "-q",
@@ -151,6 +153,20 @@ def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
                       str(tmp_path / "bad"), "-q")
         assert_one_line_error(bad, needle)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_training_split_too_small_to_hold_images_out_is_one_line(tmp_path):
+    from test_data import make_folder
+
+    data = make_folder(tmp_path / "data", classes=10, per_class=2)  # 20 training images, 256 asked to calibrate
+    proc = run_cli("sensitivity", "--model", "cifar_resnet20", "--weights", "none", "--data", str(data),
+                   "--out", str(tmp_path / "run"), "-q")
+    assert_one_line_error(proc, "sensitivity_split=eval")
+    proc = run_cli("sensitivity", "--model", "cifar_resnet20", "--weights", "none", "--data", str(data),
+                   "--out", str(tmp_path / "run"), "-q", "--split", "eval", "--ratios", "0.5", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    sens = json.loads((tmp_path / "run" / "sensitivity.json").read_text())
+    assert sens["split"] == "eval" and sens["images"] == 20
 
 
 def test_allocation_and_its_global_alias_agree():

@@ -377,7 +377,9 @@ def sensitivity_cmd(
                                     "ImageFolder root); default: the recipe's"),
     ratios: str | None = typer.Option(None, "--ratios", help="ratios each group is pruned at, alone (default "
                                       "0.2,0.4,0.6,0.8)"),
-    images: int | None = typer.Option(None, "--images", help="evaluation images per score (default 500)"),
+    images: int | None = typer.Option(None, "--images", help="images per score (default 500)"),
+    split: str | None = typer.Option(None, "--split", help="score on held-out training images (train, the default) "
+                                     "or on the evaluation split (eval)"),
     importance: str | None = typer.Option(None, "--importance", help="channel ranking: l2 (default), l1, bn-scale, "
                                           "lamp, fpgm"),
     round_to: int | None = typer.Option(None, "--round-to", help="round each group's kept channels as pruning will"),
@@ -388,14 +390,16 @@ def sensitivity_cmd(
     quiet: bool = QuietOpt,
 ):
     """Score every prunable group pruned alone at several ratios (top-1 after BN re-calibration, on an even
-    subset of the evaluation split): which layers can be cut, and how far."""
+    subset of held-out training images, or of the evaluation split with --split eval): which layers can be
+    cut, and how far."""
     from .pipeline import sensitivity_run
     from .recipe import Recipe, apply_overrides, load_recipe
     from .rows import rich, sensitivity
 
     overrides = _given({"model.name": model, "model.weights": weights, "model.num_classes": num_classes,
                         "data.path": data, "prune.sensitivity_ratios": _floats(ratios, "--ratios"),
-                        "prune.sensitivity_images": images, "prune.importance": importance,
+                        "prune.sensitivity_images": images, "prune.sensitivity_split": split,
+                        "prune.importance": importance,
                         "prune.round_to": round_to})
     overrides.update(_parse_settings(settings or []))
     base = load_recipe(recipe) if recipe else apply_overrides(Recipe(), PRUNE_DEFAULTS)

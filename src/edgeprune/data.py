@@ -171,11 +171,21 @@ def unaugmented(ds: Dataset, spec: ModelSpec) -> Dataset:
     return _PILFolder(ds.folder, _transforms(spec, False, False))
 
 
-def even_subset(ds: Dataset, limit: int | None) -> Dataset:
-    """`limit` samples spread evenly over `ds` (every class, for class-sorted folders)."""
-    if limit is None or limit >= len(ds):
+def _even(indices: np.ndarray, limit: int | None) -> np.ndarray:
+    if limit is None or limit >= len(indices):
+        return indices
+    return indices[np.linspace(0, len(indices) - 1, limit).round().astype(int)]
+
+
+def even_subset(ds: Dataset, limit: int | None, besides: int | None = None) -> Dataset:
+    """`limit` samples spread evenly over `ds` (every class, for class-sorted folders). `besides`: none of
+    the samples `even_subset(ds, besides)` picks (held-out images next to a calibration subset)."""
+    indices = np.arange(len(ds))
+    if besides is not None:
+        indices = np.setdiff1d(indices, _even(indices, besides))
+    if len(indices) == len(ds) and (limit is None or limit >= len(ds)):
         return ds
-    return Subset(ds, np.linspace(0, len(ds) - 1, limit).round().astype(int).tolist())
+    return Subset(ds, _even(indices, limit).tolist())
 
 
 def shard(ds: Dataset, rank: int, world_size: int) -> Dataset:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from . import artifact, report
 from .accuracy import Accuracy, evaluate_model, evaluate_onnx
-from .data import even_subset, load_split, loader, shard
+from .data import even_subset, load_split, loader, shard, unaugmented
 from .diagnose import diagnose
 from .distributed import Runtime, runtime, seed_everything
 from .environment import environment
@@ -316,7 +316,9 @@ def preflight(recipe: Recipe) -> nn.Module:
 # --- the stages ----------------------------------------------------------------------------------
 def _sensitivity(r: Runner) -> Sensitivity:
     """Every prunable group alone, masked at each of prune.sensitivity_ratios: top-1 on an even subset of
-    the evaluation split after BN re-calibration (the same calibration images for every trial)."""
+    prune.sensitivity_split after BN re-calibration (the same calibration images for every trial). On the
+    train split the scored images are other training images than the calibration ones, with the evaluation
+    transforms, so the evaluation split plays no part in choosing the pruned model."""
     import torch
 
     from .pruning import resolve_unpruned
@@ -325,8 +327,14 @@ def _sensitivity(r: Runner) -> Sensitivity:
     opts, rec = r.recipe.prune, r.recipe.recover
     calibration = [x for x, _ in loader(r.split(True), rec.batch_size, shuffle=True,
                                         limit=opts.sensitivity_calibration_images, seed=r.recipe.seed)]
-    evaluation = list(loader(even_subset(r.split(False), opts.sensitivity_images), r.recipe.data.eval_batch_size,
-                             workers=r.recipe.data.workers))
+    scored = (even_subset(unaugmented(r.split(True), r.spec), opts.sensitivity_images,
+                          besides=opts.sensitivity_calibration_images) if opts.sensitivity_split == "train" else
+              even_subset(r.split(False), opts.sensitivity_images))
+    if len(scored) == 0:
+        raise EdgePruneError(f"the training split has {len(r.split(True))} images, all of them BatchNorm calibration "
+                             "images of the sensitivity analysis: lower prune.sensitivity_calibration_images or set "
+                             "prune.sensitivity_split=eval")
+    evaluation = list(loader(scored, r.recipe.data.eval_batch_size, workers=r.recipe.data.workers))
     labels = torch.cat([y for _, y in evaluation])
     images = len(labels)
 
@@ -344,7 +352,7 @@ def _sensitivity(r: Runner) -> Sensitivity:
           f"({images} images)")
     sens = analyse(copy.deepcopy(r.baseline).to(device), example.to(device), opts, list(unpruned), score,
                    opts.sensitivity_ratios, quiet=r.quiet)
-    sens.images = images
+    sens.images, sens.split = images, opts.sensitivity_split
     write_json(r.root / SENSITIVITY_NAME, sens.to_dict())
     return sens
 

@@ -190,11 +190,13 @@ def sensitivity(report: dict) -> Table | None:
     saved = f" / ms saved on {timed} (its layers timed alone)" if timed else ""
     return Table(f"Sensitivity: {sens['metric']} drop (points) / output distortion (KL, nats){saved} with each "
                  f"group alone pruned, after BN re-calibration (unpruned {sens['reference']:.2f} on {sens['images']} "
-                 "images); the allocation ranks by distortion per MAC (per ms for a latency target)",
+                 f"{_SPLIT_WORDS.get(sens.get('split'), '')}images); the allocation ranks by distortion per MAC "
+                 "(per ms for a latency target)",
                  ["group", "channels", *[f"at {r:g}" for r in sens["ratios"]], "chosen ratio"], rows_,
                  code_names=True)
 
 
+_SPLIT_WORDS = {"train": "held-out training ", "eval": "evaluation "}  # sensitivity.json before "split": unsaid
 RUNTIME_NAMES = {"torch_cpu": "PyTorch", "torch_cuda": "PyTorch CUDA", "ort_cpu": "ONNX Runtime", "ov_cpu": "OpenVINO"}
 
 

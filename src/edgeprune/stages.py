@@ -70,7 +70,8 @@ def _sensitive(recipe: Recipe) -> bool:
 
 
 SENSITIVITY_READS = ("model", "data.path", "seed", "prune.importance", "prune.round_to", "prune.ignore",
-                     "prune.sensitivity_ratios", "prune.sensitivity_images", "prune.sensitivity_calibration_images",
+                     "prune.sensitivity_ratios", "prune.sensitivity_images", "prune.sensitivity_split",
+                     "prune.sensitivity_calibration_images",
                      "recover.batch_size")
 
 def _times_layers(recipe: Recipe) -> bool:

@@ -6,7 +6,7 @@ pruner rounds them) are masked rather than cut: their output rows and every cons
 zeroed in place, which computes what the physically pruned model computes (conv, linear and BatchNorm
 layers; a test checks it against Torch-Pruning's surgery), without a DepGraph trace per trial. The
 `score` callback sees the masked model, typically re-calibrates BatchNorm and evaluates it, and returns
-its metric (top-1) and its outputs (logits) on the evaluation images. Besides the metric's drop, each
+its metric (top-1) and its outputs (logits) on its scoring images. Besides the metric's drop, each
 trial records the output distortion: the mean KL divergence from the unpruned model's predictions.
 
 `allocate` turns the curves into one ratio per group for a MACs budget: a greedy descent on the lower
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import EdgePruneError
 from .importance import importance_for_grads
-from .rules import build_graph, prunable_layers
+from .rules import build_graph, forward_with_layer_hooks, prunable_layers
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -62,6 +62,7 @@ class Sensitivity:
     macs: int  # the unpruned model's MACs
     groups: list[GroupSensitivity]
     images: int | None = None
+    split: str | None = None  # where the images came from: "train" (held out from calibration) or "eval"
     seconds: float | None = None
     latency_runtime: str | None = None  # where `latency_saved_ms` was measured (see `layer_latency`)
     latency_seconds: float | None = None
@@ -83,20 +84,14 @@ def _layer_macs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]
     """MACs of every conv and linear layer for `example`."""
     macs: dict[nn.Module, int] = {}
 
-    def hook(module, inputs, output):
+    def hook(name, module, inputs, output):
         if isinstance(module, nn.modules.conv._ConvNd):
             per_out = module.weight[0].numel()  # in/groups * kernel
             macs[module] = int(output.numel() // output.shape[0] * per_out)
         else:
             macs[module] = int(output.numel() // output.shape[-1] * module.in_features * module.out_features)
 
-    handles = [m.register_forward_hook(hook) for m in prunable_layers(model).values()]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_layer_hooks(model, example, hook)
     return macs
 
 
