@@ -33,7 +33,8 @@ def _save(results: dict) -> None:
     for s in results["searches"]:
         lines += [f"`{s['command']}`", "",
                   f"Allocation {s['allocation']}, {s['epochs']} epoch(s) of distilled fine-tuning per trial, "
-                  f"budget {s['max_drop']:g} points below the unpruned {s['baseline']:.2f}% (full test set); "
+                  f"budget {s['max_drop']:g} point{'' if s['max_drop'] == 1 else 's'} below the unpruned "
+                  f"{s['baseline']:.2f}% (full test set); "
                   f"chosen: **{s['chosen']}**, {s['chosen_macs_factor']:.2f}x fewer MACs, "
                   f"{s['chosen_top1']:.2f}%; wall {s['wall_s']:.0f} s.", "",
                   "| trial | MACs removed (asked) | MACs factor | ORT ms | top-1 recovered | drop | within |",
