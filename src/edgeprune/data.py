@@ -180,11 +180,11 @@ def _even(indices: np.ndarray, limit: int | None) -> np.ndarray:
 def even_subset(ds: Dataset, limit: int | None, besides: int | None = None) -> Dataset:
     """`limit` samples spread evenly over `ds` (every class, for class-sorted folders). `besides`: none of
     the samples `even_subset(ds, besides)` picks (held-out images next to a calibration subset)."""
+    if besides is None and (limit is None or limit >= len(ds)):
+        return ds
     indices = np.arange(len(ds))
     if besides is not None:
         indices = np.setdiff1d(indices, _even(indices, besides))
-    if len(indices) == len(ds) and (limit is None or limit >= len(ds)):
-        return ds
     return Subset(ds, _even(indices, limit).tolist())
 
 
