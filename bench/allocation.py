@@ -89,7 +89,8 @@ def train_rates(images: int, rounds: int = 2) -> dict:
     from edgeprune.measure import count_macs
     from edgeprune.recover import finetune
 
-    recipe = load_recipe(None, {"prune.macs_reduction": 0.5, "prune.round_to": None})  # as timed before auto
+    recipe = load_recipe(None, {"prune.macs_reduction": 0.5, "prune.allocation": "uniform",
+                                "prune.round_to": None})  # as timed before auto
     model = create_model(**recipe.model.model_dump())
     pruned, _ = prune(model, recipe.prune)
     train = load_split(recipe.data.path, model.edgeprune_spec, True)
@@ -159,7 +160,7 @@ def main() -> None:
             parser.error(f"{name}: give --target-ms")
     from edgeprune import load_recipe, run
     from edgeprune.environment import environment
-    from edgeprune.pipeline import sensitivity_run
+    from edgeprune.pipeline import sensitivity_run, share_sensitivity
 
     results = _load()
     command = "EDGEPRUNE_HOME=../shared/data python " + shlex.join(["bench/allocation.py", *sys.argv[1:]])
@@ -183,9 +184,7 @@ def main() -> None:
                     sens_folder = out / "sensitivity"
                     sensitivity_run(recipe, sens_folder, quiet=True)
                     sens_seconds = json.loads((sens_folder / "sensitivity.json").read_text())["seconds"]
-                (folder / "stages").mkdir(parents=True)
-                shutil.copy(sens_folder / "sensitivity.json", folder)
-                shutil.copy(sens_folder / "stages" / "sensitivity.json", folder / "stages")
+                share_sensitivity(sens_folder, folder)
             t0 = time.time()
             report = run(recipe, folder, quiet=True)
             wall = time.time() - t0 + (sens_seconds if allocation == "sensitivity" else 0.0)

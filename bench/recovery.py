@@ -35,7 +35,7 @@ def main() -> None:
     rows = []
     for name, overrides in VARIANTS.items():
         recipe = load_recipe(overrides={
-            "model.weights": "cifar10-jpeg", "prune.macs_reduction": args.macs_reduction,
+            "model.weights": "cifar10-jpeg", "prune.macs_reduction": args.macs_reduction, "prune.allocation": "uniform",
             "recover.epochs": args.epochs, "recover.train_images": args.train_images,
             "recover.eval_every_epoch": True, **overrides})
         report = run(recipe, Path(args.work) / name, quiet=True, resume=True)

@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     command = ("python bench/sweep.py " + shlex.join(sys.argv[1:])).strip()
     recipe = load_recipe(None, {"model.name": "cifar_resnet56", "model.weights": "cifar10-jpeg",
-                                "data.path": "cifar10", "recover.epochs": args.epochs,
+                                "data.path": "cifar10", "recover.epochs": args.epochs, "prune.allocation": "uniform",
                                 "latency.repeats": args.repeats, "latency.per_layer": False})
     result = sweep(recipe, "macs_reduction", args.macs_reductions, args.work, quiet=True, overwrite=args.overwrite)
     assert result is not None  # one process: the main one returns the sweep

@@ -101,7 +101,8 @@ def test_cifar_resnet56_checkpoint_halves_macs_exports_and_reloads(tmp_path, dat
 
 R56_JPEG_TOP1_1000 = 90.6  # the JPEG ResNet-56 on the even 1,000-image subset of cifar10-jpeg/test
 QUICK = ("--set", "recover.train_images=1024", "--set", "data.eval_images=1000", "--set", "latency.repeats=5",
-         "--set", "recover.calibration_images=256")
+         "--set", "recover.calibration_images=256", "--set", "prune.sensitivity_ratios=[0.5]",
+         "--set", "prune.sensitivity_images=64", "--set", "prune.sensitivity_calibration_images=64")
 ACCURACY_STAGES = ("baseline", "pruned", "recalibrated", "finetuned")
 
 
@@ -114,7 +115,8 @@ def test_default_run_reports_every_accuracy_and_resumes(tmp_path):
     check_contract(report)
     for stage in ACCURACY_STAGES:
         assert report[stage]["macs"] == (report["baseline"] if stage == "baseline" else report["pruned"])["macs"]
-    assert report["recipe"]["model"]["name"] == "cifar_resnet56"
+    assert report["recipe"]["model"]["name"] == "cifar_resnet56" and report["prune"]["allocation"] == "sensitivity"
+    assert len(report["prune"]["group_ratios"]) > 1 and len(set(report["prune"]["group_ratios"].values())) > 1
     assert report["prune"]["macs_target"] == report["baseline"]["macs"] // 2
     assert abs(report["pruned"]["macs"] - report["prune"]["macs_target"]) <= 0.01 * report["prune"]["macs_target"]
     assert report["baseline"]["top1"] == R56_JPEG_TOP1_1000  # the even 1,000-image subset, deterministic

@@ -265,6 +265,12 @@ def test_sweep_and_run_reports_render_with_visible_plots(tmp_path):
     macs = [p["macs"] for p in sweep["points"] if not p["label"].endswith("INT8")]
     assert macs == sorted(macs, reverse=True)
     assert "ratio 0.3" in (out / "sweep.md").read_text()
+    # The default recipe spreads the channels by a sensitivity analysis: run once, shared by every point.
+    first, second = (json.loads((out / "points" / p / "sensitivity.json").read_text())
+                     for p in ("ratio-0.3", "ratio-0.6"))
+    assert first == second and first["groups"]  # its "seconds" too: the second point did not time its own
+    for p in ("ratio-0.3", "ratio-0.6"):
+        assert json.loads((out / "points" / p / "report.json").read_text())["prune"]["allocation"] == "sensitivity"
 
     # Re-running resumes every point: nothing is pruned or evaluated again.
     point = out / "points" / "ratio-0.3"
@@ -278,11 +284,11 @@ def test_sweep_and_run_reports_render_with_visible_plots(tmp_path):
     pixels, body = render(out / "sweep.html", tmp_path, height=1400)
     assert_plots_visible(pixels, body, plots=2)
 
-    # A run page: trade-off (2), channel widths and per-layer time.
+    # A run page: trade-off (2), channel widths, per-layer time and the sensitivity curves.
     report = json.loads((point / "report.json").read_text())
     assert report["diagnostics"]["layers"] and report["int8"]["top1_agreement"] > 0.9
     pixels, body = render(point / "report.html", tmp_path)
-    assert_plots_visible(pixels, body, plots=4)
+    assert_plots_visible(pixels, body, plots=5)
 
 
 def test_sweep_rejects_bad_values(tmp_path):

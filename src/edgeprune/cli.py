@@ -376,8 +376,8 @@ def sensitivity_cmd(
     data: str | None = typer.Option(None, "--data", help="dataset the groups are scored on (cifar10 or an "
                                     "ImageFolder root); default: the recipe's"),
     ratios: str | None = typer.Option(None, "--ratios", help="ratios each group is pruned at, alone (default "
-                                      "0.2,0.4,0.6,0.8)"),
-    images: int | None = typer.Option(None, "--images", help="images per score (default 500)"),
+                                      "0.25,0.5,0.75)"),
+    images: int | None = typer.Option(None, "--images", help="images per score (default 256)"),
     split: str | None = typer.Option(None, "--split", help="score on held-out training images (train, the default) "
                                      "or on the evaluation split (eval)"),
     importance: str | None = typer.Option(None, "--importance", help="channel ranking: l2 (default), l1, bn-scale, "

@@ -80,15 +80,16 @@ class PruneOptions(_Strict):
         "target its milliseconds, each group's layers timed alone on latency_runtime)")
     global_pruning: bool = Field(default=False, description="the same as allocation: global (kept for old recipes)")
     sensitivity_ratios: list[float] = Field(
-        default_factory=lambda: [0.2, 0.4, 0.6, 0.8], min_length=1,
-        description="allocation sensitivity: the ratios each group is scored at, alone")
-    sensitivity_images: int = Field(default=500, ge=1, description="allocation sensitivity: images per score (an "
+        default_factory=lambda: [0.25, 0.5, 0.75], min_length=1,
+        description="allocation sensitivity: the ratios each group is scored at, alone (the allocation "
+        "interpolates between them)")
+    sensitivity_images: int = Field(default=256, ge=1, description="allocation sensitivity: images per score (an "
                                     "even subset of sensitivity_split)")
     sensitivity_split: Literal["train", "eval"] = Field(
         default="train", description="allocation sensitivity: the images it scores on: training images (evaluation "
         "transforms) none of the trials re-calibrates on, so the split that reports accuracy plays no part in "
         "choosing the pruned model (train); or the evaluation split itself (eval)")
-    sensitivity_calibration_images: int = Field(default=256, ge=1, description="allocation sensitivity: training "
+    sensitivity_calibration_images: int = Field(default=128, ge=1, description="allocation sensitivity: training "
                                                 "images each trial re-calibrates BatchNorm on (the same for all)")
     round_to: int | Literal["auto"] | None = Field(
         default=None, description="keep each pruned layer's channel count a multiple of this (1 or null: any "

@@ -7,7 +7,6 @@ would, because each epoch's shuffling and augmentation are seeded from (seed, ep
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from .accuracy import evaluate_model
+from .accuracy import channels_last_copy, evaluate_model
 from .data import loader, shard
 from .distributed import Runtime
 from .errors import EdgePruneError
@@ -137,26 +136,20 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
 def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None, train_ds: Dataset,
                       device: str) -> tuple[bool, nn.Module | None]:
     """Convert `student` in place to the channels-last layout, and return (True, a channels-last copy of
-    `teacher` on `device`), when fine-tuning can run that way: asked for, image batches, no 5-D tensors, and
-    both models run a channels-last batch (one that reshapes activations with .view() cannot). Otherwise
-    (False, None), with `student` as it was."""
-    models = [m for m in (student, teacher) if m is not None]
-    if not opts.channels_last or any(t.dim() > 4 for m in models for t in (*m.parameters(), *m.buffers())):
+    `teacher` on `device`), when fine-tuning can run that way: asked for, image batches, and both models run a
+    channels-last batch (`channels_last_copy`). Otherwise (False, None), with `student` as it was."""
+    if not opts.channels_last:
         return False, None
     x = train_ds[0][0] if len(train_ds) else None
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         return False, None
-    x = x.unsqueeze(0).to(device).contiguous(memory_format=torch.channels_last)
-    teacher_cl = copy.deepcopy(teacher).to(device, memory_format=torch.channels_last) if teacher is not None else None
-    student.to(memory_format=torch.channels_last)
-    try:
-        with torch.no_grad():
-            for model in (student, teacher_cl):
-                if model is not None:
-                    model.eval()(x)  # eval: BatchNorm statistics stay as they are
-    except RuntimeError:  # the layout's fault: the same models ran contiguous batches before this stage
-        student.to(memory_format=torch.contiguous_format)
+    x = x.unsqueeze(0).to(device)
+    if channels_last_copy(student, x) is None:
         return False, None
+    teacher_cl = None
+    if teacher is not None and (teacher_cl := channels_last_copy(teacher, x)) is None:
+        return False, None
+    student.to(memory_format=torch.channels_last)
     return True, teacher_cl
 
 

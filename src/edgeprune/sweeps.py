@@ -23,7 +23,7 @@ from .fsio import ensure_writable_dir, write_json, write_text
 from .measure import onnx_bytes, ort_runner, time_interleaved
 from .models import create_model
 from .models.yolo import is_yolo_name
-from .pipeline import run
+from .pipeline import run, share_sensitivity
 from .quantize import calibration_data, quantize_int8
 from .recipe import Recipe, apply_overrides
 from .results import from_json, to_json
@@ -108,6 +108,9 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
     for label, folder, point in planned:
         log(f"sweep point {label}")
         where = out / "points" / folder
+        if reports and rt.is_main:  # a sensitivity analysis does not depend on the target: the first point's serves
+            share_sensitivity(next(iter(reports.values()))[1], where)
+        rt.barrier()
         reports[label] = (run(point, where, quiet=quiet, overwrite=overwrite), where)
     if not rt.is_main:  # the main process re-times the models and writes the sweep
         return None
