@@ -9,9 +9,10 @@ Every variant is the built-in default recipe (src/edgeprune/recipes/default.yaml
 re-calibration on 1,024 images, distillation) at a MACs target (2x: macs_reduction 0.5, 3x: 0.667), or at
 the latency target --target-ms on ONNX Runtime (FACTOR ms; sensitivity then allocates milliseconds), with
 `--epochs` of fine-tuning (a suffix -sN: pruned in N steps, the epochs shared between them), evaluated on
-the full cifar10-jpeg test set (10,000 images), same seed. The sensitivity analysis (default settings:
-every group alone at 0.2/0.4/0.6/0.8, 500 held-out training images or with --sensitivity-split eval 500
-test images, BN re-calibrated on 256) runs once and is shared by the
+the full cifar10-jpeg test set (10,000 images), same seed; every variant asks for its allocation, whatever
+the default recipe's. The sensitivity analysis (the recipe's settings: every group alone at 0.25/0.5/0.75,
+256 held-out training images or with --sensitivity-split eval 256 test images, BN re-calibrated on 128;
+until 2026-11-30 0.2/0.4/0.6/0.8, 500 and 256) runs once and is shared by the
 sensitivity variants (or reused from OUT/sensitivity when --out names a folder holding one); its own time
 is added to their wall time.
 Each variant is appended to bench/results/allocation.json (and .md) when it finishes, with the command.
