@@ -102,7 +102,7 @@ def main() -> None:
             wall = time.time() - t0
             sens = report.get("sensitivity")
             row = {"name": name, "allocation": recipe.prune.allocation,
-                   "round_to": report["prune"].get("rounding", {}).get("chosen", report["prune"].get("round_to")),
+                   "round_to": (report["prune"].get("rounding") or {}).get("chosen", report["prune"].get("round_to")),
                    "macs_factor": round(report["baseline"]["macs"] / report["pruned"]["macs"], 3),
                    "wall_s": round(wall, 1), "sensitivity_s": sens["seconds"] if sens else None,
                    "epoch_s": sum(e["seconds"] for e in report["finetuned"]["epochs"]),
