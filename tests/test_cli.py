@@ -101,7 +101,7 @@ def test_cifar_resnet56_checkpoint_halves_macs_exports_and_reloads(tmp_path, dat
 
 R56_JPEG_TOP1_1000 = 90.6  # the JPEG ResNet-56 on the even 1,000-image subset of cifar10-jpeg/test
 QUICK = ("--set", "recover.train_images=1024", "--set", "data.eval_images=1000", "--set", "latency.repeats=5",
-         "--set", "recover.calibration_images=256", "--set", "prune.sensitivity_ratios=[0.5]",
+         "--set", "recover.calibration_images=256", "--set", "prune.sensitivity_ratios=[0.3,0.7]",
          "--set", "prune.sensitivity_images=64", "--set", "prune.sensitivity_calibration_images=64")
 ACCURACY_STAGES = ("baseline", "pruned", "recalibrated", "finetuned")
 
