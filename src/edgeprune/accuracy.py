@@ -36,8 +36,8 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[i
 
 
 def channels_last_copy(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
-    """A copy of `model` in the channels-last memory layout (oneDNN and cuDNN convolutions run it faster:
-    1.25x for the CIFAR ResNet-56's evaluation on 2 CPU cores), when it can run that way: `x` is an image
+    """A copy of `model` in the channels-last memory layout (oneDNN and cuDNN convolutions run it faster),
+    when it can run that way: `x` is an image
     batch, no parameter or buffer is 5-D, and the copy runs one channels-last image
     (a model that reshapes activations with .view() cannot). Otherwise None. The copy is on `x`'s device; the
     caller's model is untouched."""
@@ -60,7 +60,7 @@ def evaluate_model(model: nn.Module, data: DataLoader, rt: Runtime | None = None
     device = rt.device if rt else "cpu"
     model = model.eval().to(device)
     top1 = top5 = n = 0
-    fast, layout = None, torch.contiguous_format
+    layout = torch.contiguous_format
     for x, y in tqdm(data, desc=desc, disable=quiet, leave=False):
         x = x.to(device, non_blocking=True)
         if n == 0 and (fast := channels_last_copy(model, x)) is not None:
