@@ -38,17 +38,17 @@ def test_openvino_runs_the_exported_model_as_pytorch_does(tmp_path):
 
 def test_a_latency_target_on_openvino_is_met(tmp_path):
     """ResNet-18 at 224: long enough a run (~10 ms) that OpenVINO's timings are steady on a shared machine."""
-    proc = run_cli("profile", "--model", "resnet18", "--weights", "none", "--json", "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    target = 0.5 * json.loads(proc.stdout)["latency_ms"]["ov_cpu"]  # OpenVINO's readings vary by up to ~1.7x here
+    # a speed-up, judged on both models timed side by side: OpenVINO's readings vary by up to ~1.7x between
+    # processes here, so a target in ms taken from a `profile` run was missed now and then
     out = tmp_path / "r18"
-    proc = run_cli("prune", "--model", "resnet18", "--weights", "none", "--target-latency-ms", f"{target:.3f}",
+    proc = run_cli("prune", "--model", "resnet18", "--weights", "none", "--target-speedup", "2",
                    "--latency-runtime", "ov_cpu", "--out", str(out), "--set", "latency.per_layer=false",
                    "--set", "prune.latency_margin=0.2", "--quiet")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["target"]["runtime"] == "ov_cpu" and report["prune"]["latency_search"]["runtime"] == "ov_cpu"
     assert report["target"]["measured_ms"] == report["pruned"]["latency_ms"]["ov_cpu"]
+    assert report["target"]["measured_speedup"] == pytest.approx(report["speedup"]["ov_cpu"], 1e-2)
     assert report["target"]["met"], report["target"]
     assert report["pruned"]["macs"] < report["baseline"]["macs"]
     assert {"ort_cpu", "ov_cpu", "torch_cpu"} <= set(report["baseline"]["latency_ms"])

@@ -56,7 +56,8 @@ def honest(resnet20):
 def test_a_plain_class_is_a_latency_probe_and_the_search_is_recorded(honest):
     clock, pruned, result = honest
     s = result.latency_search
-    assert set(s) == {"target_ms", "goal_ms", "runtime", "baseline_ms", "chosen", "trials"}
+    assert set(s) == {"target_ms", "target_speedup", "goal_ms", "runtime", "baseline_ms", "chosen", "trials"}
+    assert s["target_speedup"] is None
     assert json.loads(json.dumps(result.to_dict()))["latency_search"] == s  # JSON as it is
     assert (s["runtime"], s["baseline_ms"], s["target_ms"], s["goal_ms"]) == (
         "macs-model", clock.baseline_ms, 0.7 * clock.baseline_ms, 0.7 * clock.baseline_ms)
@@ -104,6 +105,16 @@ def test_latency_targets_already_met_or_out_of_reach_are_errors(resnet20):
                                      "round_to 8) still takes 2.14 ms (unpruned 4.09 ms)")
     with pytest.raises(EdgePruneError, match="a latency target needs a latency probe"):
         prune(resnet20, PruneOptions(target_latency_ms=1.0))
+
+
+def test_a_speedup_target_is_the_same_search_in_ms_of_the_probes_own_baseline(resnet20, honest):
+    clean = honest[2].latency_search
+    clock, pruned, result = search(resnet20, target_latency_ms=None, target_speedup=1 / 0.7)
+    s = result.latency_search
+    assert s["target_speedup"] == pytest.approx(1 / 0.7) and s["target_ms"] == pytest.approx(clean["target_ms"])
+    assert s["chosen"] == clean["chosen"] and clock.baseline_ms / clock.ms(pruned) >= 1 / 0.7
+    with pytest.raises(EdgePruneError, match=r"^cannot reach 50x faster \(0\.08186 ms\) on macs-model: the fastest"):
+        search(resnet20, target_latency_ms=None, target_speedup=50, round_to=8)
 
 
 def test_bisect_returns_the_closest_trials_on_each_side(resnet20):

@@ -21,6 +21,9 @@ def test_yaml_recipe_and_overrides(tmp_path):
     ("prune: {ratio: 1.5}", "prune.ratio: Value error, must be between 0 and 1"),
     ("prune: {ratio: 0.5, macs_reduction: 0.5}", "give one of ratio, macs_reduction, target_latency_ms"),
     ("prune: {importance: magic}", "prune.importance"),
+    ("prune: {target_speedup: 0.8}", "prune.target_speedup: Input should be greater than 1"),
+    ("prune: {target_speedup: 2, target_latency_ms: 3}", "give one of .*target_speedup.*, not target_latency_ms "
+                                                        "and target_speedup"),
     ("prnue: {ratio: 0.5}", "prnue: Extra inputs are not permitted"),
     ("- just\n- a list", "must be a mapping"),
     ("model: [unclosed", "not valid YAML"),

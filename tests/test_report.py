@@ -62,7 +62,7 @@ def test_notes_and_a_missed_target_reach_every_rendering(finished):
                             fallback_reason="SymbolicValueError: adaptive pooling")
     changed["notes"] = rep.export_notes(fallback)
     changed["recipe"]["prune"].update({"ratio": None, "target_latency_ms": 0.01})
-    changed["target"] = rep.target(changed["prune"], changed["recipe"], changed["pruned"])
+    changed["target"] = rep.target(changed["prune"], changed["recipe"], changed["pruned"], changed["baseline"])
     assert changed["target"]["met"] is False
     text, met = rows.latency_verdict(changed)
     assert not met and "MISSED" in text and f"{changed['pruned']['latency_ms']['ort_cpu']:.2f} ms" in text
@@ -70,6 +70,20 @@ def test_notes_and_a_missed_target_reach_every_rendering(finished):
     assert "**missed**" in md and "class='bad'" in page_html
     assert "dynamo exporter" in md and "dynamo exporter" in page_html and "SymbolicValueError" in md
     assert rows.latency_verdict(report) is None and "Latency target" not in rep.markdown(report)
+
+
+def test_a_speedup_target_is_judged_on_the_side_by_side_measurement(finished):
+    _, report = finished
+    measured = report["baseline"]["latency_ms"]["ort_cpu"] / report["pruned"]["latency_ms"]["ort_cpu"]
+    changed = copy.deepcopy(report)
+    changed["recipe"]["prune"]["ratio"] = None
+    for goal, met in ((0.99 * measured, True), (1.01 * measured, False)):
+        changed["recipe"]["prune"]["target_speedup"] = goal
+        changed["target"] = rep.target(changed["prune"], changed["recipe"], changed["pruned"], changed["baseline"])
+        assert changed["target"]["met"] is met and changed["target"]["measured_speedup"] == pytest.approx(measured)
+        text, verdict = rows.latency_verdict(changed)
+        assert verdict is met and f"at least {goal:g}x faster" in text and f"{measured:.2f}x" in text
+        assert ("**missed**" in rep.markdown(changed)) is not met
 
 
 def test_diagnostics_name_real_layers_and_time_every_one(finished):

@@ -306,17 +306,14 @@ def test_sensitivity_allocation_meets_a_latency_target():
         edgeprune.prune(model, opts, sensitivity=sens, latency_probe=clock)
 
 
-def test_cli_latency_target_with_sensitivity_allocation(tmp_path):
-    # the unpruned model timed as the CLI times it (another process, the same settings): a reading taken
-    # here with other options once came out 30% slower than the CLI's, and the CLI found nothing to prune
-    proc = run_cli("profile", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--json", "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    target = round(0.7 * json.loads(proc.stdout)["latency_ms"]["ort_cpu"], 4)
+def test_cli_speedup_target_with_sensitivity_allocation(tmp_path):
+    # a speed-up, not ms: two processes' readings of the same model differ by up to 30% on this shared machine
+    # (1.07 against 1.38 ms), so a target in ms taken from another process was already met, or out of reach
     out = tmp_path / "run"
     proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
-                   "--allocation", "sensitivity", "--target-latency-ms", str(target), "--out", str(out), "-q",
+                   "--allocation", "sensitivity", "--target-speedup", "1.25", "--out", str(out), "-q",
                    "--epochs", "0", "--set", "int8.enabled=false", "--set", "latency.per_layer=false",
-                   "--set", "prune.sensitivity_images=200", "--set", "prune.sensitivity_ratios=[0.3,0.6,0.85]",
+                   "--set", "prune.sensitivity_images=200", "--set", "prune.sensitivity_ratios=[0.3,0.6,0.9]",
                    "--set", "prune.sensitivity_calibration_images=128", "--set", "data.eval_images=200")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
@@ -328,6 +325,9 @@ def test_cli_latency_target_with_sensitivity_allocation(tmp_path):
     search = report["prune"]["latency_search"]
     assert search["chosen"]["latency_ms"] <= search["goal_ms"] and all("budget_ms" in t for t in search["trials"])
     assert report["prune"]["allocation"] == "sensitivity" and report["prune"]["group_ratios"]
-    assert report["target"]["kind"] == "latency" and report["target"]["latency_ms"] == target
+    target = report["target"]
+    assert target["kind"] == "latency" and target["speedup"] == 1.25 and target["latency_ms"] == search["target_ms"]
+    assert search["target_ms"] == pytest.approx(search["baseline_ms"] / 1.25)
     assert report["pruned"]["macs"] < report["baseline"]["macs"]
     assert "ms saved on ort_cpu" in (out / "report.md").read_text()
+    assert "at least 1.25x faster than the unpruned model on ort_cpu" in (out / "report.md").read_text()

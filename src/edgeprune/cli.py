@@ -189,6 +189,10 @@ def prune_cmd(
     target_latency_ms: float | None = typer.Option(
         None, "--target-latency-ms", help="prune until the exported model runs in at most X ms (measured on "
         "--latency-runtime with --threads); round_to is chosen among 1, 8, 16 unless --round-to is given"),
+    target_speedup: float | None = typer.Option(
+        None, "--target-speedup", help="prune until the exported model runs at least X times faster than the "
+        "unpruned one on --latency-runtime (X > 1; both timed side by side in this run, so a loaded machine does "
+        "not move the target as it moves milliseconds)"),
     max_drop: float | None = typer.Option(
         None, "--max-drop", help="accuracy budget in points of top-1 (mAP50-95 for detectors): the most pruned "
         "model whose recovered accuracy stays within it, found by prune-and-recover trials (needs --data)"),
@@ -235,10 +239,10 @@ def prune_cmd(
     from .recipe import DETECTION_RECIPE, Recipe, apply_overrides, load_recipe
 
     targets = {"--ratio": ratio, "--macs-reduction": macs_reduction, "--target-latency-ms": target_latency_ms,
-               "--max-drop": max_drop}
+               "--target-speedup": target_speedup, "--max-drop": max_drop}
     given = [flag for flag, v in targets.items() if v is not None]
     if len(given) > 1:
-        raise EdgePruneError(f"give one of --ratio, --macs-reduction, --target-latency-ms, --max-drop, not "
+        raise EdgePruneError(f"give one of {', '.join(targets)}, not "
                              f"{' and '.join(given)}")
     if allocation is not None and global_pruning is not None and (allocation == "global") != global_pruning:
         raise EdgePruneError(f"--allocation {allocation} and --{'global' if global_pruning else 'local'} disagree; "
@@ -249,7 +253,8 @@ def prune_cmd(
         "data.path": data, "model.imgsz": imgsz, "model.trust_pickle": True if trust_pickle else None,
         "recover.epochs": epochs, "int8.enabled": True if int8 else None, "prune.ratio": ratio,
         "prune.macs_reduction": macs_reduction, "prune.target_latency_ms": target_latency_ms,
-        "prune.latency_runtime": latency_runtime, "prune.importance": importance, "prune.max_drop": max_drop,
+        "prune.target_speedup": target_speedup, "prune.latency_runtime": latency_runtime,
+        "prune.importance": importance, "prune.max_drop": max_drop,
         "prune.max_drop_by": max_drop_by, "prune.max_drop_trials": max_drop_trials,
         "prune.allocation": allocation or (None if global_pruning is None else
                                            "global" if global_pruning else "uniform"),
@@ -326,6 +331,8 @@ def sweep_cmd(
     ratios: str | None = typer.Option(None, "--ratios", help="channel ratios, e.g. 0.3,0.5,0.7"),
     macs_reductions: str | None = typer.Option(None, "--macs-reductions", help="MACs reductions, e.g. 0.3,0.5,0.7"),
     latencies: str | None = typer.Option(None, "--target-latency-ms", help="latency targets in ms, e.g. 20,10,5"),
+    speedups: str | None = typer.Option(None, "--target-speedups", help="speed-up targets over the unpruned model, "
+                                        "e.g. 1.5,2,3"),
     model: str | None = typer.Option(None, "--model", "-m", help="override the recipe's model"),
     weights: str | None = typer.Option(None, "--weights", "-w", help="override the recipe's weights"),
     data: str | None = typer.Option(None, "--data", help="override the recipe's dataset (accuracy per point)"),
@@ -335,7 +342,7 @@ def sweep_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the sweep as JSON"),
     quiet: bool = QuietOpt,
 ):
-    """Prune at several ratios, MACs reductions or latency targets and chart the accuracy / latency /
+    """Prune at several ratios, MACs reductions, latency or speed-up targets and chart the accuracy / latency /
     MACs / size trade-off with its Pareto front (sweep.html). Each point is a resumable run folder."""
     from .pipeline import stderr_logger
     from .recipe import load_recipe
@@ -343,9 +350,10 @@ def sweep_cmd(
 
     given = {k: v for k, v in (("ratio", _floats(ratios, "--ratios")),
                                ("macs_reduction", _floats(macs_reductions, "--macs-reductions")),
-                               ("target_latency_ms", _floats(latencies, "--target-latency-ms"))) if v is not None}
+                               ("target_latency_ms", _floats(latencies, "--target-latency-ms")),
+                               ("target_speedup", _floats(speedups, "--target-speedups"))) if v is not None}
     if len(given) != 1:
-        raise EdgePruneError("give exactly one of --ratios, --macs-reductions, --target-latency-ms")
+        raise EdgePruneError("give exactly one of --ratios, --macs-reductions, --target-latency-ms, --target-speedups")
     (kind, values), = given.items()
     overrides = {k: v for k, v in (("model.name", model), ("model.weights", weights), ("data.path", data),
                                    ("recover.epochs", epochs)) if v is not None}

@@ -301,7 +301,7 @@ def preflight(recipe: Recipe) -> nn.Module:
     from .measure import require_openvino
 
     opts = recipe.prune
-    if opts.latency_runtime == "ov_cpu" and (opts.target_latency_ms is not None or opts.max_drop_by == "latency"):
+    if opts.latency_runtime == "ov_cpu" and (opts.latency_targeted() or opts.max_drop_by == "latency"):
         if not recipe.latency.openvino:
             raise EdgePruneError("prune.latency_runtime ov_cpu times OpenVINO: set latency.openvino true")
         require_openvino()
@@ -384,11 +384,11 @@ def _one_shot(r: Runner) -> tuple[nn.Module, PruneResult]:
     r.log("pruning with DepGraph")
     probe = None
     auto = opts.round_to == "auto" and opts.allocation != "sensitivity"
-    if opts.target_latency_ms is not None or auto:
+    if opts.latency_targeted() or auto:
         probe = OnnxLatencyProbe(r.baseline, opts.latency_runtime, r.recipe.latency, r.recipe.export,
                                  r.scratch, baseline_onnx=r.baseline_onnx())
         r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; " +
-              (f"searching for <= {opts.target_latency_ms:g} ms" if opts.target_latency_ms is not None else
+              (f"searching for {opts.latency_target_text(probe.baseline_ms)}" if opts.latency_targeted() else
                f"timing channel multiples {', '.join(map(str, opts.round_to_candidates))} (round_to auto)"))
     sens = (None if opts.allocation != "sensitivity" else
             r.result("sensitivity_latency" if r.planned("sensitivity_latency") else "sensitivity"))
@@ -585,7 +585,7 @@ def _int8(r: Runner) -> Int8Result:
 def _measure(r: Runner) -> Measured:
     r.log("measuring the baseline and the pruned model side by side")
     latency = r.recipe.latency
-    if r.recipe.prune.target_latency_ms is not None:  # the verdict on the target: a median of many runs
+    if r.recipe.prune.latency_targeted():  # the verdict on the target: a median of many runs
         latency = latency.model_copy(update={"repeats": max(latency.repeats, FINAL_REPEATS)})
     pruned = r.model_at(final_model_stage(r.recipe))
     timed = measure({"baseline": (r.baseline, r.baseline_onnx()), "pruned": (pruned, r.root / ONNX_NAME)},

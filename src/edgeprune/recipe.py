@@ -47,7 +47,7 @@ class LatencyOptions(_Strict):
                             "'why isn't it faster?' diagnostics")
 
 
-TARGETS = ("ratio", "macs_reduction", "target_latency_ms", "max_drop")
+TARGETS = ("ratio", "macs_reduction", "target_latency_ms", "target_speedup", "max_drop")
 
 
 class PruneOptions(_Strict):
@@ -57,6 +57,10 @@ class PruneOptions(_Strict):
     target_latency_ms: float | None = Field(
         default=None, gt=0, description="prune until the exported model runs in at most this many ms on "
         "latency_runtime (measured, with latency.threads)")
+    target_speedup: float | None = Field(
+        default=None, gt=1, description="prune until the exported model runs at least this many times faster than "
+        "the unpruned one on latency_runtime, both timed side by side in the same process: a relative target, which "
+        "holds where a load on a shared machine moves every reading in ms")
     max_drop: float | None = Field(
         default=None, gt=0, description="accuracy budget: the most pruned model (in MACs or in measured latency, "
         "see max_drop_by) whose recovered top-1 (mAP50-95 for detectors) stays within this many points of the "
@@ -130,6 +134,19 @@ class PruneOptions(_Strict):
             raise ValueError(f"every channel multiple must be at least 1, got {v}")
         return sorted(set(v))
 
+    def latency_targeted(self) -> bool:
+        """A target in measured time: milliseconds or a speed-up."""
+        return self.target_latency_ms is not None or self.target_speedup is not None
+
+    def latency_goal_ms(self, baseline_ms: float) -> float:
+        """The latency target in ms: target_latency_ms, or the unpruned model's `baseline_ms` over target_speedup."""
+        return self.target_latency_ms if self.target_latency_ms is not None else baseline_ms / self.target_speedup
+
+    def latency_target_text(self, baseline_ms: float) -> str:
+        """The target as the user gave it, in words ("1.5x faster (0.71 ms)" or "0.71 ms")."""
+        ms = self.latency_goal_ms(baseline_ms)
+        return f"{ms:.4g} ms" if self.target_speedup is None else f"{self.target_speedup:g}x faster ({ms:.4g} ms)"
+
     def fixed_round_to(self) -> int | None:
         """round_to as a number (None: no rounding); `auto` is only resolved by measuring, so it reads as None."""
         return None if self.round_to == "auto" else self.round_to
@@ -150,7 +167,7 @@ class PruneOptions(_Strict):
         self.global_pruning = self.allocation == "global"
         given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"give one of ratio, macs_reduction, target_latency_ms, max_drop, not "
+            raise ValueError(f"give one of {', '.join(TARGETS)}, not "
                              f"{' and '.join(given)}")
         if not given:
             self.ratio = 0.5

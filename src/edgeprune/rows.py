@@ -253,10 +253,17 @@ def latency_verdict(report: dict) -> tuple[str, bool] | None:
     t = report.get("target") or {}
     if t.get("kind") != "latency":
         return None
-    return (f"Latency target: at most {t['latency_ms']:g} ms on {t['runtime']} ({t['threads']} threads, batch "
-            f"{t['batch_size']}): {'met' if t['met'] else 'MISSED'}, {t['measured_ms']:.2f} ms measured on the final "
-            f"model (median of {runs(report)} runs; search: {report['prune']['search_trials']} measured trials, "
-            f"round_to {t['round_to']} kept).", bool(t["met"]))
+    settings = f"on {t['runtime']} ({t['threads']} threads, batch {t['batch_size']})"
+    found = f"search: {report['prune']['search_trials']} measured trials, round_to {t['round_to']} kept"
+    if t.get("speedup") is not None:
+        return (f"Latency target: at least {t['speedup']:g}x faster than the unpruned model {settings}: "
+                f"{'met' if t['met'] else 'MISSED'}, {t['measured_speedup']:.2f}x ({t['measured_ms']:.2f} ms) measured "
+                f"on the final models side by side (medians of {runs(report)} runs; {found}"
+                + (f", aiming at {t['latency_ms']:.3g} ms" if t.get("latency_ms") is not None else "") + ").",
+                bool(t["met"]))
+    return (f"Latency target: at most {t['latency_ms']:g} ms {settings}: {'met' if t['met'] else 'MISSED'}, "
+            f"{t['measured_ms']:.2f} ms measured on the final model (median of {runs(report)} runs; {found}).",
+            bool(t["met"]))
 
 
 def parity(report: dict) -> str:

@@ -54,7 +54,7 @@ def _prune_reads(recipe: Recipe) -> tuple[str, ...]:
     if recipe.prune.allocation != "sensitivity":
         skip += ("allocation", "sensitivity_")
     reads = ("model", "seed", *(f"prune.{k}" for k in type(recipe.prune).model_fields if not k.startswith(skip)))
-    if recipe.prune.target_latency_ms is not None:  # candidates are exported and timed
+    if recipe.prune.latency_targeted():  # candidates are exported and timed
         reads += ("latency", "export")
     elif recipe.prune.round_to == "auto" and recipe.prune.allocation != "sensitivity":
         # the multiple is chosen by timing for these threads and batch; more repeats or another opset do not
@@ -76,7 +76,7 @@ SENSITIVITY_READS = ("model", "data.path", "seed", "prune.importance", "prune.ro
 
 def _times_layers(recipe: Recipe) -> bool:
     """A sensitivity allocation for a latency target: what each point saves in ms, its layers timed alone."""
-    return _sensitive(recipe) and recipe.prune.target_latency_ms is not None
+    return _sensitive(recipe) and recipe.prune.latency_targeted()
 
 
 STAGES: tuple[Stage, ...] = (
@@ -104,7 +104,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("int8", ("int8", "data", "latency"), after=("export",), writes=(INT8_NAME,),
           wanted=lambda r: r.int8.enabled),
     Stage("measure", ("model", "export", *(f"latency.{k}" for k in LatencyOptions.model_fields if k != "per_layer"),
-                      "prune.target_latency_ms"), after=("export",)),
+                      "prune.target_latency_ms", "prune.target_speedup"), after=("export",)),
     Stage("diagnose", ("latency",), after=("measure",), wanted=lambda r: r.latency.per_layer),
 )
 BY_NAME = {s.name: s for s in STAGES}

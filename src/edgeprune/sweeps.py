@@ -38,7 +38,8 @@ BASELINE_STAGES = (
 
 KINDS = {"ratio": ("prune.ratio", "ratio {v:g}", "ratio-{v:g}"),
          "macs_reduction": ("prune.macs_reduction", "MACs -{p:g}%", "macs-{v:g}"),
-         "target_latency_ms": ("prune.target_latency_ms", "<= {v:g} ms", "latency-{v:g}ms")}
+         "target_latency_ms": ("prune.target_latency_ms", "<= {v:g} ms", "latency-{v:g}ms"),
+         "target_speedup": ("prune.target_speedup", ">= {v:g}x faster", "speedup-{v:g}x")}
 
 
 def plan(kind: str, values: list[float]) -> list[tuple[str, str, dict]]:

@@ -113,13 +113,13 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     `opts.allocation == "sensitivity"` needs `sensitivity`, the curves of `sensitivity.analyse` for this
     model and these options.
 
-    A latency target (`opts.target_latency_ms`) needs `latency_probe`, which measures a candidate
-    model on the target runtime (see `edgeprune.pruning.OnnxLatencyProbe`); so does `round_to="auto"`
+    A latency target (`opts.target_latency_ms` or `opts.target_speedup`) needs `latency_probe`, which measures
+    a candidate model on the target runtime (see `edgeprune.pruning.OnnxLatencyProbe`); so does `round_to="auto"`
     with a ratio or MACs target, which prunes at each of `opts.round_to_candidates` and keeps the fastest.
     """
-    if opts.round_to == "auto" and opts.target_latency_ms is None:
+    if opts.round_to == "auto" and not opts.latency_targeted():
         return _auto_round_to(model, opts, example, calibration, latency_probe, log, sensitivity)
-    if opts.target_latency_ms is not None and latency_probe is None:
+    if opts.latency_targeted() and latency_probe is None:
         raise EdgePruneError("a latency target needs a latency probe (edgeprune.pruning.OnnxLatencyProbe)")
     if opts.allocation == "sensitivity" and sensitivity is None:
         raise EdgePruneError("allocation sensitivity needs a sensitivity analysis: give --data (or use "
@@ -255,7 +255,7 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
     search = None
     allocation = None
     round_to = opts.round_to
-    if opts.allocation == "sensitivity" and opts.target_latency_ms is not None:
+    if opts.allocation == "sensitivity" and opts.latency_targeted():
         fixed = opts.model_copy(update={"round_to": opts.fixed_round_to()})  # auto: unrounded, as analysed
         allocation, search = search_allocation_latency(
             sensitivity, fixed, probe,
@@ -283,7 +283,7 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
         ratio = opts.ratio
         pruned, history = prune_copy(model, example, opts, ratio, unpruned, grads)
         trials = 1
-    elif opts.target_latency_ms is not None:
+    elif opts.latency_targeted():
         best, search = search_latency(model, opts, grads, probe, prune_at, count, log)
         ratio, pruned, history = best.ratio, best.model, best.history
         round_to = None if best.round_to == 1 else best.round_to
@@ -298,7 +298,7 @@ def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, 
     before = prunable_layers(model)
     after = prunable_layers(pruned)
     layers = [LayerWidth(n, type(m).__name__, out_channels(m), out_channels(after[n])) for n, m in before.items()]
-    if round_to and opts.allocation == "uniform" and opts.target_latency_ms is None:
+    if round_to and opts.allocation == "uniform" and not opts.latency_targeted():
         whole = [la.name for la in layers if la.name not in unpruned and la.channels_after == la.channels_before
                  and la.channels_before * (1 - ratio) < round_to]
         if whole:

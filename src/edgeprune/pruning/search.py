@@ -128,6 +128,25 @@ def search_macs(model: nn.Module, opts: PruneOptions, grads: dict, target: int, 
     return MacsSearch(best, trials, note)
 
 
+def _target_and_goal(opts: PruneOptions, base: float, runtime: str) -> tuple[float, float]:
+    """The latency target in ms (a speed-up target resolved against the unpruned model's `base` ms) and the
+    search's goal, latency_margin below it; refused when the unpruned model already meets it."""
+    target = opts.latency_goal_ms(base)
+    if base <= target:
+        raise EdgePruneError(f"the unpruned model already runs in {base:.2f} ms <= {target:g} ms on {runtime}; "
+                             "nothing to prune (set a lower --target-latency-ms)")
+    return target, target * (1 - opts.latency_margin)
+
+
+def _aim(opts: PruneOptions, goal: float) -> str:
+    """Where the search aims, when latency_margin puts it below the target."""
+    return f" (aiming {opts.latency_margin:.0%} below it: {goal:.3g} ms)" if opts.latency_margin else ""
+
+
+def _relax(opts: PruneOptions) -> str:
+    return "Ask for a smaller speed-up" if opts.target_speedup is not None else "Raise the target"
+
+
 def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: LatencyProbe, prune_at: PruneAt,
                    count: CountMacs, log: Callable[[str], None]) -> tuple[Trial, dict]:
     """The least-pruned model whose measured latency is within the target, and the search's record
@@ -139,13 +158,9 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
     milliseconds to LATENCY_RATIO_RESOLUTION. The candidate keeping the most MACs wins; it is measured
     again and pruned a little further while it misses the target.
     """
-    target = opts.target_latency_ms
-    goal = target * (1 - opts.latency_margin)
     base = probe.baseline_ms
     runtime = probe.runtime
-    if base <= target:
-        raise EdgePruneError(f"the unpruned model already runs in {base:.2f} ms <= {target:g} ms on {runtime}; "
-                             "nothing to prune (set a lower --target-latency-ms)")
+    target, goal = _target_and_goal(opts, base, runtime)
     far_ratio = min(opts.max_layer_ratio, FAR_RATIO_CAP)
     multiples = opts.round_to_candidates if opts.round_to == "auto" else [opts.round_to or 1]
     records: list[dict] = []
@@ -191,10 +206,11 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
     if best is None:
         fastest = min(records, key=lambda t: t["latency_ms"])
         raise UnreachableTarget(
-            f"cannot reach {target:g} ms on {runtime}: the fastest model tried (ratio {fastest['ratio']:.2f}, "
-            f"round_to {fastest['round_to']}) still takes {fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); "
-            "layers that are never pruned and per-run overhead set the floor. Raise the target, or let more "
-            "layers be pruned (prune.max_layer_ratio, prune.ignore)")
+            f"cannot reach {opts.latency_target_text(base)} on {runtime}{_aim(opts, goal)}: the fastest model tried "
+            f"(ratio {fastest['ratio']:.2f}, round_to {fastest['round_to']}) still takes "
+            f"{fastest['latency_ms']:.2f} ms "
+            f"(unpruned {base:.2f} ms); layers that are never pruned and per-run overhead set the floor. "
+            f"{_relax(opts)}, or let more layers be pruned (prune.max_layer_ratio, prune.ignore)")
     for _ in range(RECHECKS):  # a noisy first reading must not hand in a model over the target
         check = probe(best.model)
         records.append({"ratio": round(best.ratio, 4), "round_to": best.round_to, "latency_ms": check,
@@ -202,7 +218,8 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
         if check <= target or best.ratio >= far_ratio:
             break
         best = at(min(best.ratio + RECHECK_STEP, far_ratio), best.round_to)
-    search = {"target_ms": target, "goal_ms": goal, "runtime": runtime, "baseline_ms": base,
+    search = {"target_ms": target, "target_speedup": opts.target_speedup, "goal_ms": goal, "runtime": runtime,
+              "baseline_ms": base,
               "chosen": {"ratio": best.ratio, "round_to": best.round_to, "latency_ms": best.latency_ms,
                          "macs": best.macs},
               "trials": records}
@@ -264,12 +281,8 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
     `search_latency`'s)."""
     from .sensitivity import allocate
 
-    target = opts.target_latency_ms
-    goal = target * (1 - opts.latency_margin)
     base, runtime = probe.baseline_ms, probe.runtime
-    if base <= target:
-        raise EdgePruneError(f"the unpruned model already runs in {base:.2f} ms <= {target:g} ms on {runtime}; "
-                             "nothing to prune (set a lower --target-latency-ms)")
+    target, goal = _target_and_goal(opts, base, runtime)
     if sens.latency_runtime is None:
         raise EdgePruneError("this sensitivity analysis holds no latency savings: a latency target needs its layers "
                              "timed (the run's sensitivity_latency stage does it)")
@@ -324,9 +337,9 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
     if best is None:
         fastest = min(records, key=lambda t: t["latency_ms"])
         raise UnreachableTarget(
-            f"cannot reach {target:g} ms on {runtime} by sensitivity allocation: the fastest model tried still takes "
-            f"{fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); add larger prune.sensitivity_ratios, raise "
-            "the target, or use allocation uniform")
+            f"cannot reach {opts.latency_target_text(base)} on {runtime}{_aim(opts, goal)} by sensitivity allocation: "
+            f"the fastest model tried still takes {fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); add larger "
+            f"prune.sensitivity_ratios, {_relax(opts)[0].lower() + _relax(opts)[1:]}, or use allocation uniform")
     budget = records[best.trials - 1]["budget_ms"]
     for _ in range(RECHECKS):  # a noisy first reading must not hand in a model over the target
         check = probe(best.model)
@@ -344,7 +357,8 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
     if last > target:
         best.note = (f"the chosen model last measured {last:.2f} ms on {runtime}, over the {target:g} ms target (a "
                      "noisy machine, or the curves are spent); lower the target or add larger sensitivity ratios")
-    search = {"target_ms": target, "goal_ms": goal, "runtime": runtime, "baseline_ms": base,
+    search = {"target_ms": target, "target_speedup": opts.target_speedup, "goal_ms": goal, "runtime": runtime,
+              "baseline_ms": base,
               "chosen": {"ratio": None, "round_to": opts.fixed_round_to() or 1, "latency_ms": best_ms,
                          "macs": best.macs},
               "trials": records}
