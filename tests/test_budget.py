@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
@@ -73,3 +74,20 @@ def test_no_trial_within_the_budget_is_one_line(tmp_path):
     assert_one_line_error(bad, "max_drop", "--data")
     bad = run_cli("prune", *SMALL, "--max-drop", "1", "--ratio", "0.5", "--out", str(tmp_path / "bad"))
     assert_one_line_error(bad, "--max-drop")
+
+
+def test_max_drop_by_latency_asks_each_trial_for_a_speedup(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("prune", *SMALL, "--max-drop", "50", "--max-drop-by", "latency", "--max-drop-trials", "2",
+                   "--set", "latency.per_layer=false", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    trials = report["max_drop"]["trials"]
+    assert trials[0]["name"] == "latency-0.500" and len(trials) == 2
+    for t in trials:  # removing a fraction F of the latency: F=0.5 asks for 2x, F=0.25 (after a miss) for 1.3333x
+        assert t["overrides"] == {"prune.target_speedup": round(1 / (1 - t["fraction"]), 4)}
+        assert ("cannot reach" in t["note"] and t["drop"] is None) if t.get("note") else t["latency_ms"] > 0
+    chosen = next(t for t in trials if t["name"] == report["max_drop"]["chosen"])
+    assert chosen["within"] and report["target"]["speedup"] == chosen["overrides"]["prune.target_speedup"]
+    search = report["prune"]["latency_search"]
+    assert search["target_ms"] == pytest.approx(search["baseline_ms"] / report["target"]["speedup"])
