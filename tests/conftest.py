@@ -4,9 +4,12 @@ Missing data is a failure, not a skip: CI must not pass by testing nothing.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,11 @@ if missing:
     raise pytest.UsageError(f"test data missing in {DATA}: {missing}; set EDGEPRUNE_TEST_DATA to the shared "
                             "data folder")
 os.environ["EDGEPRUNE_HOME"] = str(DATA)
+# What edgeprune caches for itself (decoded images, Ultralytics' label caches): fresh for each session, so that
+# the first run decodes for real, and shared by every test and CLI process after it
+_CACHE = tempfile.mkdtemp(prefix="edgeprune-test-cache-")
+os.environ["EDGEPRUNE_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 torch.set_num_threads(2)
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+import edgeprune.data as data_module
 from edgeprune import EdgePruneError, create_model
 from edgeprune.data import even_subset, load_split, resolve, shard
 
@@ -95,3 +96,36 @@ def test_a_held_out_subset_shares_no_sample_with_the_calibration_one():
     assert len(held_out) == 500 and not calibration.intersection(held_out)
     assert held_out[0] < 10 and held_out[-1] > 990  # still spread over every class of a sorted folder
     assert len(even_subset(ds, None, besides=256)) == 744
+
+
+def test_decoded_images_are_kept_on_disk_for_the_next_run_until_a_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", classes=10)
+    spec = create_model("cifar_resnet20").edgeprune_spec
+    first = load_split(root, spec, train=False)
+    kept = list((tmp_path / "cache" / "decoded").glob("val-*.npy"))
+    assert len(kept) == 1 and torch.equal(torch.from_numpy(np.load(kept[0])), first.images)
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path} again")
+
+    monkeypatch.setattr(data_module, "_DECODED", {})  # a new process: nothing in memory
+    monkeypatch.setattr(data_module, "_open_rgb", no_decoding)
+    again = load_split(root, spec, train=False)
+    assert torch.equal(again.images, first.images) and torch.equal(again.targets, first.targets)
+    monkeypatch.undo()
+
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    changed = root / "val" / "class3" / "2.png"
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(changed)  # a replaced image: a new entry
+    monkeypatch.setattr(data_module, "_DECODED", {})
+    fresh = load_split(root, spec, train=False)
+    assert len(list((tmp_path / "cache" / "decoded").glob("val-*.npy"))) == 2
+    assert int(fresh.images[3 * 4 + 2].max()) == 7 and not torch.equal(fresh.images, first.images)
+
+    for entry in (tmp_path / "cache" / "decoded").glob("val-*.npy"):
+        entry.write_bytes(b"truncated")  # a damaged cache is decoded again, and rewritten
+    monkeypatch.setattr(data_module, "_DECODED", {})
+    assert torch.equal(load_split(root, spec, train=False).images, fresh.images)
+    entries = (tmp_path / "cache" / "decoded").glob("val-*.npy")
+    assert sum(e.read_bytes() != b"truncated" for e in entries) == 1  # the current entry, rewritten
