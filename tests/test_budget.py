@@ -13,7 +13,8 @@ from edgeprune.budget import BudgetTrial, next_fraction
 
 SMALL = ("--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10", "--epochs", "1",
          "--set", "recover.train_images=256", "--set", "recover.calibration_images=128",
-         "--set", "data.eval_images=200", "--warmup", "1", "--repeats", "3", "-q")
+         "--set", "data.eval_images=200", "--warmup", "1", "--repeats", "3", "--round-to", "1",
+         "--set", "latency.openvino=false", "-q")
 
 
 def _trial(fraction: float, drop: float, budget: float = 1.0) -> BudgetTrial:

@@ -78,7 +78,7 @@ def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path
     out = tmp_path / "r56"
     proc = run_cli("prune", "--model", "cifar_resnet56", "--weights", "cifar10-jpeg", "--macs-reduction", "0.5",
                    "--data", "cifar10", "--epochs", "1", "--set", "recover.train_images=2560",
-                   "--set", "data.eval_images=2000",
+                   "--set", "data.eval_images=2000", "--round-to", "1", "--set", "recover.calibration_images=256",
                    "--set", "latency.per_layer=false", "--out", str(out), *FAST, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert not (out / "model.int8.onnx").exists()
@@ -133,7 +133,8 @@ def test_resnet18_pruned_for_half_its_measured_latency(tmp_path):
     target = json.loads(proc.stdout)["latency_ms"]["ort_cpu"] / 2
     out = tmp_path / "r18"
     proc = run_cli("prune", "--model", "resnet18", "--weights", "none", "--target-latency-ms", f"{target:.3f}",
-                   "--round-to", "16", "--set", "latency.per_layer=false", "--out", str(out), "--quiet")
+                   "--round-to", "16", "--set", "latency.per_layer=false", "--set", "latency.openvino=false",
+                   "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["target"]["kind"] == "latency" and report["target"]["latency_ms"] == pytest.approx(target, 1e-3)
@@ -252,7 +253,8 @@ def test_sweep_and_run_reports_render_with_visible_plots(tmp_path):
     args = ("sweep", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10", "--epochs", "0",
             "--ratios", "0.3,0.6", "--set", "data.eval_images=1000", "--set", "recover.calibration_images=256",
             "--set", "int8.enabled=true", "--set", "int8.calibration_images=64", "--set", "latency.repeats=10",
-            "--out", str(out), "--quiet")
+            "--set", "prune.sensitivity_ratios=[0.3,0.7]", "--set", "prune.sensitivity_images=64",
+            "--set", "prune.sensitivity_calibration_images=64", "--out", str(out), "--quiet")
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     sweep = json.loads((out / "sweep.json").read_text())

@@ -210,7 +210,7 @@ prune: {{ratio: 0.2, round_to: 8}}
 recover: {{calibration_images: 32, epochs: 1, batch_size: 16, optimizer: adamw, lr: 0.001, distill_alpha: 0.5,
           temperature: 2.0, close_mosaic: 1}}
 int8: {{enabled: true, calibration_images: 16}}
-latency: {{warmup: 1, repeats: 5, per_layer: false}}
+latency: {{warmup: 1, repeats: 5, per_layer: false, openvino: false}}
 """)
     out = tmp_path / "run"
     proc = run_cli("run", str(recipe), "--out", str(out), "-q")

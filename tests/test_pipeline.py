@@ -9,10 +9,10 @@ from edgeprune.recipe import apply_overrides, load_recipe
 
 RECIPE = """
 model: {name: cifar_resnet20, weights: default}
-prune: {macs_reduction: 0.4, importance: taylor}
+prune: {macs_reduction: 0.4, importance: taylor, round_to: 1}
 recover: {epochs: 5}
 export: {opset: 13}
-latency: {warmup: 1, repeats: 3, per_layer: false}
+latency: {warmup: 1, repeats: 3, per_layer: false, openvino: false}
 """
 
 

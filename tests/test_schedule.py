@@ -61,7 +61,8 @@ def test_steps_reach_the_one_shot_widths_and_the_history_replays(name, opts):
 
 
 SMALL = ("--set", "recover.train_images=256", "--set", "recover.calibration_images=128",
-         "--set", "data.eval_images=200", "--set", "latency.per_layer=false", "--warmup", "1", "--repeats", "3")
+         "--set", "data.eval_images=200", "--set", "latency.per_layer=false", "--warmup", "1", "--repeats", "3",
+         "--round-to", "1", "--set", "latency.openvino=false")
 
 
 def test_cli_prunes_in_steps_recovers_between_them_and_resumes(tmp_path):

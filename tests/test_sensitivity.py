@@ -133,7 +133,8 @@ def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
                    "--allocation", "sensitivity", "--ratio", "0.4", "--out", str(out), "-q",
                    "--set", "prune.sensitivity_images=200", "--set", "prune.sensitivity_ratios=[0.3,0.6]",
                    "--set", "prune.sensitivity_calibration_images=128", "--set", "data.eval_images=200",
-                   "--warmup", "1", "--repeats", "5")
+                   "--set", "recover.calibration_images=128", "--set", "latency.per_layer=false",
+                   "--set", "latency.openvino=false", "--warmup", "1", "--repeats", "5")
     assert proc.returncode == 0, proc.stderr
     assert (out / "stages" / "sensitivity.json").stat().st_mtime == stamp  # the analysis was reused
     report = json.loads((out / "report.json").read_text())
