@@ -300,3 +300,5 @@ def test_sweep_rejects_bad_values(tmp_path):
                                   str(tmp_path / "s")), "exactly one of")
     assert_one_line_error(run_cli("sweep", "--ratios", "1.5", "--model", "cifar_resnet20", "--out",
                                   str(tmp_path / "s")), "must be between 0 and 1")
+    assert_one_line_error(run_cli("sweep", "--target-speedups", "2,0.5", "--model", "cifar_resnet20", "--out",
+                                  str(tmp_path / "s")), "prune.target_speedup", "greater than 1")

@@ -2,16 +2,45 @@
 
 Everything the `edgeprune` command does is here: `run` a recipe (or `load_recipe` a YAML one),
 `prune` a model directly, `evaluate` it, `export_run` a finished run again, `sweep` a trade-off.
+
+The names below are imported on first use: `import edgeprune` (and the `edgeprune` command's start, its
+--help and its option errors) does not pay for importing PyTorch, torchvision and Torch-Pruning.
 """
-from .accuracy import Accuracy, evaluate
-from .artifact import load, save
-from .errors import EdgePruneError
-from .models import create_model, list_models
-from .pipeline import export_run, run
-from .pruning import PruneResult, prune
-from .recipe import PruneOptions, Recipe, load_recipe
-from .sweeps import sweep
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Accuracy": "accuracy", "evaluate": "accuracy", "load": "artifact", "save": "artifact",
+    "EdgePruneError": "errors", "create_model": "models", "list_models": "models", "export_run": "pipeline",
+    "run": "pipeline", "PruneResult": "pruning", "prune": "pruning", "PruneOptions": "recipe", "Recipe": "recipe",
+    "load_recipe": "recipe", "sweep": "sweeps",
+}
 __all__ = ["Accuracy", "EdgePruneError", "PruneOptions", "PruneResult", "Recipe", "create_model", "evaluate",
            "export_run", "list_models", "load", "load_recipe", "prune", "run", "save", "sweep"]
+
+if TYPE_CHECKING:
+    from .accuracy import Accuracy, evaluate
+    from .artifact import load, save
+    from .errors import EdgePruneError
+    from .models import create_model, list_models
+    from .pipeline import export_run, run
+    from .pruning import PruneResult, prune
+    from .recipe import PruneOptions, Recipe, load_recipe
+    from .sweeps import sweep
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgeprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

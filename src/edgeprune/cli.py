@@ -234,8 +234,6 @@ def prune_cmd(
     """Prune a model structurally (to a channel ratio, a MACs reduction, a measured latency or an accuracy
     budget), export it
     to ONNX with a parity check, and report before/after with a per-layer profile."""
-    from .models.yolo import is_yolo_name
-    from .pipeline import run
     from .recipe import DETECTION_RECIPE, Recipe, apply_overrides, load_recipe
 
     targets = {"--ratio": ratio, "--macs-reduction": macs_reduction, "--target-latency-ms": target_latency_ms,
@@ -262,6 +260,9 @@ def prune_cmd(
         "prune.steps": steps, "prune.ignore": ignore or None, "export.opset": opset, "latency.threads": threads,
         "latency.warmup": warmup, "latency.repeats": repeats})
     overrides.update(_parse_settings(settings or []))
+    from .models.yolo import is_yolo_name  # PyTorch from here on: the checks above answer at once
+    from .pipeline import run
+
     if recipe:
         base = load_recipe(recipe)
     else:
@@ -344,9 +345,7 @@ def sweep_cmd(
 ):
     """Prune at several ratios, MACs reductions, latency or speed-up targets and chart the accuracy / latency /
     MACs / size trade-off with its Pareto front (sweep.html). Each point is a resumable run folder."""
-    from .pipeline import stderr_logger
     from .recipe import load_recipe
-    from .sweeps import sweep
 
     given = {k: v for k, v in (("ratio", _floats(ratios, "--ratios")),
                                ("macs_reduction", _floats(macs_reductions, "--macs-reductions")),
@@ -359,6 +358,9 @@ def sweep_cmd(
                                    ("recover.epochs", epochs)) if v is not None}
     overrides.update(_parse_settings(settings or []))
     base = load_recipe(recipe, overrides)
+    from .pipeline import stderr_logger  # PyTorch from here on: the checks above answer at once
+    from .sweeps import sweep
+
     result = sweep(base, kind, values, out, quiet=quiet, overwrite=overwrite, log=stderr_logger(quiet))
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports
         return
@@ -487,8 +489,6 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
 
 
 def main() -> None:
-    from .distributed import shutdown
-
     try:
         app()
     except EdgePruneError as exc:
@@ -501,7 +501,10 @@ def main() -> None:
                           "fine-tuning) to continue", highlight=False)
         sys.exit(130)
     finally:
-        shutdown()
+        if "torch.distributed" in sys.modules:  # else nothing to shut down, and no need to import PyTorch
+            from .distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":
