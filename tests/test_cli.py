@@ -158,7 +158,7 @@ def test_evaluate_reproduces_the_published_accuracy(data_dir):
     assert (acc["top1"], acc["top5"], acc["images"]) == (90.01, 99.7, 10000)  # shared data README
 
 
-def write_recipe(path, epochs=2, train_images=1024):
+def write_recipe(path, epochs=3, train_images=768):
     path.write_text(f"""
 model: {{name: cifar_resnet20, weights: cifar10-jpeg}}
 data: {{path: cifar10, eval_images: 1000}}
@@ -171,8 +171,8 @@ latency: {{warmup: 1, repeats: 3, per_layer: false, openvino: false}}
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """One run of write_recipe's recipe, uninterrupted and in one process: what the killed-and-resumed run and
-    the two torchrun processes must reproduce."""
+    """One run of write_recipe's recipe (3 epochs), uninterrupted and in one process: what the killed-and-resumed
+    run and the two torchrun processes must reproduce."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     recipe = write_recipe(folder / "r.yaml")
     proc = run_cli("run", str(recipe), "--out", str(folder / "run"), "-q")
@@ -210,7 +210,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, uninterru
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     epoch = torch.load(out / "finetune-checkpoint.pt", weights_only=True)["epoch"]
-    assert epoch == 1 and not (out / "report.json").exists()
+    assert 1 <= epoch < 3 and not (out / "report.json").exists()
     assert_one_line_error(run_cli("run", str(recipe), "--out", str(out), "-q"), "--resume")
     resumed = run_cli("run", str(recipe), "--out", str(out), "-q", "--resume")
     assert resumed.returncode == 0, resumed.stderr

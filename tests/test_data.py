@@ -123,9 +123,9 @@ def test_decoded_images_are_kept_on_disk_for_the_next_run_until_a_file_changes(t
     assert len(list((tmp_path / "cache" / "decoded").glob("val-*.npy"))) == 2
     assert int(fresh.images[3 * 4 + 2].max()) == 7 and not torch.equal(fresh.images, first.images)
 
-    for entry in (tmp_path / "cache" / "decoded").glob("val-*.npy"):
-        entry.write_bytes(b"truncated")  # a damaged cache is decoded again, and rewritten
+    for i, entry in enumerate((tmp_path / "cache" / "decoded").glob("val-*.npy")):
+        entry.write_bytes(b"truncated" if i else b"")  # a damaged or empty entry is decoded again, and rewritten
     monkeypatch.setattr(data_module, "_DECODED", {})
     assert torch.equal(load_split(root, spec, train=False).images, fresh.images)
     entries = (tmp_path / "cache" / "decoded").glob("val-*.npy")
-    assert sum(e.read_bytes() != b"truncated" for e in entries) == 1  # the current entry, rewritten
+    assert sum(e.read_bytes() not in (b"", b"truncated") for e in entries) == 1  # the current entry, rewritten

@@ -77,3 +77,21 @@ def test_debug_shows_the_cause_of_an_error(tmp_path):
     proc = run_cli("--debug", *args, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("edgeprune: error:")
+
+
+def test_a_run_folder_from_before_a_recipe_field_was_added_resumes_without_recomputing(tmp_path):
+    """recipe.json and the stage fingerprints of an older edgeprune lack fields added since (here
+    prune.target_speedup): at their defaults those fields leave the folder the same recipe's, every stage kept."""
+    out = tmp_path / "old"
+    args = ("prune", "--model", "cifar_resnet20", "--weights", "none", "--ratio", "0.4", "--round-to", "1",
+            "--set", "latency.per_layer=false", "--set", "latency.openvino=false", "--repeats", "3", "--out", str(out),
+            "-q")
+    assert run_cli(*args).returncode == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    del recipe["prune"]["target_speedup"]  # as an edgeprune of 2026-11-29 wrote it
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")} == stamps
+    assert "target_speedup" in json.loads((out / "recipe.json").read_text())["prune"]  # written as today's

@@ -35,8 +35,13 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edgeprune' has no attribute {name!r}")
+    if module is None:  # a submodule (edgeprune.pipeline, ...), as `import edgeprune` used to import them
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'edgeprune' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # once imported, a plain attribute
     return value

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import rows
 from .errors import EdgePruneError, UnreachableTarget
 from .fsio import ensure_writable_dir, link_file, read_json, write_json
-from .recipe import Recipe, apply_overrides
+from .recipe import Recipe, apply_overrides, same_recipe
 from .stages import INT8_NAME, ONNX_NAME
 
 MAX_FRACTION = 0.9  # the most MACs (or latency) a trial removes
@@ -81,7 +81,7 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     preflight(recipe)
     root = ensure_writable_dir(out)
     resolved = recipe.model_dump(mode="json")
-    if (root / "recipe.json").exists() and read_json(root / "recipe.json") != resolved and not overwrite:
+    if (root / "recipe.json").exists() and not same_recipe(read_json(root / "recipe.json"), recipe) and not overwrite:
         raise EdgePruneError(f"{root} holds a run of a different recipe; choose another --out or pass --overwrite")
     if overwrite:
         shutil.rmtree(root / "trials", ignore_errors=True)
@@ -107,8 +107,8 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
         _share_stages(root / "trials", folder)
         log(f"max-drop trial {len(trials) + 1}/{opts.max_drop_trials}: {name}")
         full = apply_overrides(recipe, overrides)
-        done_in_full = (folder / "recipe.json").exists() and read_json(folder / "recipe.json") == full.model_dump(
-            mode="json")  # the chosen trial of an earlier search: all its stages are there
+        # the chosen trial of an earlier search: all its stages are there
+        done_in_full = (folder / "recipe.json").exists() and same_recipe(read_json(folder / "recipe.json"), full)
         try:
             report = run_stages(full if done_in_full else apply_overrides(full, quick), folder, quiet=True,
                               resume=resume, changing=True)

@@ -131,7 +131,7 @@ def _load_decoded(path: Path, count: int) -> torch.Tensor | None:
     """The cached images (N, 3, H, W uint8), or None when absent or unreadable (decoded again, then)."""
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):  # absent, truncated by a full disk, or not an array
+    except (OSError, ValueError, EOFError):  # absent, empty or truncated (a crash, a full disk), or not an array
         return None
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] != count or array.shape[1] != 3:
         return None

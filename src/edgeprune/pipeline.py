@@ -32,7 +32,7 @@ from .pruning import OnnxLatencyProbe, PruneResult, prune
 from .pruning.schedule import epoch_shares, layer_widths, prune_to_widths, step_widths
 from .pruning.sensitivity import Sensitivity
 from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range, top1_of
-from .recipe import Recipe, apply_overrides, build
+from .recipe import Recipe, apply_overrides, build, same_recipe
 from .recover import finetune, recalibrate_bn, recalibrate_bn_on
 from .results import (
     Diagnosis,
@@ -79,7 +79,7 @@ def open_run_folder(out: str | Path, recipe: Recipe, overwrite: bool = False, ch
     store = StageStore(root)
     resolved = recipe.model_dump(mode="json")
     recipe_path = root / "recipe.json"
-    different = recipe_path.exists() and read_json(recipe_path) != resolved
+    different = recipe_path.exists() and not same_recipe(read_json(recipe_path), recipe)
     analysis_only = store.done() <= {"sensitivity"}  # `edgeprune sensitivity` ran here: a run may build on it
     if different and not (overwrite or changing or analysis_only):
         raise EdgePruneError(f"{root} holds a run of a different recipe; choose another --out or pass --overwrite")

@@ -280,6 +280,15 @@ def build(cls, data: dict):
         raise EdgePruneError(f"invalid {cls.__name__} option {_one_line(err)}") from None
 
 
+def same_recipe(stored: dict, recipe: Recipe) -> bool:
+    """Whether a run folder's recipe.json describes `recipe`, read through today's Recipe: a field added since
+    the folder was written takes its default there, so the folder does not read as another recipe's."""
+    try:
+        return build(Recipe, stored).model_dump(mode="json") == recipe.model_dump(mode="json")
+    except EdgePruneError:  # a field since removed or renamed: another recipe
+        return False
+
+
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "default.yaml"
 DETECTION_RECIPE = Path(__file__).parent / "recipes" / "yolov8n-cifar10det.yaml"  # also the detectors' defaults
 

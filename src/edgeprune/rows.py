@@ -255,6 +255,8 @@ def latency_verdict(report: dict) -> tuple[str, bool] | None:
         return None
     settings = f"on {t['runtime']} ({t['threads']} threads, batch {t['batch_size']})"
     found = f"search: {report['prune']['search_trials']} measured trials, round_to {t['round_to']} kept"
+    if t.get("measured_ms") is None:  # the runtime is missing from the final measurement
+        return (f"Latency target {settings}: not judged, the final measurement has no {t['runtime']} figure.", False)
     if t.get("speedup") is not None:
         return (f"Latency target: at least {t['speedup']:g}x faster than the unpruned model {settings}: "
                 f"{'met' if t['met'] else 'MISSED'}, {t['measured_speedup']:.2f}x ({t['measured_ms']:.2f} ms) measured "

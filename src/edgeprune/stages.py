@@ -127,6 +127,23 @@ def final_model_stage(recipe: Recipe) -> str:
     return [s.name for s in plan(recipe) if s.makes_model][-1]
 
 
+# Recipe fields added after run folders existed, with their defaults: at the default a field is left out of
+# the fingerprints, so that stages computed before it existed stay valid (no re-pruning, no re-training).
+ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None}
+
+
+def _settled(recipe_json: dict) -> dict:
+    """`recipe_json` without the ADDED_FIELDS that hold their default."""
+    for dotted, default in ADDED_FIELDS.items():
+        *path, key = dotted.split(".")
+        section = recipe_json
+        for part in path:
+            section = section.get(part, {})
+        if key in section and section[key] == default:
+            del section[key]
+    return recipe_json
+
+
 def _field(recipe_json: dict, dotted: str) -> Any:
     value: Any = recipe_json
     for key in dotted.split("."):
@@ -155,12 +172,14 @@ class StageStore:
         return read_json(path) if path.exists() else None
 
     def fingerprint(self, stage: Stage, recipe: Recipe) -> str:
-        recipe_json = recipe.model_dump(mode="json")
+        recipe_json = _settled(recipe.model_dump(mode="json"))
         deps = {}
         for dep in dependencies(stage, recipe, self.table):
             record = self.record(dep)
             deps[dep] = _digest(record) if record is not None else None
-        return _digest({"reads": {f: _field(recipe_json, f) for f in stage.fields(recipe)}, "after": deps})
+        reads = {f: _field(recipe_json, f) for f in stage.fields(recipe) if f not in ADDED_FIELDS or
+                 f.rsplit(".", 1)[-1] in _field(recipe_json, f.rsplit(".", 1)[0])}
+        return _digest({"reads": reads, "after": deps})
 
     def fresh(self, stage: Stage, fingerprint: str) -> dict | None:
         """The stored result when it was computed from inputs with this fingerprint and its files are all there."""
