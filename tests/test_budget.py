@@ -79,7 +79,9 @@ def test_no_trial_within_the_budget_is_one_line(tmp_path):
 
 def test_max_drop_by_latency_asks_each_trial_for_a_speedup(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("prune", *SMALL, "--max-drop", "50", "--max-drop-by", "latency", "--max-drop-trials", "2",
+    # ResNet-20 at 32x32 is mostly per-run overhead on ONNX Runtime: 1.33x takes ~70% of its channels, which one
+    # epoch of 256 images does not recover (28% top-1 here), hence the wide budget; what is checked is the search
+    proc = run_cli("prune", *SMALL, "--max-drop", "85", "--max-drop-by", "latency", "--max-drop-trials", "2",
                    "--set", "latency.per_layer=false", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
