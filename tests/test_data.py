@@ -113,6 +113,11 @@ def test_decoded_images_are_kept_on_disk_for_the_next_run_until_a_file_changes(t
     monkeypatch.setattr(data_module, "_open_rgb", no_decoding)
     again = load_split(root, spec, train=False)
     assert torch.equal(again.images, first.images) and torch.equal(again.targets, first.targets)
+    (tmp_path / "link").symlink_to(root)  # the same folder by another path: the same entry
+    monkeypatch.setattr(data_module, "_DECODED", {})
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(load_split("link", spec, train=False).images, first.images)
+    assert len(list((tmp_path / "cache" / "decoded").glob("val-*.npy"))) == 1
     monkeypatch.undo()
 
     monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
