@@ -90,7 +90,6 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     write_json(root / "recipe.json", resolved)
     log = stderr_logger(quiet)
     state_file = root / "max_drop.json"
-    state = read_json(state_file) if state_file.exists() else {}
     by_latency = opts.max_drop_by == "latency"
     quick = {"int8.enabled": False, "latency.per_layer": False}
     trials: list[BudgetTrial] = []
@@ -126,7 +125,7 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     summary = {"max_drop": opts.max_drop, "by": opts.max_drop_by, "metric": None, "baseline": None,
                "trials": [asdict(t) for t in trials], "chosen": None}
     if not passing:
-        write_json(state_file, {**state, **summary})
+        write_json(state_file, summary)
         least = min(trials, key=lambda t: t.fraction)
         lost = f"lost {least.drop:.2f}" if least.drop is not None else "could not be reached"
         raise EdgePruneError(f"no trial stayed within {opts.max_drop:g} points: the least pruned ({least.name}) "
@@ -142,7 +141,7 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     final["max_drop"] = summary
     final["recipe"] = recipe.model_dump(mode="json")
     _publish(root / "trials" / chosen.name, root)
-    write_json(state_file, {**state, **summary})
+    write_json(state_file, summary)
     write_report(root, final)
     return final
 

@@ -339,9 +339,9 @@ def _sensitivity(r: Runner) -> Sensitivity:
     images = len(labels)
 
     device = r.rt.device
-    model = channels_last_copy(r.baseline, calibration[0].to(device))  # the trials' forwards run faster
-    layout = torch.channels_last if model is not None else torch.contiguous_format
-    model = model if model is not None else copy.deepcopy(r.baseline).to(device)
+    fast = channels_last_copy(r.baseline, calibration[0].to(device))  # the trials' forwards run faster
+    model, layout = ((fast, torch.channels_last) if fast is not None else
+                     (copy.deepcopy(r.baseline).to(device), torch.contiguous_format))
 
     @torch.no_grad()
     def score(model: nn.Module) -> tuple[float, torch.Tensor]:

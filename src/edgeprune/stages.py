@@ -132,16 +132,16 @@ def final_model_stage(recipe: Recipe) -> str:
 ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None}
 
 
-def _settled(recipe_json: dict) -> dict:
-    """`recipe_json` without the ADDED_FIELDS that hold their default."""
+def _settled(recipe_json: dict) -> tuple[dict, set[str]]:
+    """`recipe_json` without the ADDED_FIELDS that hold their default, and the names of those left out."""
+    unset = set()
     for dotted, default in ADDED_FIELDS.items():
         *path, key = dotted.split(".")
-        section = recipe_json
-        for part in path:
-            section = section.get(part, {})
-        if key in section and section[key] == default:
+        section = _field(recipe_json, ".".join(path)) if path else recipe_json
+        if section[key] == default:
             del section[key]
-    return recipe_json
+            unset.add(dotted)
+    return recipe_json, unset
 
 
 def _field(recipe_json: dict, dotted: str) -> Any:
@@ -172,13 +172,12 @@ class StageStore:
         return read_json(path) if path.exists() else None
 
     def fingerprint(self, stage: Stage, recipe: Recipe) -> str:
-        recipe_json = _settled(recipe.model_dump(mode="json"))
+        recipe_json, unset = _settled(recipe.model_dump(mode="json"))
         deps = {}
         for dep in dependencies(stage, recipe, self.table):
             record = self.record(dep)
             deps[dep] = _digest(record) if record is not None else None
-        reads = {f: _field(recipe_json, f) for f in stage.fields(recipe) if f not in ADDED_FIELDS or
-                 f.rsplit(".", 1)[-1] in _field(recipe_json, f.rsplit(".", 1)[0])}
+        reads = {f: _field(recipe_json, f) for f in stage.fields(recipe) if f not in unset}
         return _digest({"reads": reads, "after": deps})
 
     def fresh(self, stage: Stage, fingerprint: str) -> dict | None:

@@ -144,7 +144,7 @@ def _aim(opts: PruneOptions, goal: float) -> str:
 
 
 def _relax(opts: PruneOptions) -> str:
-    return "Ask for a smaller speed-up" if opts.target_speedup is not None else "Raise the target"
+    return "ask for a smaller speed-up" if opts.target_speedup is not None else "raise the target"
 
 
 def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: LatencyProbe, prune_at: PruneAt,
@@ -210,7 +210,7 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
             f"(ratio {fastest['ratio']:.2f}, round_to {fastest['round_to']}) still takes "
             f"{fastest['latency_ms']:.2f} ms "
             f"(unpruned {base:.2f} ms); layers that are never pruned and per-run overhead set the floor. "
-            f"{_relax(opts)}, or let more layers be pruned (prune.max_layer_ratio, prune.ignore)")
+            f"{_relax(opts).capitalize()}, or let more layers be pruned (prune.max_layer_ratio, prune.ignore)")
     for _ in range(RECHECKS):  # a noisy first reading must not hand in a model over the target
         check = probe(best.model)
         records.append({"ratio": round(best.ratio, 4), "round_to": best.round_to, "latency_ms": check,
@@ -339,7 +339,7 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
         raise UnreachableTarget(
             f"cannot reach {opts.latency_target_text(base)} on {runtime}{_aim(opts, goal)} by sensitivity allocation: "
             f"the fastest model tried still takes {fastest['latency_ms']:.2f} ms (unpruned {base:.2f} ms); add larger "
-            f"prune.sensitivity_ratios, {_relax(opts)[0].lower() + _relax(opts)[1:]}, or use allocation uniform")
+            f"prune.sensitivity_ratios, {_relax(opts)}, or use allocation uniform")
     budget = records[best.trials - 1]["budget_ms"]
     for _ in range(RECHECKS):  # a noisy first reading must not hand in a model over the target
         check = probe(best.model)
