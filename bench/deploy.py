@@ -48,7 +48,7 @@ def int8_rows(epochs: int, repeats: int) -> list[dict]:
                                   recipe.latency)
             rows.append({"model": f"ResNet-56 (unpruned), {label}", "reduce_range": reduce_range(opts), **result})
     pruned = apply_overrides(Recipe(), {"model.name": "cifar_resnet56", "model.weights": "cifar10-jpeg",
-                                        "data.path": "cifar10", "prune.macs_reduction": 0.5,
+                                        "data.path": "cifar10", "prune.macs_reduction": 0.5, "prune.round_to": None,
                                         "recover.epochs": epochs, "int8.enabled": True,
                                         "latency.repeats": repeats, "latency.per_layer": False})
     with tempfile.TemporaryDirectory() as out:
@@ -75,7 +75,7 @@ def latency_target(repeats: int) -> dict:
 
 def diagnosis(repeats: int) -> dict:
     recipe = apply_overrides(Recipe(), {"model.name": "resnet50", "model.weights": "none", "prune.ratio": 0.7,
-                                        "latency.repeats": repeats})
+                                        "prune.round_to": None, "latency.repeats": repeats})  # unrounded, as recorded
     with tempfile.TemporaryDirectory() as out:
         report = run(recipe, out, quiet=True)
     return {"speedup": report["speedup"], "macs": [report["baseline"]["macs"], report["pruned"]["macs"]],

@@ -17,6 +17,18 @@ def test_yaml_recipe_and_overrides(tmp_path):
     assert recipe.prune.macs_reduction == 0.4 and recipe.prune.ratio is None
 
 
+
+def test_overrides_reach_the_seed_and_nested_mappings():
+    recipe = load_recipe(None, {"seed": 3, "model.model_args.width": 0.5, "model.model_args.depth": 2})
+    assert recipe.seed == 3 and recipe.model.model_args == {"width": 0.5, "depth": 2}
+    for overrides, message in [({"prune": 1}, "names a whole section; give one of its fields"),
+                               ({"prnue.ratio": 0.5}, "unknown recipe section 'prnue'"),
+                               ({"prune.importance.x": 1}, "prune.importance is not a section or mapping"),
+                               ({"sede": 1}, "sede: Extra inputs are not permitted")]:
+        with pytest.raises(EdgePruneError, match=message):
+            load_recipe(None, overrides)
+
+
 @pytest.mark.parametrize("text,message", [
     ("prune: {ratio: 1.5}", "prune.ratio: Value error, must be between 0 and 1"),
     ("prune: {ratio: 0.5, macs_reduction: 0.5}", "give one of ratio, macs_reduction, target_latency_ms"),

@@ -45,7 +45,7 @@ WarmupOpt = typer.Option(5, "--warmup", help="untimed runs before timing")
 RepeatsOpt = typer.Option(30, "--repeats", help="timed runs; the median and p90 are reported")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output")
 SetOpt = typer.Option(None, "--set", help="override any recipe field: section.field=value (repeatable), "
-                      "e.g. recover.train_images=5000")
+                      "e.g. recover.train_images=5000, model.model_args.width=0.5 or seed=1")
 ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted fine-tune from its last epoch checkpoint")
 
 
@@ -55,7 +55,7 @@ def _parse_settings(settings: list[str]) -> dict:
     overrides = {}
     for item in settings:
         key, sep, value = item.partition("=")
-        if not sep or "." not in key:
+        if not sep or not key.strip():
             raise EdgePruneError(f"--set {item!r} must look like section.field=value, e.g. recover.epochs=3")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
@@ -108,7 +108,8 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int |
             layers: bool = typer.Option(False, "--layers", help="also list conv/linear layers and widths"),
             as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
             quiet: bool = QuietOpt):
-    """Measure a model: params, MACs, sizes, CPU (and GPU) latency in PyTorch and ONNX Runtime."""
+    """Measure a model: params, MACs, sizes, CPU (and GPU) latency in PyTorch, ONNX Runtime and OpenVINO (when
+    installed)."""
     from dataclasses import asdict
 
     from .models import create_model
@@ -183,7 +184,7 @@ def prune_cmd(
     imgsz: int | None = ImgszOpt,
     trust_pickle: bool = TrustOpt,
     ratio: float | None = typer.Option(None, "--ratio", help="channel ratio removed per layer, in (0, 1); "
-                                       "default: the recipe's target, else 0.5"),
+                                       "default: the recipe's target, else 0.5 (0.2 for a YOLO model)"),
     macs_reduction: float | None = typer.Option(None, "--macs-reduction",
                                                 help="fraction of MACs to remove, in (0, 1); 0.5 halves them"),
     target_latency_ms: float | None = typer.Option(
@@ -201,14 +202,15 @@ def prune_cmd(
     max_drop_trials: int | None = typer.Option(None, "--max-drop-trials", help="trials at most (default 5)"),
     latency_runtime: str | None = typer.Option(None, "--latency-runtime", help="ort_cpu (default), ov_cpu "
                                                "(OpenVINO, needs the openvino extra) or torch_cpu"),
-    importance: str | None = typer.Option(None, "--importance", help="l1, l2 (default), bn-scale, taylor, hessian, "
-                                          "lamp, fpgm or random"),
+    importance: str | None = typer.Option(None, "--importance", help="l1, l2 (default; bn-scale for a YOLO "
+                                          "model), bn-scale, taylor, hessian, lamp, fpgm or random"),
     allocation: str | None = typer.Option(None, "--allocation", help="uniform (one ratio for every layer, the "
                                           "default), global (one ranking over all layers) or sensitivity (per-group "
                                           "ratios from a sensitivity analysis on --data)"),
     global_pruning: bool | None = typer.Option(None, "--global/--local", help="--allocation global / uniform"),
     round_to: int | None = typer.Option(None, "--round-to", help="keep channel counts multiples of N (1: any "
-                                        "count; default: auto, the fastest of 1, 8 and 16 timed on --latency-runtime)"),
+                                        "count; default: auto, the fastest of 1, 8 and 16 timed on --latency-runtime; "
+                                        "none for a YOLO model or with sensitivity allocation)"),
     max_layer_ratio: float | None = typer.Option(None, "--max-layer-ratio", help="most any one layer may lose "
                                                  "(default 1.0)"),
     steps: int | None = typer.Option(None, "--steps", help="prune in N steps, each followed by BN re-calibration "

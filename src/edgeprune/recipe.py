@@ -314,12 +314,22 @@ def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
     if not overrides:
         return recipe
     merged = recipe.model_dump()
+    sections = [k for k, v in merged.items() if isinstance(v, dict)]
     for dotted, value in overrides.items():
-        section, _, key = dotted.partition(".")
-        if not isinstance(merged.get(section), dict):
-            raise EdgePruneError(f"unknown recipe section {section!r} in {dotted!r}; sections are "
-                                 f"{', '.join(k for k, v in merged.items() if isinstance(v, dict))}")
-        merged[section][key] = value
+        *path, key = dotted.split(".")
+        if not path and key in sections:
+            raise EdgePruneError(f"{dotted!r} names a whole section; give one of its fields, e.g. {key}.<field>=value")
+        if path and path[0] not in sections:
+            raise EdgePruneError(f"unknown recipe section {path[0]!r} in {dotted!r}; sections are "
+                                 f"{', '.join(sections)} (and the field seed)")
+        node = merged
+        for i, part in enumerate(path):  # a nested mapping (model.model_args.width) is created when unset
+            if node.get(part) is None and i > 0:
+                node[part] = {}
+            if not isinstance(node.get(part), dict):
+                raise EdgePruneError(f"{'.'.join(path[:i + 1])} is not a section or mapping in {dotted!r}")
+            node = node[part]
+        node[key] = value
     if overrides.get("prune.allocation") is not None and "prune.global_pruning" not in overrides:
         merged["prune"]["global_pruning"] = overrides["prune.allocation"] == "global"  # the alias follows
     elif overrides.get("prune.global_pruning") is not None and "prune.allocation" not in overrides:
