@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
 from edgeprune.budget import BudgetTrial, next_fraction
@@ -70,10 +70,10 @@ def test_no_trial_within_the_budget_is_one_line(tmp_path):
     proc = run_cli("prune", *SMALL, "--max-drop", "0.01", "--max-drop-trials", "1", "--out", str(out))
     assert_one_line_error(proc, "no trial stayed within 0.01 points", "macs-0.500")
     assert not (out / "model.safetensors").exists()
-    bad = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--max-drop", "1", "--out",
+    bad = cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--max-drop", "1", "--out",
                   str(tmp_path / "bad"), "-q")
     assert_one_line_error(bad, "max_drop", "--data")
-    bad = run_cli("prune", *SMALL, "--max-drop", "1", "--ratio", "0.5", "--out", str(tmp_path / "bad"))
+    bad = cli("prune", *SMALL, "--max-drop", "1", "--ratio", "0.5", "--out", str(tmp_path / "bad"))
     assert_one_line_error(bad, "--max-drop")
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
 
@@ -146,8 +146,8 @@ def test_prune_with_data_evaluates_and_recalibrates_without_finetuning(tmp_path)
     onnx = run_cli("evaluate", "--model", str(out), "--onnx", "--data", "cifar10", "--limit", "500", "--json", "-q")
     assert onnx.returncode == 0, onnx.stderr
     assert json.loads(onnx.stdout) == {"top1": report["onnx"]["top1"], "top5": report["onnx"]["top5"], "images": 500}
-    assert_one_line_error(run_cli("run", "--set", "recover.epochz=1", "--out", str(tmp_path / "x")), "epochz")
-    assert_one_line_error(run_cli("run", "--set", "epochs", "--out", str(tmp_path / "x")), "section.field=value")
+    assert_one_line_error(cli("run", "--set", "recover.epochz=1", "--out", str(tmp_path / "x")), "epochz")
+    assert_one_line_error(cli("run", "--set", "epochs", "--out", str(tmp_path / "x")), "section.field=value")
 
 
 def test_evaluate_reproduces_the_published_accuracy(data_dir):
@@ -261,7 +261,7 @@ def test_bad_input_is_one_line_and_leaves_no_files(tmp_path, data_dir, args, nee
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    assert_one_line_error(run_cli("prune", "--model", "cifar_resnet20", "--out", str(blocker / "run"), *FAST),
+    assert_one_line_error(cli("prune", "--model", "cifar_resnet20", "--out", str(blocker / "run"), *FAST),
                           "not writable", "--out")
 
 
@@ -272,7 +272,7 @@ def test_unprunable_model_stops_cleanly(tmp_path):
     """torchvision's ShuffleNet V2 as a user's own model (create_model rewrites its shuffle; this does not)."""
     (tmp_path / "stock.py").write_text(STOCK_SHUFFLENET)
     out = tmp_path / "shufflenet"
-    proc = run_cli("prune", "--model", "stock.py:net", "--out", str(out), "-q", *FAST, cwd=tmp_path)
+    proc = cli("prune", "--model", "stock.py:net", "--out", str(out), "-q", *FAST, cwd=tmp_path)
     assert_one_line_error(proc, "cannot be pruned safely")
     assert not (out / "model.safetensors").exists() and not (out / "model.onnx").exists()
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
 
@@ -84,7 +84,7 @@ def test_a_model_from_an_importable_module(tmp_path, monkeypatch):
 ])
 def test_custom_and_timm_mistakes_are_one_line(tmp_path, args, needles):
     (tmp_path / "nets.py").write_text(NET)
-    proc = run_cli("prune", *args, "--weights", "none", "--out", str(tmp_path / "run"), "-q", cwd=tmp_path)
+    proc = cli("prune", *args, "--weights", "none", "--out", str(tmp_path / "run"), "-q", cwd=tmp_path)
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()
 

@@ -6,7 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
 from edgeprune import EdgePruneError
@@ -120,7 +120,7 @@ def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path
 
 
 def test_int8_needs_data(tmp_path):
-    proc = run_cli("prune", "--model", "cifar_resnet20", "--ratio", "0.3", "--int8", "--out", str(tmp_path / "x"))
+    proc = cli("prune", "--model", "cifar_resnet20", "--ratio", "0.3", "--int8", "--out", str(tmp_path / "x"))
     assert_one_line_error(proc, "INT8 calibration needs a dataset")
 
 
@@ -217,13 +217,13 @@ def test_latency_search_keeps_the_most_macs_within_the_target_across_round_to():
 
 
 def test_unreachable_and_already_met_latency_targets_are_one_line_errors(tmp_path):
-    proc = run_cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "0.001", "--round-to", "8",
+    proc = cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "0.001", "--round-to", "8",
                    "--out", str(tmp_path / "a"), *FAST, "--quiet")
     assert_one_line_error(proc, "cannot reach 0.001 ms on ort_cpu")
-    proc = run_cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "10000", "--out", str(tmp_path / "b"),
+    proc = cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "10000", "--out", str(tmp_path / "b"),
                    "--quiet", *FAST)
     assert_one_line_error(proc, "already runs in")
-    proc = run_cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "5", "--ratio", "0.3",
+    proc = cli("prune", "--model", "cifar_resnet20", "--target-latency-ms", "5", "--ratio", "0.3",
                    "--out", str(tmp_path / "c"))
     assert_one_line_error(proc, "not --ratio and --target-latency-ms")
     assert not (tmp_path / "a" / "model.safetensors").exists()
@@ -294,11 +294,11 @@ def test_sweep_and_run_reports_render_with_visible_plots(tmp_path):
 
 
 def test_sweep_rejects_bad_values(tmp_path):
-    assert_one_line_error(run_cli("sweep", "--ratios", "0.3,abc", "--out", str(tmp_path / "s")),
+    assert_one_line_error(cli("sweep", "--ratios", "0.3,abc", "--out", str(tmp_path / "s")),
                           "--ratios takes comma-separated numbers")
-    assert_one_line_error(run_cli("sweep", "--ratios", "0.3", "--macs-reductions", "0.5", "--out",
+    assert_one_line_error(cli("sweep", "--ratios", "0.3", "--macs-reductions", "0.5", "--out",
                                   str(tmp_path / "s")), "exactly one of")
-    assert_one_line_error(run_cli("sweep", "--ratios", "1.5", "--model", "cifar_resnet20", "--out",
+    assert_one_line_error(cli("sweep", "--ratios", "1.5", "--model", "cifar_resnet20", "--out",
                                   str(tmp_path / "s")), "must be between 0 and 1")
-    assert_one_line_error(run_cli("sweep", "--target-speedups", "2,0.5", "--model", "cifar_resnet20", "--out",
+    assert_one_line_error(cli("sweep", "--target-speedups", "2,0.5", "--model", "cifar_resnet20", "--out",
                                   str(tmp_path / "s")), "prune.target_speedup", "greater than 1")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
 from edgeprune.errors import EdgePruneError
@@ -135,7 +135,7 @@ def test_other_detection_yamls_prune(name):
 @pytest.mark.parametrize("name,needle", [("yolov8n-seg.yaml", "not a plain detection model"),
                                          ("yolov99z.yaml", "unknown YOLO model")])
 def test_unsupported_yamls_are_one_line(tmp_path, name, needle):
-    proc = run_cli("prune", "--model", name, "--weights", "none", "--out", str(tmp_path / "o"), "-q")
+    proc = cli("prune", "--model", name, "--weights", "none", "--out", str(tmp_path / "o"), "-q")
     assert proc.returncode == 2
     assert_one_line_error(proc, needle)
 
@@ -184,8 +184,8 @@ def test_bad_datasets_are_one_line_and_write_nothing(tmp_path, det_data, yolo_we
         image = sorted((root / "images" / "val").glob("*.jpg"))[0]
         image.write_bytes(b"not a jpeg at all" * 10)
     out = tmp_path / "run"
-    proc = run_cli("prune", "--model", "yolov8n.yaml", "--weights", str(yolo_weights), "--data",
-                   str(root / "data.yaml"), "--out", str(out), "-q")
+    proc = cli("prune", "--model", "yolov8n.yaml", "--weights", str(yolo_weights), "--data",
+               str(root / "data.yaml"), "--out", str(out), "-q")
     assert proc.returncode == 2
     assert_one_line_error(proc, needle)
     assert not out.exists()
@@ -244,7 +244,7 @@ def test_evaluate_cli_gives_map_and_refuses_a_classification_dataset():
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
     assert figures["images"] == 32 and 40 < figures["map50_95"] <= figures["map50"] <= 100, figures
-    wrong = run_cli("evaluate", "--model", "yolov8n.yaml", "--weights", "cifar10-det", "--data", "cifar10", "-q")
+    wrong = cli("evaluate", "--model", "yolov8n.yaml", "--weights", "cifar10-det", "--data", "cifar10", "-q")
     assert wrong.returncode == 2
     assert_one_line_error(wrong, "is a detector", "data.yaml")
 

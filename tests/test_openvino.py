@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, assert_one_line_error, run_cli
+from conftest import DATA, assert_one_line_error, cli, run_cli
 
 from edgeprune import create_model
 from edgeprune.export import check_parity, export_onnx
@@ -86,5 +86,5 @@ def test_without_openvino_its_runtime_is_one_line_and_the_rest_works(tmp_path):
     (("--latency-runtime", "tensorrt", "--target-latency-ms", "1"), "latency_runtime"),
 ])
 def test_an_unknown_latency_runtime_is_one_line(tmp_path, args, needle):
-    proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", *args, "--out", str(tmp_path / "x"))
+    proc = cli("prune", "--model", "cifar_resnet20", "--weights", "none", *args, "--out", str(tmp_path / "x"))
     assert_one_line_error(proc, needle)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import torch_pruning as tp
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
 from edgeprune.measure import count_macs
@@ -100,7 +100,7 @@ def test_cli_prunes_in_steps_recovers_between_them_and_resumes(tmp_path):
 
 
 def test_steps_need_data(tmp_path):
-    proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--steps", "2", "--out",
-                   str(tmp_path / "bad"), "-q")
+    proc = cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--steps", "2", "--out",
+               str(tmp_path / "bad"), "-q")
     assert_one_line_error(proc, "prune.steps", "--data")
     assert not (tmp_path / "bad").exists()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch_pruning as tp
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
 from edgeprune.measure import count_macs
@@ -142,16 +142,16 @@ def test_cli_sensitivity_then_prune_reuses_it(tmp_path):
     assert report["sensitivity"]["groups"] == sens["groups"]
     assert "Sensitivity" in (out / "report.md").read_text()
     assert "sensitivity of each prunable group" in (out / "report.html").read_text()
-    again = run_cli("sensitivity", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
-                    "--out", str(out), "-q", "--images", "100")  # a finished run is not rewritten
+    again = cli("sensitivity", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
+                "--out", str(out), "-q", "--images", "100")  # a finished run is not rewritten
     assert_one_line_error(again, "different recipe")
     assert json.loads((out / "report.json").read_text())["prune"]["group_ratios"]
     for args, needle in ((("--allocation", "sensitivity"), "give --data"),
                          (("--allocation", "uniform", "--global"), "disagree"),
                          (("--allocation", "sensitivity", "--data", "cifar10", "--importance", "taylor"),
                           "without gradients")):
-        bad = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", *args, "--out",
-                      str(tmp_path / "bad"), "-q")
+        bad = cli("prune", "--model", "cifar_resnet20", "--weights", "none", *args, "--out",
+                  str(tmp_path / "bad"), "-q")
         assert_one_line_error(bad, needle)
         assert not (tmp_path / "bad").exists()
 
@@ -160,8 +160,8 @@ def test_a_training_split_too_small_to_hold_images_out_is_one_line(tmp_path):
     from test_data import make_folder
 
     data = make_folder(tmp_path / "data", classes=10, per_class=2)  # 20 training images, 256 asked to calibrate
-    proc = run_cli("sensitivity", "--model", "cifar_resnet20", "--weights", "none", "--data", str(data),
-                   "--out", str(tmp_path / "run"), "-q")
+    proc = cli("sensitivity", "--model", "cifar_resnet20", "--weights", "none", "--data", str(data),
+               "--out", str(tmp_path / "run"), "-q")
     assert_one_line_error(proc, "sensitivity_split=eval")
     proc = run_cli("sensitivity", "--model", "cifar_resnet20", "--weights", "none", "--data", str(data),
                    "--out", str(tmp_path / "run"), "-q", "--split", "eval", "--ratios", "0.5", "--overwrite")
