@@ -315,13 +315,14 @@ def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
         return recipe
     merged = recipe.model_dump()
     sections = [k for k, v in merged.items() if isinstance(v, dict)]
+    fields = [k for k in merged if k not in sections]
     for dotted, value in overrides.items():
         *path, key = dotted.split(".")
         if not path and key in sections:
             raise EdgePruneError(f"{dotted!r} names a whole section; give one of its fields, e.g. {key}.<field>=value")
         if path and path[0] not in sections:
             raise EdgePruneError(f"unknown recipe section {path[0]!r} in {dotted!r}; sections are "
-                                 f"{', '.join(sections)} (and the field seed)")
+                                 f"{', '.join(sections)} (top-level fields: {', '.join(fields)})")
         node = merged
         for i, part in enumerate(path):  # a nested mapping (model.model_args.width) is created when unset
             if node.get(part) is None and i > 0:
