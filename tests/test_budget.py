@@ -79,14 +79,19 @@ def test_no_trial_within_the_budget_is_one_line(tmp_path):
 
 def test_max_drop_by_latency_asks_each_trial_for_a_speedup(tmp_path):
     out = tmp_path / "run"
-    # ResNet-20 at 32x32 is mostly per-run overhead on ONNX Runtime: 1.33x takes ~70% of its channels, which one
-    # epoch of 256 images does not recover (28% top-1 here), hence the wide budget; what is checked is the search
-    proc = run_cli("prune", *SMALL, "--max-drop", "85", "--max-drop-by", "latency", "--max-drop-trials", "2",
-                   "--set", "latency.per_layer=false", "--out", str(out))
+    # ResNet-20 at 32x32 barely speeds up on ONNX Runtime: 90% of its channels removed (10x fewer MACs) runs 1.7-1.8x
+    # faster here, so 2x is out of reach and 1.33x takes ~75% of its channels, which one epoch of 256 images does
+    # not recover (15-28% top-1), hence the wide budget; what is checked is the search. Batch 16 keeps the timings
+    # above the sub-millisecond noise of batch 1, and a third trial (1.14x after two misses) keeps a slower machine
+    # whose floor is above 1.33x/0.9 from failing the run: CI once could not reach 1.33x at batch 1
+    proc = run_cli("prune", *SMALL, "--max-drop", "85", "--max-drop-by", "latency", "--max-drop-trials", "3",
+                   "--set", "latency.per_layer=false", "--set", "latency.batch_size=16", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     trials = report["max_drop"]["trials"]
-    assert trials[0]["name"] == "latency-0.500" and len(trials) == 2
+    assert trials[0]["name"] == "latency-0.500" and len(trials) == 3
+    if trials[0].get("note"):  # 2x was out of reach (always, on this machine): the search bisects below it
+        assert "cannot reach 2x faster" in trials[0]["note"] and trials[1]["name"] == "latency-0.250"
     for t in trials:  # removing a fraction F of the latency: F=0.5 asks for 2x, F=0.25 (after a miss) for 1.3333x
         assert t["overrides"] == {"prune.target_speedup": round(1 / (1 - t["fraction"]), 4)}
         assert ("cannot reach" in t["note"] and t["drop"] is None) if t.get("note") else t["latency_ms"] > 0
