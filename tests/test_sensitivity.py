@@ -309,12 +309,16 @@ def test_sensitivity_allocation_meets_a_latency_target():
 
 def test_cli_speedup_target_with_sensitivity_allocation(tmp_path):
     # a speed-up, not ms: two processes' readings of the same model differ by up to 30% on this shared machine
-    # (1.07 against 1.38 ms), so a target in ms taken from another process was already met, or out of reach
+    # (1.07 against 1.38 ms), so a target in ms taken from another process was already met, or out of reach.
+    # Batch 16: at batch 1 ResNet-20's per-run overhead leaves 1.25x (aimed 10% below) just above its floor
+    # (met only at 6x fewer MACs here); at 16 the search meets it at 1.4x fewer, far from a slower machine's floor
     out = tmp_path / "run"
     proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
                    "--allocation", "sensitivity", "--target-speedup", "1.25", "--out", str(out), "-q",
                    "--epochs", "0", "--set", "int8.enabled=false", "--set", "latency.per_layer=false",
-                   "--set", "prune.sensitivity_images=200", "--set", "prune.sensitivity_ratios=[0.3,0.6,0.9]",
+                   "--set", "latency.openvino=false", "--set", "latency.batch_size=16",
+                   "--set", "prune.sensitivity_images=200",
+                   "--set", "prune.sensitivity_ratios=[0.3,0.6,0.9]",
                    "--set", "prune.sensitivity_calibration_images=128", "--set", "data.eval_images=200")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
@@ -324,7 +328,10 @@ def test_cli_speedup_target_with_sensitivity_allocation(tmp_path):
         isinstance(p["latency_saved_ms"], float) for p in points)
     assert json.loads((out / "sensitivity.json").read_text()) == report["sensitivity"]
     search = report["prune"]["latency_search"]
-    assert search["chosen"]["latency_ms"] <= search["goal_ms"] and all("budget_ms" in t for t in search["trials"])
+    # the winner is measured again (and pruned further while it misses the target): its last reading is in time
+    assert search["trials"][-1]["macs"] == search["chosen"]["macs"] == report["pruned"]["macs"]
+    assert search["chosen"]["latency_ms"] == search["trials"][-1]["latency_ms"] <= search["target_ms"]
+    assert all("budget_ms" in t for t in search["trials"])
     assert report["prune"]["allocation"] == "sensitivity" and report["prune"]["group_ratios"]
     target = report["target"]
     assert target["kind"] == "latency" and target["speedup"] == 1.25 and target["latency_ms"] == search["target_ms"]

@@ -150,7 +150,8 @@ def _relax(opts: PruneOptions) -> str:
 def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: LatencyProbe, prune_at: PruneAt,
                    count: CountMacs, log: Callable[[str], None]) -> tuple[Trial, dict]:
     """The least-pruned model whose measured latency is within the target, and the search's record
-    (JSON: target_ms, goal_ms, runtime, baseline_ms, chosen, trials).
+    (JSON: target_ms, goal_ms, runtime, baseline_ms, chosen, trials; chosen's latency_ms is its last reading,
+    after the re-checks).
 
     For each channel multiple (`round_to`, or with `auto` each of `round_to_candidates`), the most pruned model
     (ratio `max_layer_ratio`, at most FAR_RATIO_CAP, or less where rounding undoes it) is measured
@@ -220,7 +221,7 @@ def search_latency(model: nn.Module, opts: PruneOptions, grads: dict, probe: Lat
         best = at(min(best.ratio + RECHECK_STEP, far_ratio), best.round_to)
     search = {"target_ms": target, "target_speedup": opts.target_speedup, "goal_ms": goal, "runtime": runtime,
               "baseline_ms": base,
-              "chosen": {"ratio": best.ratio, "round_to": best.round_to, "latency_ms": best.latency_ms,
+              "chosen": {"ratio": best.ratio, "round_to": best.round_to, "latency_ms": records[-1]["latency_ms"],
                          "macs": best.macs},
               "trials": records}
     return best, search
@@ -292,7 +293,6 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
     need = base - goal
     records: list[dict] = []
     best: AllocationSearch | None = None
-    best_ms = None
     tried: list[dict] = []
 
     def at(budget: float) -> tuple[AllocationSearch, float] | None:
@@ -320,7 +320,7 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
         if ms <= goal:
             enough = budget if enough is None else min(enough, budget)
             if best is None or trial.macs > best.macs:
-                best, best_ms = trial, ms
+                best = trial
             if (goal - ms) / goal <= opts.latency_margin / 2:
                 break  # close under the goal
         else:
@@ -351,7 +351,7 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
         found = at(budget)
         if found is None:
             break
-        best, best_ms = found
+        best = found[0]
     best.trials = len([r for r in records if not r.get("recheck")])
     last = records[-1]["latency_ms"]
     if last > target:
@@ -359,7 +359,7 @@ def search_allocation_latency(sens, opts: PruneOptions, probe: LatencyProbe, pru
                      "noisy machine, or the curves are spent); lower the target or add larger sensitivity ratios")
     search = {"target_ms": target, "target_speedup": opts.target_speedup, "goal_ms": goal, "runtime": runtime,
               "baseline_ms": base,
-              "chosen": {"ratio": None, "round_to": opts.fixed_round_to() or 1, "latency_ms": best_ms,
+              "chosen": {"ratio": None, "round_to": opts.fixed_round_to() or 1, "latency_ms": last,
                          "macs": best.macs},
               "trials": records}
     return best, search
