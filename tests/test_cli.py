@@ -81,7 +81,8 @@ def test_resnet50_at_ratio_07_is_ten_times_smaller_and_its_time_is_explained(tmp
 def test_cifar_resnet56_checkpoint_halves_macs_exports_and_reloads(tmp_path, data_dir, cifar_test_subset):
     out = tmp_path / "r56"
     proc = run_cli("prune", "--model", "cifar_resnet56", "--weights", str(data_dir / "resnet56-cifar10jpeg.pth"),
-                   "--macs-reduction", "0.5", "--out", str(out), *FAST)
+                   "--macs-reduction", "0.5", "--out", str(out), *FAST,
+                   "--set", "latency.per_layer=false", "--set", "latency.openvino=false")
     assert proc.returncode == 0, proc.stderr
     assert "MACs" in proc.stdout and "ONNX parity" in proc.stdout
     report = json.loads((out / "report.json").read_text())
@@ -102,7 +103,9 @@ def test_cifar_resnet56_checkpoint_halves_macs_exports_and_reloads(tmp_path, dat
 R56_JPEG_TOP1_1000 = 90.6  # the JPEG ResNet-56 on the even 1,000-image subset of cifar10-jpeg/test
 QUICK = ("--set", "recover.train_images=1024", "--set", "data.eval_images=1000", "--set", "latency.repeats=5",
          "--set", "recover.calibration_images=256", "--set", "prune.sensitivity_ratios=[0.3,0.7]",
-         "--set", "prune.sensitivity_images=64", "--set", "prune.sensitivity_calibration_images=64")
+         "--set", "prune.sensitivity_images=64", "--set", "prune.sensitivity_calibration_images=64",
+         # the per-layer profile and OpenVINO are checked elsewhere, and run in CI's full default run
+         "--set", "latency.per_layer=false", "--set", "latency.openvino=false")
 ACCURACY_STAGES = ("baseline", "pruned", "recalibrated", "finetuned")
 
 
@@ -131,14 +134,15 @@ def test_default_run_reports_every_accuracy_and_resumes(tmp_path):
     assert (out / "stages" / "prune.json").stat().st_mtime_ns == prune_mtime
     assert (out / "stages" / "measure.json").exists()
 
-    other = run_cli("prune", "--model", "cifar_resnet20", "--out", str(out), *FAST)
+    other = cli("prune", "--model", "cifar_resnet20", "--out", str(out), *FAST)
     assert_one_line_error(other, "different recipe", "--overwrite")
 
 
 def test_prune_with_data_evaluates_and_recalibrates_without_finetuning(tmp_path):
     out = tmp_path / "p"
     proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10",
-                   "--ratio", "0.3", "--out", str(out), "-q", "--set", "data.eval_images=500", *FAST)
+                   "--ratio", "0.3", "--out", str(out), "-q", "--set", "data.eval_images=500", *FAST,
+                   "--set", "latency.per_layer=false", "--set", "latency.openvino=false")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert {"baseline", "pruned", "recalibrated", "onnx"} <= set(report) and "finetuned" not in report
@@ -150,12 +154,14 @@ def test_prune_with_data_evaluates_and_recalibrates_without_finetuning(tmp_path)
     assert_one_line_error(cli("run", "--set", "epochs", "--out", str(tmp_path / "x")), "section.field=value")
 
 
-def test_evaluate_reproduces_the_published_accuracy(data_dir):
+def test_evaluate_reproduces_the_runs_baseline(data_dir):
+    """The published figures on all 10,000 images (shared data README: 90.01 / 99.7) are checked through ONNX
+    Runtime in test_deploy's INT8 test; here the command agrees with the default run's baseline on the subset."""
     proc = run_cli("evaluate", "--model", "cifar_resnet56", "--weights", str(data_dir / "resnet56-cifar10jpeg.pth"),
-                   "--data", str(data_dir / "cifar10-jpeg"), "--json", "--quiet")
+                   "--data", str(data_dir / "cifar10-jpeg"), "--limit", "1000", "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     acc = json.loads(proc.stdout)
-    assert (acc["top1"], acc["top5"], acc["images"]) == (90.01, 99.7, 10000)  # shared data README
+    assert (acc["top1"], acc["images"]) == (R56_JPEG_TOP1_1000, 1000)
 
 
 def write_recipe(path, epochs=3, train_images=768):
@@ -211,7 +217,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, uninterru
     proc.wait()
     epoch = torch.load(out / "finetune-checkpoint.pt", weights_only=True)["epoch"]
     assert 1 <= epoch < 3 and not (out / "report.json").exists()
-    assert_one_line_error(run_cli("run", str(recipe), "--out", str(out), "-q"), "--resume")
+    assert_one_line_error(cli("run", str(recipe), "--out", str(out), "-q"), "--resume")  # stops in finetune()
     resumed = run_cli("run", str(recipe), "--out", str(out), "-q", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((out / "report.json").read_text())
@@ -224,7 +230,8 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, uninterru
 def test_killed_run_resumes_to_the_same_model(tmp_path):
     out = tmp_path / "killed"
     args = ["prune", "--model", "resnet18", "--weights", "none", "--ratio", "0.5", "--out", str(out),
-            "--warmup", "2", "--repeats", "50", "--set", "latency.per_layer=false", "--quiet"]
+            "--warmup", "2", "--repeats", "10", "--round-to", "8", "--set", "latency.per_layer=false",
+            "--set", "latency.openvino=false", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ})
     deadline = time.time() + 120
@@ -252,9 +259,10 @@ def test_killed_run_resumes_to_the_same_model(tmp_path):
 def test_bad_input_is_one_line_and_leaves_no_files(tmp_path, data_dir, args, needles):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x80\x04garbage")
+    files = any("{" in a for a in args)  # a user's checkpoint file, read by torch.load: the real process and its stderr
     args = [a.format(corrupt=corrupt, r56=data_dir / "resnet56-cifar10jpeg.pth") for a in args]
     out = tmp_path / "out"
-    assert_one_line_error(run_cli("prune", *args, "--out", str(out), *FAST), *needles)
+    assert_one_line_error((run_cli if files else cli)("prune", *args, "--out", str(out), *FAST), *needles)
     assert not (out / "report.json").exists() and not (out / "model.safetensors").exists()
 
 

@@ -38,7 +38,7 @@ NET = textwrap.dedent('''
         return 3
 ''')
 FAST = ("--weights", "none", "--ratio", "0.5", "--round-to", "1", "--warmup", "1", "--repeats", "3",
-        "--set", "latency.per_layer=false", "-q")
+        "--set", "latency.per_layer=false", "--set", "latency.openvino=false", "-q")
 
 
 def test_a_model_from_the_users_file_prunes_exports_and_reloads(tmp_path):

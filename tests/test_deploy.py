@@ -65,8 +65,10 @@ def test_int8_of_the_jpeg_resnet56_keeps_accuracy_and_is_3x_smaller(tmp_path):
     int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx", loader(unaugmented(train, spec), 32, limit=256),
                          Int8Options())
     result = compare_int8(fp32, int8, top1_of(loader(load_split("cifar10", spec, train=False), 500)), spec.input_size,
-                          LatencyOptions(warmup=5, repeats=40))
+                          LatencyOptions(warmup=5, repeats=40, openvino=False))
     assert result["images"] == 10000
+    # the shared data README's figures for this checkpoint, here through ONNX Runtime on the whole test set
+    assert (result["fp32"]["top1"], result["fp32"]["top5"]) == (90.01, 99.7), result["fp32"]
     assert result["fp32"]["top1"] - result["top1"] <= 0.5, result
     assert result["size_reduction_x"] >= 3, result
     assert result["top1_agreement"] >= 0.97
@@ -128,7 +130,8 @@ def test_int8_needs_data(tmp_path):
 
 @pytest.mark.slow
 def test_resnet18_pruned_for_half_its_measured_latency(tmp_path):
-    proc = run_cli("profile", "--model", "resnet18", "--weights", "none", "--json", "--quiet")
+    proc = run_cli("profile", "--model", "resnet18", "--weights", "none", "--warmup", "2", "--repeats", "10", "--json",
+                   "--quiet")
     assert proc.returncode == 0, proc.stderr
     target = json.loads(proc.stdout)["latency_ms"]["ort_cpu"] / 2
     out = tmp_path / "r18"
@@ -253,8 +256,9 @@ def test_sweep_and_run_reports_render_with_visible_plots(tmp_path):
     args = ("sweep", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--data", "cifar10", "--epochs", "0",
             "--ratios", "0.3,0.6", "--set", "data.eval_images=1000", "--set", "recover.calibration_images=256",
             "--set", "int8.enabled=true", "--set", "int8.calibration_images=64", "--set", "latency.repeats=10",
-            "--set", "prune.sensitivity_ratios=[0.3,0.7]", "--set", "prune.sensitivity_images=64",
-            "--set", "prune.sensitivity_calibration_images=64", "--out", str(out), "--quiet")
+            "--set", "latency.openvino=false", "--set", "prune.sensitivity_ratios=[0.3,0.7]",
+            "--set", "prune.sensitivity_images=64", "--set", "prune.sensitivity_calibration_images=64",
+            "--out", str(out), "--quiet")
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     sweep = json.loads((out / "sweep.json").read_text())
