@@ -97,3 +97,11 @@ def test_diagnostics_name_real_layers_and_time_every_one(finished):
     narrowed = [la for la in diag["layers"] if la["channels_after"] < la["channels_before"]]
     assert narrowed and all(la["macs_after"] < la["macs_before"] for la in narrowed)
     assert any(f.startswith("ONNX Runtime:") for f in diag["findings"])
+    # Both models on ONNX Runtime at 1 and 2 threads, side by side: the speed-up at each thread count.
+    scaling = diag["thread_scaling"]
+    assert diag["threads"] == 2 and set(scaling) == {"before", "after"}
+    assert all(set(ms) == {"1", "2"} and min(ms.values()) > 0 for ms in scaling.values())
+    line = next(f for f in diag["findings"] if f.startswith("ONNX Runtime on 1 thread:"))
+    assert f"{scaling['before']['1'] / scaling['after']['1']:.2f}x faster" in line
+    assert f"on 2 threads: {scaling['before']['2'] / scaling['after']['2']:.2f}x" in line
+    assert line in (out / "report.md").read_text()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .measure import torch_threads
+from .measure import ort_runner, time_interleaved, torch_threads
 from .pruning import out_channels, prunable_layers
 from .pruning.rules import forward_with_layer_hooks
 from .recipe import LatencyOptions
@@ -202,9 +202,35 @@ def diagnose(baseline: nn.Module, baseline_onnx: Path, pruned: nn.Module, pruned
     }
     result = {"runs": opts.repeats, "threads": opts.threads, "batch_size": opts.batch_size, "align": ALIGN,
               "layers": layers, "totals": totals,
-              "ort_other_ms": {"before": before["ort_other_ms"], "after": after["ort_other_ms"]}}
+              "ort_other_ms": {"before": before["ort_other_ms"], "after": after["ort_other_ms"]},
+              "thread_scaling": thread_scaling(baseline_onnx, pruned_onnx, baseline.edgeprune_spec.input_size, opts)}
     result["findings"] = findings(result, speedup, top)
     return from_json(Diagnosis, result)
+
+
+def thread_scaling(baseline_onnx: Path, pruned_onnx: Path, input_size, opts: LatencyOptions) -> dict | None:
+    """ONNX Runtime median ms of both models on 1 thread and on `opts.threads`, the four timed side by side:
+    a pruned model's small layers split less well across threads than the unpruned model's, so its speed-up
+    depends on the thread count. None on one thread."""
+    if opts.threads <= 1:
+        return None
+    counts = (1, opts.threads)
+    runners = {(key, n): ort_runner(path, input_size, opts.batch_size, n, spinning=opts.ort_spinning)
+               for n in counts for key, path in (("before", baseline_onnx), ("after", pruned_onnx))}
+    timed = time_interleaved({f"{key}@{n}": fn for (key, n), fn in runners.items()}, opts)
+    return {key: {str(n): timed[f"{key}@{n}"].median_ms for n in counts} for key in ("before", "after")}
+
+
+def _thread_finding(scaling: dict, macs_x: float, threads: int) -> str:
+    one, many = "1", str(threads)
+    x1 = scaling["before"][one] / scaling["after"][one]
+    xn = scaling["before"][many] / scaling["after"][many]
+    gain_before = scaling["before"][one] / scaling["before"][many]
+    gain_after = scaling["after"][one] / scaling["after"][many]
+    return (f"ONNX Runtime on 1 thread: {x1:.2f}x faster ({x1 / macs_x:.0%} of what the MACs reduction promises); "
+            f"on {threads} threads: {xn:.2f}x ({xn / macs_x:.0%}), timed side by side. {threads} threads make the "
+            f"unpruned model {gain_before:.2f}x faster than 1 thread and the pruned one {gain_after:.2f}x"
+            + (": its smaller layers split less well across threads." if gain_after < 0.95 * gain_before else "."))
 
 
 def _time_change(layer: dict) -> str:
@@ -228,6 +254,8 @@ def findings(diag: dict, speedup: dict[str, float] | None, top: int = 5) -> list
         x = measured[key]
         out.append(f"{label}: {x:.2f}x faster against {macs_x:.2f}x fewer conv/linear MACs, "
                    f"{x / macs_x:.0%} of what the MACs reduction promises.")
+    if diag.get("thread_scaling"):
+        out.append(_thread_finding(diag["thread_scaling"], macs_x, diag["threads"]))
     layers = sorted(diag["layers"], key=lambda la: la["ort_ms_after"], reverse=True)
     if t["ort_layers_ms_after"] == 0:
         out.append("ONNX Runtime's kernels could not be traced back to layers (the exported node names carry "

@@ -148,3 +148,5 @@ class Diagnosis:
     totals: dict[str, float]
     ort_other_ms: dict[str, dict[str, float]]
     findings: list[str] = field(default_factory=list)
+    # ONNX Runtime ms of each model ("before"/"after") on 1 thread and on `threads`, timed side by side
+    thread_scaling: dict[str, dict[str, float]] | None = None

@@ -20,6 +20,7 @@ from .importance import GRADIENT_CRITERIA, calibration_grads, importance_for_gra
 from .probe import LatencyProbe
 from .rules import (
     TORCH_PRUNING_FAILURES,
+    build_graph,
     model_name,
     out_channels,
     prunable_layers,
@@ -150,11 +151,12 @@ AUTO_MACS_SLACK = 0.05  # round_to auto: a rounded model's MACs within this shar
 def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, probe: LatencyProbe | None,
                    log: Callable[[str], None] | None, sensitivity: Sensitivity | None) -> tuple[nn.Module, PruneResult]:
     """round_to auto for a ratio or MACs target: the target pruned without rounding, then each layer's width
-    rounded to the nearest multiple of each candidate (at least one multiple, at most its unpruned width), so
-    that the allocation stays the target's; a candidate whose MACs land more than AUTO_MACS_SLACK from the
-    target's does not meet it. The others are timed side by side on the probe's runtime; the fastest wins, a
-    larger multiple only when it is at least AUTO_MIN_GAIN faster (rounding moves the target, so it must buy
-    speed)."""
+    rounded to a multiple of each candidate (at least one multiple, at most its unpruned width), so that the
+    allocation stays the target's: to the nearest multiple, or when that moves the MACs more than
+    AUTO_MACS_SLACK from the target's, some widths the other way (`_balanced_widths`); a candidate that still
+    misses does not meet the target. The others are timed
+    side by side on the probe's runtime; the fastest wins, a larger multiple only when it is at least
+    AUTO_MIN_GAIN faster (rounding moves the target, so it must buy speed)."""
     if opts.allocation == "sensitivity":  # its curves are scored without rounding
         pruned, result = prune(model, opts.model_copy(update={"round_to": None}), example, calibration, None, log,
                                sensitivity)
@@ -178,25 +180,34 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
         grads, _ = calibration_grads(model, ex, opts.importance, calibration, opts.calibration_batches)
     with torch.no_grad():
         expected = model.eval()(ex).shape
-    tried = {}
-    for multiple in opts.round_to_candidates:
-        if multiple == 1:
-            tried[1] = (plain, plain_result)
-            continue
-        rounded = {n: w if w == full[n] else min(full[n], max(multiple, multiple * int(w / multiple + 0.5)))
-                   for n, w in widths.items()}
+    base_macs, plain_macs = count_macs(model, ex), count_macs(plain, ex)
+    # The target's MACs: a MACs target's; for a ratio, what the ratio leaves without rounding.
+    goal = base_macs * (1 - opts.macs_reduction) if opts.macs_reduction is not None else plain_macs
+
+    def build(rounded: dict[str, int]) -> tuple[nn.Module, list, int]:
         with torch.enable_grad():
             pruned, history = prune_to_widths(model, ex, opts, rounded, plain_result.unpruned, grads)
         check_runs(pruned, ex, expected)
+        return pruned.eval(), history, count_macs(pruned, ex)
+
+    traced: list[list[list[str]]] = []
+
+    def groups() -> list[list[str]]:  # traced once, when a nearest rounding first misses the target
+        if not traced:
+            traced.append(coupled_layers(model, ex, plain_result.unpruned, opts))
+        return traced[0]
+
+    tried, macs, nearest = {}, {}, {}
+    for multiple in opts.round_to_candidates:
+        if multiple == 1:
+            tried[1], macs[1] = (plain, plain_result), plain_macs
+            continue
+        nearest[multiple], rounded, (pruned, history, macs[multiple]) = _balanced_widths(
+            widths, full, multiple, goal, build, groups)
         result = copy.deepcopy(plain_result)
         result.history, result.round_to = [list(h) for h in history], multiple
         result.layers = [LayerWidth(la.name, la.kind, la.channels_before, rounded[la.name]) for la in result.layers]
-        tried[multiple] = (pruned.eval(), result)
-    macs = {m: count_macs(pruned, ex) for m, (pruned, _) in tried.items()}
-    base_macs = count_macs(model, ex)
-    # The target's MACs: a MACs target's; for a ratio, what the ratio leaves without rounding.
-    goal = base_macs * (1 - opts.macs_reduction) if opts.macs_reduction is not None else (
-        macs[1] if 1 in macs else count_macs(plain, ex))
+        tried[multiple] = (pruned, result)
     eligible = ([m for m in sorted(tried) if m == 1 or abs(macs[m] / goal - 1) <= AUTO_MACS_SLACK]
                 or [min(tried)])
     compare = getattr(probe, "compare", None)
@@ -219,18 +230,83 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
         why = (f"round_to auto kept {'no rounding' if first == 1 else first} ({listed}): no "
                f"larger multiple was {AUTO_MIN_GAIN:.0%} faster")
     else:
+        how = ("" if nearest[chosen] else
+               f"; the nearest multiples moved the MACs more than {AUTO_MACS_SLACK:.0%}, so some widths were "
+               "rounded the other way")
         why = (f"round_to auto chose {chosen}: {times[str(chosen)]:.2f} ms on {probe.runtime} against "
                f"{times[str(first)]:.2f} ms {'unrounded' if first == 1 else f'at {first}'} ({listed}); rounding "
-               f"removes {removed(chosen)} against {removed(first)}")
+               f"removes {removed(chosen)} against {removed(first)}{how}")
     if log:
         log(why)
     pruned, result = tried[chosen]
     result.rounding = {"chosen": chosen, "runtime": probe.runtime, "why": why,
                        "candidates": [{"round_to": m, "latency_ms": times.get(str(m)), "macs": macs[m],
-                                       "ratio": tried[m][1].ratio, "meets_target": m in eligible}
+                                       "ratio": tried[m][1].ratio, "meets_target": m in eligible,
+                                       "nearest": nearest.get(m, True)}
                                       for m in sorted(tried)]}
     result.notes.append(why)
     return pruned, result
+
+
+def coupled_layers(model: nn.Module, example: torch.Tensor, unpruned: Iterable[str],
+                   opts: PruneOptions) -> list[list[str]]:
+    """The conv/linear layers whose output channels Torch-Pruning removes together, one list per group
+    (a residual stream's layers, a split block's halves): they can only take one width."""
+    graph = build_graph(model, example, opts.trace_memory_gb, opts.trace_timeout_s)
+    layers = {m: n for n, m in prunable_layers(model).items()}
+    modules = dict(model.named_modules())
+    ignored = [modules[n] for n in unpruned if n in modules]
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=ignored):
+        names = list(dict.fromkeys(layers[dep.target.module] for dep, _ in group
+                                   if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler)))
+        if names:
+            groups.append(names)
+    return groups
+
+
+def _balanced_widths(widths: dict[str, int], full: dict[str, int], multiple: int, goal: float,
+                     build: Callable[[dict[str, int]], tuple],
+                     groups: Callable[[], list[list[str]]]) -> tuple[bool, dict[str, int], tuple]:
+    """Each pruned width as a multiple of `multiple` (at least one, at most the unpruned width; layers left
+    whole stay whole), with MACs close to `goal`: the nearest multiple when that lands within AUTO_MACS_SLACK
+    of it. Otherwise each group of coupled layers (`groups()`) is rounded up or down by rank: the groups
+    ordered by remainder, the first k rounded up and the others down (MACs only grow with k; the nearest
+    rounding is one such k), k found by bisection towards the goal, and of the two either side of it the one
+    landing closer wins. `build(widths)` prunes to them: (model, history, MACs). Returns whether the nearest
+    rounding was kept, the widths and what `build` gave for them."""
+    def rounded(up: set[str]) -> dict[str, int]:
+        return {n: w if w == full[n] else min(full[n], max(multiple, multiple * (w // multiple + (n in up))))
+                for n, w in widths.items()}
+
+    near = {n for n, w in widths.items() if w != full[n] and 2 * (w % multiple) >= multiple}
+    kept = rounded(near)
+    result = build(kept)
+    if abs(result[2] / goal - 1) <= AUTO_MACS_SLACK:
+        return True, kept, result
+    odd = {n for n, w in widths.items() if w != full[n] and w % multiple}
+    covered = {n for names in groups() for n in names}
+    units = [names for names in groups() if odd.intersection(names)] + [[n] for n in sorted(odd - covered)]
+    units.sort(key=lambda names: (-(widths[names[0]] % multiple), -widths[names[0]], names[0]))
+    nearest = sum(2 * (widths[names[0]] % multiple) >= multiple for names in units)
+    built = {nearest: (kept, result)}
+
+    def at(k: int):
+        if k not in built:
+            widths_k = rounded({n for names in units[:k] for n in names})
+            built[k] = (widths_k, build(widths_k))
+        return built[k]
+
+    # Too many MACs: fewer groups rounded up than the nearest rounding does; too few: more.
+    lo, hi = (0, nearest) if result[2] > goal else (nearest + 1, len(units) + 1)
+    while lo < hi:  # the fewest groups rounded up whose MACs pass the goal (len(units) + 1: none)
+        mid = (lo + hi) // 2
+        if at(mid)[1][2] > goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min((k for k in (lo - 1, lo) if 0 <= k <= len(units)), key=lambda k: abs(at(k)[1][2] / goal - 1))
+    return best == nearest, *at(best)
 
 
 def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, opts: PruneOptions,
