@@ -226,13 +226,13 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     if missed:
         listed += (f"; {', '.join(map(str, missed))} moved the MACs more than {AUTO_MACS_SLACK:.0%} from the "
                    "target's, not timed")
+    how = ("" if nearest.get(chosen, True) else
+           f"; the nearest multiples of {chosen} moved the MACs more than {AUTO_MACS_SLACK:.0%}, so some widths "
+           "were rounded the other way")
     if chosen == first:
         why = (f"round_to auto kept {'no rounding' if first == 1 else first} ({listed}): no "
-               f"larger multiple was {AUTO_MIN_GAIN:.0%} faster")
+               f"larger multiple was {AUTO_MIN_GAIN:.0%} faster{how}")
     else:
-        how = ("" if nearest[chosen] else
-               f"; the nearest multiples moved the MACs more than {AUTO_MACS_SLACK:.0%}, so some widths were "
-               "rounded the other way")
         why = (f"round_to auto chose {chosen}: {times[str(chosen)]:.2f} ms on {probe.runtime} against "
                f"{times[str(first)]:.2f} ms {'unrounded' if first == 1 else f'at {first}'} ({listed}); rounding "
                f"removes {removed(chosen)} against {removed(first)}{how}")
@@ -276,7 +276,8 @@ def _balanced_widths(widths: dict[str, int], full: dict[str, int], multiple: int
     landing closer wins. `build(widths)` prunes to them: (model, history, MACs). Returns whether the nearest
     rounding was kept, the widths and what `build` gave for them."""
     def rounded(up: set[str]) -> dict[str, int]:
-        return {n: w if w == full[n] else min(full[n], max(multiple, multiple * (w // multiple + (n in up))))
+        return {n: w if w == full[n] else
+                min(full[n], max(multiple, multiple * (-(-w // multiple) if n in up else w // multiple)))
                 for n, w in widths.items()}
 
     near = {n for n, w in widths.items() if w != full[n] and 2 * (w % multiple) >= multiple}
@@ -285,8 +286,12 @@ def _balanced_widths(widths: dict[str, int], full: dict[str, int], multiple: int
     if abs(result[2] / goal - 1) <= AUTO_MACS_SLACK:
         return True, kept, result
     odd = {n for n, w in widths.items() if w != full[n] and w % multiple}
-    covered = {n for names in groups() for n in names}
-    units = [names for names in groups() if odd.intersection(names)] + [[n] for n in sorted(odd - covered)]
+    units, placed = [], set()
+    for names in groups():
+        names = [n for n in names if n in odd and n not in placed]
+        placed.update(names)
+        units += [[n for n in names if widths[n] == w] for w in dict.fromkeys(widths[n] for n in names)]
+    units += [[n] for n in sorted(odd - placed)]  # a group's layers share one width; others stand alone
     units.sort(key=lambda names: (-(widths[names[0]] % multiple), -widths[names[0]], names[0]))
     nearest = sum(2 * (widths[names[0]] % multiple) >= multiple for names in units)
     built = {nearest: (kept, result)}
@@ -306,7 +311,7 @@ def _balanced_widths(widths: dict[str, int], full: dict[str, int], multiple: int
         else:
             lo = mid + 1
     best = min((k for k in (lo - 1, lo) if 0 <= k <= len(units)), key=lambda k: abs(at(k)[1][2] / goal - 1))
-    return best == nearest, *at(best)
+    return at(best)[0] == kept, *at(best)
 
 
 def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, opts: PruneOptions,
