@@ -64,3 +64,34 @@ def test_spinning_runtimes_are_timed_in_settled_turns():
     plain = time_interleaved({"a": runner("a"), "b": runner("b")}, opts)
     assert plain["a"].runs == SPIN_BLOCK + 3 and len(calls) == 2 * (1 + SPIN_BLOCK + 3)  # round-robin, no settling
     assert [name for name, _ in calls[2:6]] == ["a", "b", "a", "b"]
+
+
+def test_runtimes_send_no_telemetry_under_edgeprune(tmp_path):
+    """ONNX Runtime 1.32's wheel writes a device id and an event queue for Microsoft's telemetry when it is
+    imported, and `import openvino` sends an event to Google Analytics (writing ~/intel/openvino_ga_cid);
+    edgeprune turns both off before importing them. CI=true turns them off too, so both processes run
+    without CI (and without the variable the test process itself inherited from edgeprune), each with a home
+    and cache folder of its own."""
+    import os
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = tmp_path / "identity.onnx"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])),
+              str(model))
+    session = f"import onnxruntime as ort; ort.InferenceSession({str(model)!r}, providers=['CPUExecutionProvider'])"
+    written = {}
+    for name, code in (("plain", session + "; import openvino"),
+                       ("edgeprune", "from edgeprune.measure import require_openvino; require_openvino(); " + session)):
+        env = {k: v for k, v in os.environ.items() if k not in ("CI", "ORT_DISABLE_TELEMETRY")}
+        env["HOME"] = env["XDG_CACHE_HOME"] = str(tmp_path / name)
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+        written[name] = sorted(p.name for p in (tmp_path / name).rglob("*") if p.is_file())
+    # what the two runtimes do on their own here
+    assert "deviceid" in written["plain"] and "openvino_ga_cid" in written["plain"], written
+    assert written["edgeprune"] == [], written

@@ -9,9 +9,16 @@ The names below are imported on first use: `import edgeprune` (and the `edgeprun
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# ONNX Runtime's PyPI wheels (1.29 on) start Microsoft's telemetry when they are imported: a device id and an
+# event queue under ~/.cache/Microsoft/DeveloperTools/.onnxruntime, uploaded when the network lets them.
+# edgeprune runs on machines that should not call out; ORT_DISABLE_TELEMETRY=1 must be set before
+# onnxruntime is imported, so it is set here. A value the user set (0 keeps telemetry on) is left alone.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 _EXPORTS = {
     "Accuracy": "accuracy", "evaluate": "accuracy", "load": "artifact", "save": "artifact",

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -134,7 +135,14 @@ def openvino_available() -> bool:
 
 
 def require_openvino():
-    """The openvino module, or a one-line error saying how to install it."""
+    """The openvino module, or a one-line error saying how to install it.
+
+    `import openvino` sends an "import" event to Google Analytics through the openvino-telemetry package
+    unless the user opted out (measured with openvino 2026.4.1: a DNS lookup of www.google-analytics.com and
+    ~/intel/openvino_ga_cid written). OpenVINO runs without that package (its model converter falls back to a
+    stub), so edgeprune hides it from the import when OpenVINO is not loaded yet: nothing calls out."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: `import` raises ImportError
     try:
         import openvino
     except ImportError as exc:
