@@ -30,7 +30,7 @@ RESULTS = HERE / "results" / "detection.json"
 RECIPE = HERE.parent / "src" / "edgeprune" / "recipes" / "yolov8n-cifar10det.yaml"
 # the pruning of each variant suffix: 1.58x, 2.08x, and 1.82x fewer MACs with widths rounded down to multiples
 # of 8 (ONNX Runtime's blocked CPU layout then serves every conv); 2x-auto: ratio 0.3 with round_to auto (each
-# width rounded to a multiple of 1, 8 or 16 keeping the ratio's MACs within 5%, the fastest on ONNX Runtime kept)
+# width rounded to a multiple of 1, 8, 16 or 32 keeping the ratio's MACs within 5%, the fastest on ONNX Runtime kept)
 PRUNING = {"1.5x": {"prune.ratio": 0.2}, "2x": {"prune.ratio": 0.3},
            "1.8x-r8": {"prune.ratio": 0.2, "prune.round_to": 8},
            "2x-auto": {"prune.ratio": 0.3, "prune.round_to": "auto"}}

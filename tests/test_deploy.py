@@ -179,7 +179,8 @@ def test_round_to_auto_keeps_the_fastest_multiple_that_meets_the_target():
     model = create_model("cifar_resnet20", "none")
     probe = MacsProbe(model.edgeprune_spec.example_input())
     probe.baseline_ms = probe.ms(model)
-    pruned, result = prune(model, PruneOptions(ratio=0.3, round_to="auto"), latency_probe=probe)
+    pruned, result = prune(model, PruneOptions(ratio=0.3, round_to="auto", round_to_candidates=[1, 8, 16]),
+                           latency_probe=probe)
     rounding = result.rounding
     by = {c["round_to"]: c for c in rounding["candidates"]}
     # ratio 0.3 keeps 11, 22 and 44 of 16, 32 and 64 channels; rounded to the nearest 8 that is 8, 24 and 48
@@ -196,7 +197,8 @@ def test_round_to_auto_keeps_the_fastest_multiple_that_meets_the_target():
                                                            w.out_features for w in
                                                            edgeprune.pruning.prunable_layers(pruned).values()]
     assert rounding["why"] in result.notes and "moved the MACs" not in rounding["why"]
-    at_04 = prune(model, PruneOptions(ratio=0.4, round_to="auto"), latency_probe=probe)[1].rounding
+    at_04 = prune(model, PruneOptions(ratio=0.4, round_to="auto", round_to_candidates=[1, 8, 16]),
+                  latency_probe=probe)[1].rounding
     by = {c["round_to"]: c for c in at_04["candidates"]}
     # 9, 19, 38 to the nearest 8 (8, 16, 40) is 7% fewer MACs; 19 rounded up to 24 in two of the three blocks
     # is 1.5% more: it meets the ratio's target but is slower on this probe. 16 cannot land within 5% (9 is at
@@ -243,8 +245,8 @@ def test_latency_search_keeps_the_most_macs_within_the_target_across_round_to():
     probe = MacsProbe(model.edgeprune_spec.example_input())
     probe.baseline_ms = probe.ms(model)
     target = 0.7 * probe.baseline_ms
-    pruned, result = prune(model, PruneOptions(target_latency_ms=target, latency_margin=0.0, round_to="auto"),
-                           latency_probe=probe)
+    pruned, result = prune(model, PruneOptions(target_latency_ms=target, latency_margin=0.0, round_to="auto",
+                                               round_to_candidates=[1, 8, 16]), latency_probe=probe)
     search = result.latency_search
     assert probe.ms(pruned) <= target
     tried = {t["round_to"] for t in search["trials"]}

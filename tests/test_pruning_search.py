@@ -42,7 +42,8 @@ def resnet20():
 
 def search(model, slow_rechecks=0, **opts):
     clock = MacsClock(model, slow_rechecks)
-    opts = {"target_latency_ms": 0.7 * clock.baseline_ms, "latency_margin": 0.0, "round_to": "auto", **opts}
+    opts = {"target_latency_ms": 0.7 * clock.baseline_ms, "latency_margin": 0.0, "round_to": "auto",
+            "round_to_candidates": [1, 8, 16], **opts}
     pruned, result = prune(model, PruneOptions(**opts), latency_probe=clock)
     return clock, pruned, result
 

@@ -189,7 +189,7 @@ def prune_cmd(
                                                 help="fraction of MACs to remove, in (0, 1); 0.5 halves them"),
     target_latency_ms: float | None = typer.Option(
         None, "--target-latency-ms", help="prune until the exported model runs in at most X ms (measured on "
-        "--latency-runtime with --threads); round_to is chosen among 1, 8, 16 unless --round-to is given"),
+        "--latency-runtime with --threads); round_to is chosen among 1, 8, 16, 32 unless --round-to is given"),
     target_speedup: float | None = typer.Option(
         None, "--target-speedup", help="prune until the exported model runs at least X times faster than the "
         "unpruned one on --latency-runtime (X > 1; both timed side by side in this run, so a loaded machine does "
@@ -209,8 +209,8 @@ def prune_cmd(
                                           "ratios from a sensitivity analysis on --data)"),
     global_pruning: bool | None = typer.Option(None, "--global/--local", help="--allocation global / uniform"),
     round_to: int | None = typer.Option(None, "--round-to", help="keep channel counts multiples of N (1: any "
-                                        "count; default: auto, the fastest of 1, 8 and 16 timed on --latency-runtime; "
-                                        "none for a YOLO model or with sensitivity allocation)"),
+                                        "count; default: auto, the fastest of 1, 8, 16 and 32 timed on "
+                                        "--latency-runtime; none for a YOLO model or with sensitivity allocation)"),
     max_layer_ratio: float | None = typer.Option(None, "--max-layer-ratio", help="most any one layer may lose "
                                                  "(default 1.0)"),
     steps: int | None = typer.Option(None, "--steps", help="prune in N steps, each followed by BN re-calibration "

@@ -74,7 +74,7 @@ class PruneOptions(_Strict):
     latency_margin: float = Field(default=0.1, ge=0, lt=0.5, description="the search aims this fraction below "
                                   "the target, so that re-measuring on a noisy machine stays under it")
     round_to_candidates: list[int] = Field(
-        default_factory=lambda: [1, 8, 16], description="round_to auto: the channel multiples tried (1: none); "
+        default_factory=lambda: [1, 8, 16, 32], description="round_to auto: the channel multiples tried (1: none); "
         "with a latency target the one keeping the most MACs within it wins, otherwise the fastest")
     importance: Importance = "l2"
     allocation: Literal["uniform", "global", "sensitivity"] = Field(
