@@ -154,9 +154,9 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     rounded to a multiple of each candidate (at least one multiple, at most its unpruned width), so that the
     allocation stays the target's: to the nearest multiple, or when that moves the MACs more than
     AUTO_MACS_SLACK from the target's, some widths the other way (`_balanced_widths`); a candidate that still
-    misses does not meet the target. The others are timed
-    side by side on the probe's runtime; the fastest wins, a larger multiple only when it is at least
-    AUTO_MIN_GAIN faster (rounding moves the target, so it must buy speed)."""
+    misses does not meet the target. The others are timed side by side on the probe's runtime; the fastest
+    wins, a larger multiple only when it is at least AUTO_MIN_GAIN faster (rounding moves the target, so it
+    must buy speed)."""
     if opts.allocation == "sensitivity":  # its curves are scored without rounding
         pruned, result = prune(model, opts.model_copy(update={"round_to": None}), example, calibration, None, log,
                                sensitivity)
