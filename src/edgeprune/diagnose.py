@@ -228,8 +228,8 @@ def _thread_finding(scaling: dict, macs_x: float, threads: int) -> str:
     gain_before = scaling["before"][one] / scaling["before"][many]
     gain_after = scaling["after"][one] / scaling["after"][many]
     return (f"ONNX Runtime on 1 thread: {x1:.2f}x faster ({x1 / macs_x:.0%} of what the MACs reduction promises); "
-            f"on {threads} threads: {xn:.2f}x ({xn / macs_x:.0%}), timed side by side. {threads} threads make the "
-            f"unpruned model {gain_before:.2f}x faster than 1 thread and the pruned one {gain_after:.2f}x"
+            f"on {threads} threads: {xn:.2f}x ({xn / macs_x:.0%}), timed side by side. On {threads} threads the "
+            f"unpruned model runs {gain_before:.2f}x as fast as on 1, the pruned one {gain_after:.2f}x"
             + (": its smaller layers split less well across threads." if gain_after < 0.95 * gain_before else "."))
 
 
