@@ -214,11 +214,11 @@ def thread_scaling(baseline_onnx: Path, pruned_onnx: Path, input_size, opts: Lat
     depends on the thread count. None on one thread."""
     if opts.threads <= 1:
         return None
-    counts = (1, opts.threads)
-    runners = {(key, n): ort_runner(path, input_size, opts.batch_size, n, spinning=opts.ort_spinning)
-               for n in counts for key, path in (("before", baseline_onnx), ("after", pruned_onnx))}
-    timed = time_interleaved({f"{key}@{n}": fn for (key, n), fn in runners.items()}, opts)
-    return {key: {str(n): timed[f"{key}@{n}"].median_ms for n in counts} for key in ("before", "after")}
+    counts, paths = (1, opts.threads), {"before": baseline_onnx, "after": pruned_onnx}
+    timed = time_interleaved({f"{key}@{n}": ort_runner(path, input_size, opts.batch_size, n,
+                                                       spinning=opts.ort_spinning)
+                              for n in counts for key, path in paths.items()}, opts)
+    return {key: {str(n): timed[f"{key}@{n}"].median_ms for n in counts} for key in paths}
 
 
 def _thread_finding(scaling: dict, macs_x: float, threads: int) -> str:

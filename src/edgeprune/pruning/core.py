@@ -3,9 +3,11 @@ what was done to it; and the checks that the result still runs."""
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +22,7 @@ from .importance import GRADIENT_CRITERIA, calibration_grads, importance_for_gra
 from .probe import LatencyProbe
 from .rules import (
     TORCH_PRUNING_FAILURES,
-    build_graph,
+    coupled_layers,
     model_name,
     out_channels,
     prunable_layers,
@@ -184,25 +186,22 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     # The target's MACs: a MACs target's; for a ratio, what the ratio leaves without rounding.
     goal = base_macs * (1 - opts.macs_reduction) if opts.macs_reduction is not None else plain_macs
 
-    def build(rounded: dict[str, int]) -> tuple[nn.Module, list, int]:
+    def build(rounded: dict[str, int]) -> _Built:
         with torch.enable_grad():
             pruned, history = prune_to_widths(model, ex, opts, rounded, plain_result.unpruned, grads)
         check_runs(pruned, ex, expected)
-        return pruned.eval(), history, count_macs(pruned, ex)
+        return _Built(rounded, pruned.eval(), history, count_macs(pruned, ex))
 
-    traced: list[list[list[str]]] = []
-
+    @functools.cache
     def groups() -> list[list[str]]:  # traced once, when a nearest rounding first misses the target
-        if not traced:
-            traced.append(coupled_layers(model, ex, plain_result.unpruned, opts))
-        return traced[0]
+        return coupled_layers(model, ex, plain_result.unpruned, opts)
 
     tried, macs, nearest = {}, {}, {}
     for multiple in opts.round_to_candidates:
         if multiple == 1:
-            tried[1], macs[1] = (plain, plain_result), plain_macs
+            tried[1], macs[1], nearest[1] = (plain, plain_result), plain_macs, True
             continue
-        nearest[multiple], rounded, (pruned, history, macs[multiple]) = _balanced_widths(
+        nearest[multiple], (rounded, pruned, history, macs[multiple]) = _balanced_widths(
             widths, full, multiple, goal, build, groups)
         result = copy.deepcopy(plain_result)
         result.history, result.round_to = [list(h) for h in history], multiple
@@ -226,7 +225,7 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     if missed:
         listed += (f"; {', '.join(map(str, missed))} moved the MACs more than {AUTO_MACS_SLACK:.0%} from the "
                    "target's, not timed")
-    how = ("" if nearest.get(chosen, True) else
+    how = ("" if nearest[chosen] else
            f"; the nearest multiples of {chosen} moved the MACs more than {AUTO_MACS_SLACK:.0%}, so some widths "
            "were rounded the other way")
     if chosen == first:
@@ -242,49 +241,38 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     result.rounding = {"chosen": chosen, "runtime": probe.runtime, "why": why,
                        "candidates": [{"round_to": m, "latency_ms": times.get(str(m)), "macs": macs[m],
                                        "ratio": tried[m][1].ratio, "meets_target": m in eligible,
-                                       "nearest": nearest.get(m, True)}
+                                       "nearest": nearest[m]}
                                       for m in sorted(tried)]}
     result.notes.append(why)
     return pruned, result
 
 
-def coupled_layers(model: nn.Module, example: torch.Tensor, unpruned: Iterable[str],
-                   opts: PruneOptions) -> list[list[str]]:
-    """The conv/linear layers whose output channels Torch-Pruning removes together, one list per group
-    (a residual stream's layers, a split block's halves): they can only take one width."""
-    graph = build_graph(model, example, opts.trace_memory_gb, opts.trace_timeout_s)
-    layers = {m: n for n, m in prunable_layers(model).items()}
-    modules = dict(model.named_modules())
-    ignored = [modules[n] for n in unpruned if n in modules]
-    groups = []
-    for group in graph.get_all_groups(ignored_layers=ignored):
-        names = list(dict.fromkeys(layers[dep.target.module] for dep, _ in group
-                                   if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler)))
-        if names:
-            groups.append(names)
-    return groups
+class _Built(NamedTuple):
+    """A candidate rounding pruned: its widths, the model, its pruning history and its MACs."""
+    widths: dict[str, int]
+    model: nn.Module
+    history: list
+    macs: int
 
 
 def _balanced_widths(widths: dict[str, int], full: dict[str, int], multiple: int, goal: float,
-                     build: Callable[[dict[str, int]], tuple],
-                     groups: Callable[[], list[list[str]]]) -> tuple[bool, dict[str, int], tuple]:
+                     build: Callable[[dict[str, int]], _Built],
+                     groups: Callable[[], list[list[str]]]) -> tuple[bool, _Built]:
     """Each pruned width as a multiple of `multiple` (at least one, at most the unpruned width; layers left
     whole stay whole), with MACs close to `goal`: the nearest multiple when that lands within AUTO_MACS_SLACK
     of it. Otherwise each group of coupled layers (`groups()`) is rounded up or down by rank: the groups
     ordered by remainder, the first k rounded up and the others down (MACs only grow with k; the nearest
     rounding is one such k), k found by bisection towards the goal, and of the two either side of it the one
-    landing closer wins. `build(widths)` prunes to them: (model, history, MACs). Returns whether the nearest
-    rounding was kept, the widths and what `build` gave for them."""
+    landing closer wins. `build(widths)` prunes to them. Returns whether the nearest rounding was kept, and
+    what `build` gave for the chosen widths."""
     def rounded(up: set[str]) -> dict[str, int]:
         return {n: w if w == full[n] else
                 min(full[n], max(multiple, multiple * (-(-w // multiple) if n in up else w // multiple)))
                 for n, w in widths.items()}
 
-    near = {n for n, w in widths.items() if w != full[n] and 2 * (w % multiple) >= multiple}
-    kept = rounded(near)
-    result = build(kept)
-    if abs(result[2] / goal - 1) <= AUTO_MACS_SLACK:
-        return True, kept, result
+    kept = build(rounded({n for n, w in widths.items() if w != full[n] and 2 * (w % multiple) >= multiple}))
+    if abs(kept.macs / goal - 1) <= AUTO_MACS_SLACK:
+        return True, kept
     odd = {n for n, w in widths.items() if w != full[n] and w % multiple}
     units, placed = [], set()
     for names in groups():
@@ -294,24 +282,21 @@ def _balanced_widths(widths: dict[str, int], full: dict[str, int], multiple: int
     units += [[n] for n in sorted(odd - placed)]  # a group's layers share one width; others stand alone
     units.sort(key=lambda names: (-(widths[names[0]] % multiple), -widths[names[0]], names[0]))
     nearest = sum(2 * (widths[names[0]] % multiple) >= multiple for names in units)
-    built = {nearest: (kept, result)}
 
-    def at(k: int):
-        if k not in built:
-            widths_k = rounded({n for names in units[:k] for n in names})
-            built[k] = (widths_k, build(widths_k))
-        return built[k]
+    @functools.cache
+    def at(k: int) -> _Built:  # the first k units rounded up, the others down
+        return kept if k == nearest else build(rounded({n for names in units[:k] for n in names}))
 
     # Too many MACs: fewer groups rounded up than the nearest rounding does; too few: more.
-    lo, hi = (0, nearest) if result[2] > goal else (nearest + 1, len(units) + 1)
+    lo, hi = (0, nearest) if kept.macs > goal else (nearest + 1, len(units) + 1)
     while lo < hi:  # the fewest groups rounded up whose MACs pass the goal (len(units) + 1: none)
         mid = (lo + hi) // 2
-        if at(mid)[1][2] > goal:
+        if at(mid).macs > goal:
             hi = mid
         else:
             lo = mid + 1
-    best = min((k for k in (lo - 1, lo) if 0 <= k <= len(units)), key=lambda k: abs(at(k)[1][2] / goal - 1))
-    return at(best)[0] == kept, *at(best)
+    best = at(min((k for k in (lo - 1, lo) if 0 <= k <= len(units)), key=lambda k: abs(at(k).macs / goal - 1)))
+    return best.widths == kept.widths, best
 
 
 def _prune(model: nn.Module, example: torch.Tensor, expected_shape: torch.Size, opts: PruneOptions,

@@ -3,7 +3,7 @@ ignores and the layers DepGraph couples through zero-padding or a channel select
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -124,6 +124,23 @@ def build_graph(model: nn.Module, example: torch.Tensor, memory_gb: float | None
 COUPLING_OPS = {"Pad": PAD_REASON, "IndexSelect": SELECT_REASON}
 
 
+def _cut_outputs(graph: tp.DependencyGraph, group, layers: dict[nn.Module, str]) -> list[str]:
+    """The conv/linear layers whose output channels `group` cuts, by name, in order."""
+    return list(dict.fromkeys(layers[dep.target.module] for dep, _ in group
+                              if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler)))
+
+
+def coupled_layers(model: nn.Module, example: torch.Tensor, unpruned: Iterable[str],
+                   opts: PruneOptions) -> list[list[str]]:
+    """The conv/linear layers whose output channels Torch-Pruning removes together, one list per group
+    (a residual stream's layers, a split block's halves): they can only take one width."""
+    graph = build_graph(model, example, opts.trace_memory_gb, opts.trace_timeout_s)
+    layers = {m: n for n, m in prunable_layers(model).items()}
+    modules = dict(model.named_modules())
+    groups = graph.get_all_groups(ignored_layers=[modules[n] for n in unpruned if n in modules])
+    return [names for group in groups if (names := _cut_outputs(graph, group, layers))]
+
+
 def find_coupled(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module],
                      memory_gb: float | None = None, timeout_s: float | None = None) -> dict[str, str]:
     """Layers whose output channels DepGraph couples through a padding or channel-selection op (which it
@@ -138,9 +155,8 @@ def find_coupled(model: nn.Module, example: torch.Tensor, ignored: list[nn.Modul
     for group in graph.get_all_groups(ignored_layers=ignored):
         reasons = [ops[dep.target.module] for dep, _ in group if dep.target.module in ops]
         if reasons:
-            for dep, _ in group:
-                if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler):
-                    coupled.setdefault(layers[dep.target.module], reasons[0])
+            for name in _cut_outputs(graph, group, layers):
+                coupled.setdefault(name, reasons[0])
     return coupled
 
 
