@@ -21,7 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "default_run.json"
-VARIANTS = {"sensitivity": {}, "uniform": {"prune.allocation": "uniform", "prune.round_to": "auto"}}
+VARIANTS = {"sensitivity": {}, "uniform": {"prune.allocation": "uniform", "prune.round_to": "auto"},
+            # the shipped recipe fine-tuning on part of the training set (a shorter run)
+            "sensitivity-30k": {"recover.train_images": 30000}, "sensitivity-20k": {"recover.train_images": 20000}}
 STAGES = ("baseline", "pruned", "recalibrated", "finetuned", "int8")
 
 
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=300, help="timed runs per file")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON to write (and .md beside it)")
     args = parser.parse_args()
     import json
 
@@ -107,17 +110,18 @@ def main() -> None:
                    "wall_s": round(wall, 1), "sensitivity_s": sens["seconds"] if sens else None,
                    "epoch_s": sum(e["seconds"] for e in report["finetuned"]["epochs"]),
                    "top1": {s: report[s]["top1"] for s in STAGES},
+                   "stage_s": {k: t["seconds"] for k, t in report["timings"].items()},
                    "group_ratios": report["prune"].get("group_ratios")}
             results["variants"].append(row)
             files[name] = folder
             print(json.dumps({k: v for k, v in row.items() if k != "group_ratios"}), flush=True)
         results["threads"] = load_recipe(None).latency.threads
         results["latency_ms"] = time_files(files, out, args.repeats)
-    if RESULTS.exists():  # notes written by hand on earlier results stay
-        results["notes"] = json.loads(RESULTS.read_text()).get("notes", [])
-    RESULTS.parent.mkdir(exist_ok=True)
-    write_json(RESULTS, results)
-    write_text(RESULTS.with_suffix(".md"), markdown(results))
+    if args.results.exists():  # notes written by hand on earlier results stay
+        results["notes"] = json.loads(args.results.read_text()).get("notes", [])
+    args.results.parent.mkdir(exist_ok=True)
+    write_json(args.results, results)
+    write_text(args.results.with_suffix(".md"), markdown(results))
     print(markdown(results), end="")
 
 

@@ -126,6 +126,8 @@ def test_default_run_reports_every_accuracy_and_resumes(tmp_path):
     assert report["recalibrated"]["top1"] > report["pruned"]["top1"] + 10
     assert abs(report["onnx"]["top1"] - report["finetuned"]["top1"]) <= 0.2
     assert "Accuracy by stage" in (out / "report.md").read_text()
+    timings = report["timings"]  # the stage includes its evaluation after the epoch
+    assert timings["finetuned"]["seconds"] > report["finetuned"]["epochs"][0]["seconds"] > 0
 
     prune_mtime = (out / "stages" / "prune.json").stat().st_mtime_ns
     (out / "stages" / "measure.json").unlink()  # as if the run stopped before its last measurement
@@ -133,6 +135,8 @@ def test_default_run_reports_every_accuracy_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "stages" / "prune.json").stat().st_mtime_ns == prune_mtime
     assert (out / "stages" / "measure.json").exists()
+    resumed = json.loads((out / "report.json").read_text())["timings"]
+    assert resumed["prune"] == {**timings["prune"], "reused": True} and not resumed["measure"]["reused"]
 
     other = cli("prune", "--model", "cifar_resnet20", "--out", str(out), *FAST)
     assert_one_line_error(other, "different recipe", "--overwrite")

@@ -30,10 +30,18 @@ def test_prune_with_a_recipe_runs_the_recipe_and_options_override_only_themselve
     assert report["target"] == {"kind": "macs", "macs_reduction": 0.4, "macs": report["prune"]["macs_target"]}
     assert report["export"]["opset"] == 13 and report["recipe"]["recover"]["epochs"] == 5
 
-    # `run` of the same recipe is the same run: it finds every stage done.
+    # Each stage's time, measured in this run.
+    stages = {p.stem for p in (out / "stages").glob("*.json")}
+    assert set(report["timings"]) == stages and not any(t["reused"] for t in report["timings"].values())
+    assert report["timings"]["prune"]["seconds"] > 0
+    assert "Time by stage" in (out / "report.md").read_text()
+
+    # `run` of the same recipe is the same run: it finds every stage done, and says so with the times it took.
     stamp = (out / "stages" / "prune.json").stat().st_mtime_ns
-    assert run_cli("run", str(path), "--out", str(out), "-q").returncode == 0
+    again = run_cli("run", str(path), "--out", str(out), "-q", "--json")
+    assert again.returncode == 0, again.stderr
     assert (out / "stages" / "prune.json").stat().st_mtime_ns == stamp
+    assert json.loads(again.stdout)["timings"] == {k: {**t, "reused": True} for k, t in report["timings"].items()}
     # --overwrite starts afresh.
     assert run_cli("prune", "--recipe", str(path), "--out", str(out), "-q", "--overwrite").returncode == 0
     assert (out / "stages" / "prune.json").stat().st_mtime_ns != stamp
@@ -90,6 +98,10 @@ def test_a_run_folder_from_before_a_recipe_field_was_added_resumes_without_recom
     recipe = json.loads((out / "recipe.json").read_text())
     del recipe["prune"]["target_speedup"]  # as an edgeprune of 2026-11-29 wrote it
     (out / "recipe.json").write_text(json.dumps(recipe))
+    for path in (out / "stages").glob("*.json"):  # nor did it record how long each stage took
+        record = json.loads(path.read_text())
+        del record["seconds"]
+        path.write_text(json.dumps(record))
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr

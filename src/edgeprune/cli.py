@@ -157,6 +157,8 @@ def _finish(report: dict | None, out: Path, as_json: bool) -> None:
     unpruned = report["prune"]["unpruned"]
     if len(unpruned) > 1:
         out_console.print(f"{len(unpruned)} layers left unpruned (see report.md for why)", highlight=False)
+    if report.get("timings"):
+        out_console.print(rows.timings(report["timings"]), highlight=False)
     out_console.print(f"Report: {out / 'report.html'} (also .md, .json); pruned model: {out} "
                       "(edgeprune.load)", highlight=False)
 

@@ -105,6 +105,7 @@ class Runner:
         self.detection = self.spec.task == "detect"
         self.models: dict[str, nn.Module] = {}
         self.fingerprints: dict[str, str] = {}  # of the stages run (or found done) in this process
+        self.timings: dict[str, dict] = {}  # stage: {"seconds": wall time of its computation, "reused": bool}
         self.history: list | None = None
         self._splits: dict[tuple[str, bool], object] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="edgeprune-")
@@ -233,12 +234,17 @@ class Runner:
         done = self.store.fresh(stage, fingerprint)
         if done is not None:
             try:
-                return from_json(RESULT_TYPES[stage.name], done)
+                result = from_json(RESULT_TYPES[stage.name], done)
+                self.timings[stage.name] = {"seconds": self.store.seconds(stage.name), "reused": True}
+                return result
             except ValidationError:  # stored by an edgeprune whose result had other fields: compute it again
                 self.log(f"{stage.name}: the stored result predates this edgeprune; computing it again")
+        start = time.perf_counter()
         result = COMPUTE[stage.name](self)
+        seconds = time.perf_counter() - start
+        self.timings[stage.name] = {"seconds": round(seconds, 1), "reused": False}
         if self.rt.is_main:
-            self.store.save(stage, fingerprint, to_json(result))
+            self.store.save(stage, fingerprint, to_json(result), seconds)
         return result
 
     def publish_model(self, stage: str) -> None:
@@ -650,7 +656,7 @@ def run_stages(recipe: Recipe, out: str | Path, quiet: bool, overwrite: bool = F
         runner.close()
     if not rt.is_main:
         return None
-    final = report.build(recipe, results, environment())
+    final = report.build(recipe, results, environment(), runner.timings)
     write_report(store.root, final)
     return final
 

@@ -10,9 +10,11 @@ from . import rows
 from .recipe import Recipe
 
 
-def build(recipe: Recipe, results: dict[str, object], environment: dict) -> dict:
+def build(recipe: Recipe, results: dict[str, object], environment: dict,
+          timings: dict[str, dict] | None = None) -> dict:
     """report.json from the typed stage results. The pruned, re-calibrated and fine-tuned models share
-    one architecture, so they share its one measurement."""
+    one architecture, so they share its one measurement. `timings`: each stage's wall seconds, and whether
+    this run reused it from an earlier one (`Runner.timings`)."""
     measured = results["measure"]
     baseline, pruned = asdict(measured.baseline), asdict(measured.pruned)
 
@@ -58,6 +60,8 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict) -> dict
     report["speedup"] = {k: round(v / pruned["latency_ms"][k], 3) for k, v in baseline["latency_ms"].items()
                          if pruned["latency_ms"].get(k)}
     report["target"] = target(prune, recipe_json, pruned, baseline)
+    if timings:
+        report["timings"] = timings
     return report
 
 
@@ -136,6 +140,8 @@ def markdown(report: dict) -> str:
     else:
         lines += rows.markdown(rows.widths(report))
     lines += [f"Note: {note}\n" for note in rows.notes(report)]
+    if report.get("timings"):
+        lines += [rows.timings(report["timings"]), ""]
     env = report["environment"]
     lines += [f"Environment: {', '.join(f'{k} {v}' for k, v in env.items())}.", ""]
     return "\n".join(lines)

@@ -204,6 +204,8 @@ def page(report: dict) -> str:
                                 f"median ms per layer over {diag['runs']} runs", "per-layer time breakdown"))
         body.append(rows.html(rows.layer_times(diag)))
     body += [f"<p class='note'>Note: {html.escape(n)}</p>" for n in rows.notes(report)]
+    if report.get("timings"):
+        body.append(f"<p class='muted'>{html.escape(rows.timings(report['timings']))}</p>")
     env = report["environment"]
     body.append(f"<p class='muted'>{html.escape(rows.parity(report))} Environment: "
                 f"{html.escape(', '.join(f'{k} {v}' for k, v in env.items()))}.</p>")

@@ -175,8 +175,8 @@ class StageStore:
         recipe_json, unset = _settled(recipe.model_dump(mode="json"))
         deps = {}
         for dep in dependencies(stage, recipe, self.table):
-            record = self.record(dep)
-            deps[dep] = _digest(record) if record is not None else None
+            record = self.record(dep)  # what it computed, not how long it took
+            deps[dep] = _digest({k: v for k, v in record.items() if k != "seconds"}) if record is not None else None
         reads = {f: _field(recipe_json, f) for f in stage.fields(recipe) if f not in unset}
         return _digest({"reads": reads, "after": deps})
 
@@ -189,8 +189,16 @@ class StageStore:
             return None
         return record["result"]
 
-    def save(self, stage: Stage, fingerprint: str, result: dict) -> None:
-        write_json(self.folder / f"{stage.name}.json", {"fingerprint": fingerprint, "result": result})
+    def save(self, stage: Stage, fingerprint: str, result: dict, seconds: float | None = None) -> None:
+        record = {"fingerprint": fingerprint, "result": result}
+        if seconds is not None:
+            record["seconds"] = round(seconds, 1)
+        write_json(self.folder / f"{stage.name}.json", record)
+
+    def seconds(self, name: str) -> float | None:
+        """How long the stored result of `name` took to compute (None: stored by an edgeprune that did not say)."""
+        record = self.record(name)
+        return record.get("seconds") if record is not None else None
 
     def drop_unplanned(self, recipe: Recipe) -> None:
         """Forget stages the recipe no longer asks for, so the report cannot show them."""
