@@ -77,9 +77,9 @@ def test_int8_of_the_jpeg_resnet56_keeps_accuracy_and_is_3x_smaller(tmp_path):
     assert result["speedup_vs_fp32"] == round(fp32_ms / int8_ms, 3)
 
 
-def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path):
-    out = tmp_path / "r56"
-    proc = run_cli("prune", "--model", "cifar_resnet56", "--weights", "cifar10-jpeg", "--macs-reduction", "0.5",
+def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet20(tmp_path):
+    out = tmp_path / "r20"
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "cifar10-jpeg", "--macs-reduction", "0.5",
                    "--data", "cifar10", "--epochs", "1", "--set", "recover.train_images=2560",
                    "--set", "data.eval_images=2000", "--round-to", "1", "--set", "recover.calibration_images=256",
                    "--set", "latency.per_layer=false", "--out", str(out), *FAST, "--quiet")
@@ -92,10 +92,11 @@ def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path
     q = report["int8"]
     assert {"top1", "onnx_bytes", "latency_ms", "top1_agreement"} <= set(q)
     assert q["top1_agreement"] >= 0.97 and q["images"] == 2000
-    assert report["finetuned"]["top1"] > 80  # recovered, not just pruned
+    assert report["finetuned"]["top1"] > report["recalibrated"]["top1"] + 1  # recovered, not just pruned
     assert q["fp32"]["top1"] == report["onnx"]["top1"]  # the FP32 side is the run's own model.onnx
     assert q["fp32"]["top1"] - q["top1"] <= 0.5, q
-    assert q["fp32"]["onnx_bytes"] >= 3 * q["onnx_bytes"], q
+    # ResNet-20's graph and QDQ scales weigh more beside its 0.27M weights than ResNet-56's (>= 3x, above)
+    assert q["fp32"]["onnx_bytes"] >= 2.5 * q["onnx_bytes"], q
     assert json.loads((out / "stages" / "int8.json").read_text())["result"]["onnx_bytes"] == q["onnx_bytes"]
     assert "## INT8" in (out / "report.md").read_text() and (out / "report.html").exists()
     assert report["openvino_parity"]["max_abs_diff"] <= 1e-4 and report["openvino_parity"]["passed"]
@@ -115,7 +116,7 @@ def test_export_int8_adds_a_stage_for_the_pruned_and_recovered_resnet56(tmp_path
         assert rows[runtime, "fp32"]["max_abs_diff"] <= 1e-4
         assert abs(rows[runtime, "fp32"]["top1"] - rows["torch_cpu", "fp32"]["top1"]) <= 0.1
         assert rows[runtime, "fp32"]["top1"] - rows[runtime, "int8"]["top1"] <= 0.5, rows
-    assert rows["ov_cpu", "int8"]["bytes"] * 3 <= rows["ov_cpu", "fp32"]["bytes"]
+    assert rows["ov_cpu", "int8"]["bytes"] * 2.5 <= rows["ov_cpu", "fp32"]["bytes"]
     stored = json.loads((out / "benchmark.json").read_text())
     assert stored["rows"] == json.loads(proc.stdout) and stored["command"].startswith("edgeprune benchmark")
     assert json.loads((out / "report.json").read_text())["benchmark"] == stored

@@ -34,6 +34,12 @@ def test_report_json_is_what_run_returns_and_describes_the_files(finished):
     macs_kept = report["pruned"]["macs"] / report["baseline"]["macs"]
     assert report["reduction_pct"]["macs"] == round(100 * (1 - macs_kept), 2)
     assert report["notes"] == [] and report["target"] == {"kind": "ratio", "ratio": 0.5}
+    # where the time went: every stage that ran, timed, in one line of each rendering
+    assert set(report["timings"]) == {p.stem for p in (out / "stages").glob("*.json")} >= {"prune", "measure"}
+    assert all(t["seconds"] >= 0 and not t["reused"] for t in report["timings"].values())
+    line = rows.timings(report["timings"])
+    assert line.startswith("Time by stage") and "measurement" in line and line in (out / "report.md").read_text()
+    assert html.escape(line) in (out / "report.html").read_text()
 
 
 def test_one_table_renders_the_same_figures_in_markdown_html_and_the_console(finished):

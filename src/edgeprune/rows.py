@@ -278,17 +278,18 @@ def parity(report: dict) -> str:
     return text
 
 
-STAGE_LABELS = {"accuracy_baseline": "unpruned accuracy", "accuracy_pruned": "pruned accuracy",
-                "recalibrated": "BN re-calibration", "finetuned": "fine-tuning", "accuracy_onnx": "ONNX accuracy",
-                "int8": "INT8", "measure": "measurement", "diagnose": "diagnostics",
-                "sensitivity_latency": "sensitivity latency", "steps": "pruning steps"}
+STAGE_TIMES = {"sensitivity": "sensitivity analysis", "prune": "pruning", "export": "ONNX export",
+               "accuracy_baseline": "unpruned accuracy", "accuracy_pruned": "pruned accuracy",
+               "recalibrated": "BN re-calibration", "finetuned": "fine-tuning", "accuracy_onnx": "ONNX accuracy",
+               "int8": "INT8", "measure": "measurement", "diagnose": "diagnostics",
+               "sensitivity_latency": "sensitivity latency", "steps": "pruning steps"}
 
 
 def timings(t: dict) -> str:
     """Where the run's time went: each stage's wall seconds (evaluations included), largest first. A stage this
     run reused from an earlier one in the same folder is marked, with the time it took then."""
     known = sorted(((k, v) for k, v in t.items() if v.get("seconds") is not None), key=lambda kv: -kv[1]["seconds"])
-    parts = [f"{STAGE_LABELS.get(k, k)} {v['seconds']:.0f} s" + (" (reused)" if v["reused"] else "") for k, v in known]
+    parts = [f"{STAGE_TIMES.get(k, k)} {v['seconds']:.0f} s" + (" (reused)" if v["reused"] else "") for k, v in known]
     fresh = sum(v["seconds"] for _, v in known if not v["reused"])
     return (f"Time by stage (wall clock, largest first): {', '.join(parts)}; {fresh:.0f} s computed in this run, "
             "besides loading the model and data and writing the report.")
