@@ -18,7 +18,7 @@ import torch.nn as nn
 from pydantic import ValidationError
 
 from . import artifact, report
-from .accuracy import Accuracy, channels_last_copy, evaluate_model, evaluate_onnx
+from .accuracy import Accuracy, channels_last_copy, evaluate_model, evaluate_onnx_predictions
 from .data import even_subset, load_split, loader, shard, unaugmented
 from .diagnose import diagnose
 from .distributed import Runtime, runtime, seed_everything
@@ -106,6 +106,9 @@ class Runner:
         self.models: dict[str, nn.Module] = {}
         self.fingerprints: dict[str, str] = {}  # of the stages run (or found done) in this process
         self.timings: dict[str, dict] = {}  # stage: {"seconds": wall time of its computation, "reused": bool}
+        # model.onnx's accuracy and per-image classes as accuracy_onnx computed them, for the INT8 comparison's FP32
+        # side: keyed by the file's size and mtime and the dataset, so another file or dataset is evaluated afresh
+        self.onnx_predictions: dict[tuple, tuple[Accuracy, object]] = {}
         self.history: list | None = None
         self._splits: dict[tuple[str, bool], object] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="edgeprune-")
@@ -557,8 +560,17 @@ def _accuracy_onnx(r: Runner) -> Accuracy:
 
         return map_of_onnx(r.root / ONNX_NAME, r.detection_data(), r.spec.input_size[-1], r.recipe.latency.threads,
                            limit=r.recipe.data.eval_images, quiet=r.quiet)
-    return evaluate_onnx(r.root / ONNX_NAME, loader(r.eval_set(), r.recipe.data.eval_batch_size),
-                         r.recipe.latency.threads, r.quiet)
+    path = r.root / ONNX_NAME
+    accuracy, classes = evaluate_onnx_predictions(path, loader(r.eval_set(), r.recipe.data.eval_batch_size),
+                                                  r.recipe.latency.threads, r.quiet)
+    r.onnx_predictions[_evaluated(path, r.recipe.data.path)] = (accuracy, classes)
+    return accuracy
+
+
+def _evaluated(path: Path, data: str | None) -> tuple:
+    """What an evaluation of the file `path` on `data` depends on (a re-export changes its size or mtime)."""
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, data
 
 
 def _int8(r: Runner) -> Int8Result:
@@ -581,8 +593,12 @@ def _int8(r: Runner) -> Int8Result:
         calibration = calibration_data(train, r.spec, opts.calibration_images)
         quantize_int8(fp32, int8, calibration, opts)
         batches = loader(r.eval_set(data), r.recipe.data.eval_batch_size)
-        compared = compare_int8(fp32, int8, top1_of(batches, r.recipe.latency.threads, r.quiet), r.spec.input_size,
-                                r.recipe.latency, r.quiet)
+        evaluate = top1_of(batches, r.recipe.latency.threads, r.quiet)
+        known = r.onnx_predictions.get(_evaluated(fp32, data))  # model.onnx, just evaluated by accuracy_onnx
+
+        def evaluate_once(path: Path):
+            return known if known is not None and path == fp32 else evaluate(path)
+        compared = compare_int8(fp32, int8, evaluate_once, r.spec.input_size, r.recipe.latency, r.quiet)
     return from_json(Int8Result, {**compared, "calibration_images": len(calibration.dataset),
                                   "method": opts.method, "per_channel": opts.per_channel,
                                   "reduce_range": reduce_range(opts)})

@@ -287,7 +287,8 @@ STAGE_TIMES = {"sensitivity": "sensitivity analysis", "prune": "pruning", "expor
 
 def timings(t: dict) -> str:
     """Where the run's time went: each stage's wall seconds (evaluations included), largest first. A stage this
-    run reused from an earlier one in the same folder is marked, with the time it took then."""
+    run found done (by an earlier run in the folder, or a sweep point sharing its analysis) is marked, with the
+    time it took then."""
     known = sorted(((k, v) for k, v in t.items() if v.get("seconds") is not None), key=lambda kv: -kv[1]["seconds"])
     parts = [f"{STAGE_TIMES.get(k, k)} {v['seconds']:.0f} s" + (" (reused)" if v["reused"] else "") for k, v in known]
     fresh = sum(v["seconds"] for _, v in known if not v["reused"])
