@@ -106,9 +106,9 @@ class Runner:
         self.models: dict[str, nn.Module] = {}
         self.fingerprints: dict[str, str] = {}  # of the stages run (or found done) in this process
         self.timings: dict[str, dict] = {}  # stage: {"seconds": wall time of its computation, "reused": bool}
-        # model.onnx's accuracy and per-image classes as accuracy_onnx computed them, for the INT8 comparison's FP32
-        # side: keyed by the file's size and mtime and the dataset, so another file or dataset is evaluated afresh
-        self.onnx_predictions: dict[tuple, tuple[Accuracy, object]] = {}
+        # model.onnx's accuracy and per-image classes on the recipe's dataset, when accuracy_onnx computed them in this
+        # process: the INT8 comparison's FP32 side (nothing rewrites model.onnx between the two stages)
+        self.onnx_classes: tuple[Accuracy, object] | None = None
         self.history: list | None = None
         self._splits: dict[tuple[str, bool], object] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="edgeprune-")
@@ -234,18 +234,18 @@ class Runner:
 
     def execute(self, stage: Stage):
         fingerprint = self.fingerprints[stage.name] = self.store.fingerprint(stage, self.recipe)
-        done = self.store.fresh(stage, fingerprint)
+        done = self.store.fresh_record(stage, fingerprint)
         if done is not None:
             try:
-                result = from_json(RESULT_TYPES[stage.name], done)
-                self.timings[stage.name] = {"seconds": self.store.seconds(stage.name), "reused": True}
+                result = from_json(RESULT_TYPES[stage.name], done["result"])
+                self.timings[stage.name] = {"seconds": done.get("seconds"), "reused": True}
                 return result
             except ValidationError:  # stored by an edgeprune whose result had other fields: compute it again
                 self.log(f"{stage.name}: the stored result predates this edgeprune; computing it again")
         start = time.perf_counter()
         result = COMPUTE[stage.name](self)
-        seconds = time.perf_counter() - start
-        self.timings[stage.name] = {"seconds": round(seconds, 1), "reused": False}
+        seconds = round(time.perf_counter() - start, 1)
+        self.timings[stage.name] = {"seconds": seconds, "reused": False}
         if self.rt.is_main:
             self.store.save(stage, fingerprint, to_json(result), seconds)
         return result
@@ -560,17 +560,9 @@ def _accuracy_onnx(r: Runner) -> Accuracy:
 
         return map_of_onnx(r.root / ONNX_NAME, r.detection_data(), r.spec.input_size[-1], r.recipe.latency.threads,
                            limit=r.recipe.data.eval_images, quiet=r.quiet)
-    path = r.root / ONNX_NAME
-    accuracy, classes = evaluate_onnx_predictions(path, loader(r.eval_set(), r.recipe.data.eval_batch_size),
-                                                  r.recipe.latency.threads, r.quiet)
-    r.onnx_predictions[_evaluated(path, r.recipe.data.path)] = (accuracy, classes)
-    return accuracy
-
-
-def _evaluated(path: Path, data: str | None) -> tuple:
-    """What an evaluation of the file `path` on `data` depends on (a re-export changes its size or mtime)."""
-    st = path.stat()
-    return str(path), st.st_size, st.st_mtime_ns, data
+    r.onnx_classes = evaluate_onnx_predictions(r.root / ONNX_NAME, loader(r.eval_set(), r.recipe.data.eval_batch_size),
+                                               r.recipe.latency.threads, r.quiet)
+    return r.onnx_classes[0]
 
 
 def _int8(r: Runner) -> Int8Result:
@@ -594,7 +586,7 @@ def _int8(r: Runner) -> Int8Result:
         quantize_int8(fp32, int8, calibration, opts)
         batches = loader(r.eval_set(data), r.recipe.data.eval_batch_size)
         evaluate = top1_of(batches, r.recipe.latency.threads, r.quiet)
-        known = r.onnx_predictions.get(_evaluated(fp32, data))  # model.onnx, just evaluated by accuracy_onnx
+        known = r.onnx_classes if data == r.recipe.data.path else None  # model.onnx, on the same images
 
         def evaluate_once(path: Path):
             return known if known is not None and path == fp32 else evaluate(path)

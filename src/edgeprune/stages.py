@@ -182,23 +182,23 @@ class StageStore:
 
     def fresh(self, stage: Stage, fingerprint: str) -> dict | None:
         """The stored result when it was computed from inputs with this fingerprint and its files are all there."""
+        record = self.fresh_record(stage, fingerprint)
+        return record["result"] if record is not None else None
+
+    def fresh_record(self, stage: Stage, fingerprint: str) -> dict | None:
+        """`fresh`'s whole record: the result, and the `seconds` it took when the edgeprune that stored it said."""
         record = self.record(stage.name)
         if record is None or record.get("fingerprint") != fingerprint:
             return None
         if not all((self.root / f).exists() for f in stage.writes):
             return None
-        return record["result"]
+        return record
 
     def save(self, stage: Stage, fingerprint: str, result: dict, seconds: float | None = None) -> None:
         record = {"fingerprint": fingerprint, "result": result}
         if seconds is not None:
-            record["seconds"] = round(seconds, 1)
+            record["seconds"] = seconds
         write_json(self.folder / f"{stage.name}.json", record)
-
-    def seconds(self, name: str) -> float | None:
-        """How long the stored result of `name` took to compute (None: stored by an edgeprune that did not say)."""
-        record = self.record(name)
-        return record.get("seconds") if record is not None else None
 
     def drop_unplanned(self, recipe: Recipe) -> None:
         """Forget stages the recipe no longer asks for, so the report cannot show them."""
