@@ -23,7 +23,9 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "default_run.json"
 VARIANTS = {"sensitivity": {}, "uniform": {"prune.allocation": "uniform", "prune.round_to": "auto"},
             # the shipped recipe fine-tuning on 30,000 of the 50,000 training images (a shorter run; see the notes)
-            "sensitivity-30k": {"recover.train_images": 30000}}
+            "sensitivity-30k": {"recover.train_images": 30000},
+            # the shipped recipe fine-tuning in FP32 (recover.amp off), as before 2026-11-30's bf16 autocast
+            "sensitivity-fp32": {"recover.amp": False}}
 STAGES = ("baseline", "pruned", "recalibrated", "finetuned", "int8")
 
 
@@ -31,17 +33,18 @@ def markdown(results: dict) -> str:
     t = results["latency_ms"]
     lines = ["# The default run: sensitivity allocation (as shipped) against uniform allocation", "",
              f"`{results['command']}`", "",
-             "| variant | MACs factor | wall s | analysis s | epoch s | " + " | ".join(
+             "| variant | MACs factor | wall s | analysis s | epoch s | fine-tune | " + " | ".join(
                  f"top-1 {s}" for s in STAGES) + " | drop | ORT ms FP32 | ORT ms INT8 | OV ms FP32 | OV ms INT8 |",
-             "|---|" + "---:|" * (4 + len(STAGES) + 5)]
+             "|---|" + "---:|" * 4 + "---|" + "---:|" * (len(STAGES) + 5)]
     base = t["unpruned"]
-    lines.append("| unpruned | 1.00 | | | | " + " | ".join(["" for _ in STAGES]) + " | | "
+    lines.append("| unpruned | 1.00 | | | | | " + " | ".join(["" for _ in STAGES]) + " | | "
                  f"{base['ort_cpu']:.3f} | | {base['ov_cpu']:.3f} | |")
     for v in results["variants"]:
         top1, ms = v["top1"], t[v["name"]]
         lines.append(
             f"| {v['name']} | {v['macs_factor']:.2f} | {v['wall_s']:.0f} | "
             f"{'' if v['sensitivity_s'] is None else format(v['sensitivity_s'], '.0f')} | {v['epoch_s']:.0f} | "
+            f"{v.get('precision', 'fp32')} | "
             + " | ".join(format(top1[s], ".2f") for s in STAGES)
             + f" | {top1['baseline'] - top1['finetuned']:.2f} | "
             + " | ".join(f"{ms[k]:.3f} ({base[k.split('_int8')[0]] / ms[k]:.2f}x)"
@@ -109,6 +112,7 @@ def main() -> None:
                    "macs_factor": round(report["baseline"]["macs"] / report["pruned"]["macs"], 3),
                    "wall_s": round(wall, 1), "sensitivity_s": sens["seconds"] if sens else None,
                    "epoch_s": sum(e["seconds"] for e in report["finetuned"]["epochs"]),
+                   "precision": report["finetuned"]["precision"],
                    "top1": {s: report[s]["top1"] for s in STAGES},
                    "stage_s": {k: t["seconds"] for k, t in report["timings"].items()},
                    "group_ratios": report["prune"].get("group_ratios")}

@@ -40,6 +40,15 @@ def cpu_flags() -> set[str] | None:
     return None if flags is None else set(flags.split())
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """An x86 CPU with bfloat16 dot-product instructions (AVX512-BF16, or AMX tiles), where oneDNN runs bf16
+    convolutions natively; elsewhere it emulates them, slower than FP32."""
+    return bool((cpu_flags() or set()).intersection(BF16_FLAGS))
+
+
 def environment() -> dict[str, str]:
     env = {"cpu": cpu_name(), "torch": torch.__version__, "torch_pruning": _version("torch-pruning"),
            "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx"), "openvino": _version("openvino")}

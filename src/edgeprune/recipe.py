@@ -232,7 +232,10 @@ class RecoverOptions(_Strict):
                                 "against Ultralytics' detection loss")
     close_mosaic: int = Field(default=2, ge=0, description="detectors: last epochs trained without mosaic "
                               "augmentation")
-    amp: bool = Field(default=True, description="mixed precision on CUDA")
+    amp: bool = Field(default=True, description="classifiers: mixed precision fine-tuning (bf16 autocast) on CPUs "
+                      "with native bf16 (AVX512-BF16 or AMX) and on CUDA (fp16 with loss scaling where bf16 is "
+                      "missing); FP32 elsewhere, and for re-calibration, evaluation and export everywhere "
+                      "(measured on 2 CPU cores: 1.8x faster steps)")
     channels_last: bool = Field(default=True, description="classifiers: fine-tune (student and teacher) in the "
                                 "channels-last memory layout, which oneDNN and cuDNN convolutions run faster "
                                 "(measured on 2 CPU cores: 1.14-1.20x faster fine-tuning)")

@@ -7,6 +7,7 @@ would, because each epoch's shuffling and augmentation are seeded from (seed, ep
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from .accuracy import channels_last_copy, evaluate_model
 from .data import loader, shard
 from .distributed import Runtime
+from .environment import cpu_has_bf16
 from .errors import EdgePruneError
 from .fsio import atomic_path
 from .recipe import RecoverOptions
@@ -107,6 +109,7 @@ class FinetuneResult:
     resumed_from_epoch: int = 0
     world_size: int = 1
     channels_last: bool = False  # trained in the channels-last memory layout
+    precision: str = "fp32"  # the arithmetic of the forward and backward passes: fp32, or bf16/fp16 under autocast
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +134,17 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
         student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
     result.channels_last = channels_last
     return result
+
+
+def training_precision(device: str, amp: bool) -> str:
+    """The arithmetic `recover.amp` gives on `device`: bf16 autocast on CUDA where it has bf16 (fp16 with loss
+    scaling where not) and on CPUs with native bf16 (`cpu_has_bf16`); fp32 when amp is off or the CPU would
+    emulate bf16."""
+    if not amp:
+        return "fp32"
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device == "cpu" and cpu_has_bf16() else "fp32"
 
 
 def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None, train_ds: Dataset,
@@ -185,9 +199,11 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
         scheduler.load_state_dict(state["scheduler"])
         start = result.resumed_from_epoch = int(state["epoch"])
         result.epochs = [EpochResult(**e) for e in state["epochs"]]
-    use_amp = device.startswith("cuda") and opts.amp
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    result.precision = training_precision(device, opts.amp)
+    # Weights, optimizer state and BatchNorm statistics stay FP32; autocast runs convolutions in 16 bits.
+    autocast = (contextlib.nullcontext if result.precision == "fp32" else functools.partial(
+        torch.autocast, device.split(":")[0], dtype=torch.bfloat16 if result.precision == "bf16" else torch.float16))
+    scaler = torch.amp.GradScaler("cuda", enabled=result.precision == "fp16")
     eval_loader = loader(shard(eval_ds, rt.rank, rt.world_size), opts.eval_batch_size) if eval_ds is not None else None
 
     for epoch in range(start, opts.epochs):
@@ -201,11 +217,12 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=layout)
-            with torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext():
+            with autocast():
                 with torch.no_grad():
-                    t_logits = teacher(x) if teacher is not None else None
-                loss = distillation_loss(model(x), t_logits, y, opts.distill_alpha if teacher is not None else 0,
-                                         opts.temperature, opts.label_smoothing)
+                    t_logits = teacher(x).float() if teacher is not None else None
+                loss = distillation_loss(model(x).float(), t_logits, y,
+                                         opts.distill_alpha if teacher is not None else 0, opts.temperature,
+                                         opts.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
