@@ -66,7 +66,10 @@ def _save(results: dict) -> None:
                   f"per timing, {rate['threads']} threads, best of {len(rate['rounds']['pruned_ce'])} rounds timed in "
                   f"turn): unpruned CE {r['unpruned_ce']:.0f} img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
                   f"CE {r['pruned_ce']:.0f} img/s ({rate['pruned_ce_vs_unpruned_ce']:.2f}x), pruned with distillation "
-                  f"{r['pruned_kd']:.0f} img/s; channels-last (the default), and in the contiguous layout "
+                  f"{r['pruned_kd']:.0f} img/s; channels-last in {rate.get('precision', 'fp32')} (the default)"
+                  + (f", in FP32 {r['unpruned_ce_fp32']:.0f}, {r['pruned_ce_fp32']:.0f} and {r['pruned_kd_fp32']:.0f} "
+                     "img/s" if "pruned_kd_fp32" in r else "")
+                  + ", and in FP32 in the contiguous layout "
                   + (f"{r['unpruned_ce_contiguous']:.0f}, {r['pruned_ce_contiguous']:.0f} and "
                      f"{r['pruned_kd_contiguous']:.0f} img/s" if "pruned_kd_contiguous" in r else "not timed")
                   + ". Alone: the augmented data loader "
@@ -96,18 +99,19 @@ def train_rates(images: int, rounds: int = 2) -> dict:
     pruned, _ = prune(model, recipe.prune)
     train = load_split(recipe.data.path, model.edgeprune_spec, True)
     example = model.edgeprune_spec.example_input()
-    runs = {"unpruned_ce": (model, None), "pruned_ce": (pruned, None), "pruned_kd": (pruned, model)}
-    # each also in the contiguous layout (recover.channels_last false), the default before 2026-11-29
-    runs.update({f"{k}_contiguous": v for k, v in runs.items()})
+    models = {"unpruned_ce": (model, None), "pruned_ce": (pruned, None), "pruned_kd": (pruned, model)}
+    # each as the recipe trains (bf16 autocast on CPUs with bf16), in FP32 (recover.amp false; the default before
+    # 2026-11-30), and in FP32 in the contiguous layout (recover.channels_last false too; before 2026-11-29)
+    settings = {"": {}, "_fp32": {"amp": False}, "_contiguous": {"amp": False, "channels_last": False}}
+    runs = {f"{k}{suffix}": (*m, setting) for suffix, setting in settings.items() for k, m in models.items()}
     opts = recipe.recover.model_copy(update={"epochs": 1, "train_images": images})
-    finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}), runtime())
+    precision = finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}),
+                         runtime()).precision  # also a warm-up
     rates: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
-        for key, (student, teacher) in runs.items():
+        for key, (student, teacher, setting) in runs.items():
             result = finetune(copy.deepcopy(student), teacher, train, None,
-                              opts.model_copy(update={"distill": teacher is not None,
-                                                      "channels_last": not key.endswith("_contiguous")}),
-                              runtime())
+                              opts.model_copy(update={"distill": teacher is not None, **setting}), runtime())
             rates[key].append(round(images / result.epochs[0].seconds, 1))
     best = {k: max(v) for k, v in rates.items()}
     # where a distilled step's time goes: the augmented batches alone, and the teacher's forward alone
@@ -122,7 +126,8 @@ def train_rates(images: int, rounds: int = 2) -> dict:
         for _ in range(images // opts.batch_size):
             model(batch)
     best["teacher_forward"] = round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
-    return {"images": images, "threads": torch.get_num_threads(), "rounds": rates, "img_per_s": best,
+    return {"images": images, "threads": torch.get_num_threads(), "precision": precision, "rounds": rates,
+            "img_per_s": best,
             "pruned_ce_vs_unpruned_ce": round(best["pruned_ce"] / best["unpruned_ce"], 3),
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
 

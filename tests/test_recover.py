@@ -8,6 +8,7 @@ from edgeprune import EdgePruneError, create_model, prune
 from edgeprune.accuracy import evaluate_model as evaluate
 from edgeprune.data import load_split, loader
 from edgeprune.distributed import Runtime
+from edgeprune.environment import cpu_has_bf16
 from edgeprune.recipe import PruneOptions, RecoverOptions
 from edgeprune.recover import distillation_loss, finetune, recalibrate_bn
 
@@ -80,7 +81,8 @@ def test_channels_last_trains_the_same_model():
         layouts.append(args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
 
     for model, channels_last in ((student, True), (other, False)):
-        opts = RecoverOptions(epochs=1, train_images=256, batch_size=64, lr=0.02, channels_last=channels_last)
+        opts = RecoverOptions(epochs=1, train_images=256, batch_size=64, lr=0.02, channels_last=channels_last,
+                              amp=False)  # FP32 arithmetic: the two layouts agree to its round-off
         hook = model.conv1.register_forward_pre_hook(record)
         result = finetune(model, teacher, train, None, opts, Runtime(), seed=1)
         hook.remove()
@@ -90,6 +92,35 @@ def test_channels_last_trains_the_same_model():
     assert runs[0] == pytest.approx(runs[1], rel=1e-3), runs
     for (name, a), b in zip(student.state_dict().items(), other.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-3), name
+
+
+def test_mixed_precision_on_a_cpu_with_bf16_trains_like_fp32():
+    """recover.amp on the CPU: bf16 autocast where the CPU has bf16 instructions (this machine and CI's: AMX),
+    FP32 elsewhere; the weights stay FP32 and one short epoch lands where FP32's does."""
+    teacher, student, train, val = setup_pruned()
+    other = copy.deepcopy(student)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # PyTorch's own view
+    assert cpu_has_bf16() == native
+    eval_ds = torch.utils.data.Subset(val, range(0, 10_000, 20))
+    runs = {}
+    for model, amp in ((student, True), (other, False)):
+        dtypes: set[torch.dtype] = set()
+
+        def record(module, args, out, seen=dtypes):
+            if module.training:
+                seen.add(out.dtype)
+
+        hook = model.conv1.register_forward_hook(record)
+        opts = RecoverOptions(epochs=1, train_images=512, batch_size=64, lr=0.02, amp=amp)
+        runs[amp] = finetune(model, teacher, train, eval_ds, opts.model_copy(update={"eval_every_epoch": True}),
+                             Runtime(), seed=1)
+        hook.remove()
+        assert runs[amp].precision == ("bf16" if amp and native else "fp32")
+        assert dtypes == {torch.bfloat16 if runs[amp].precision == "bf16" else torch.float32}, dtypes
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    bf16, fp32 = runs[True].epochs[0], runs[False].epochs[0]
+    assert bf16.loss == pytest.approx(fp32.loss, rel=0.03), (bf16, fp32)
+    assert abs(bf16.top1 - fp32.top1) <= 2.0, (bf16, fp32)  # 500 images: one image is 0.2 points
 
 
 class Flattens(torch.nn.Module):

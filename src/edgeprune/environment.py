@@ -49,8 +49,16 @@ def cpu_has_bf16() -> bool:
     return bool((cpu_flags() or set()).intersection(BF16_FLAGS))
 
 
+# The instructions that decide how fast edgeprune's CPU work runs: FP32 vector width, INT8 dot products (ONNX
+# Runtime's u8s8 kernels, see quantize.cpu_lacks_vnni) and bf16 (fine-tuning under recover.amp).
+CPU_FEATURES = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 def environment() -> dict[str, str]:
-    env = {"cpu": cpu_name(), "torch": torch.__version__, "torch_pruning": _version("torch-pruning"),
+    flags = cpu_flags()
+    env = {"cpu": cpu_name(),
+           **({} if flags is None else {"cpu_features": " ".join(f for f in CPU_FEATURES if f in flags) or "none"}),
+           "torch": torch.__version__, "torch_pruning": _version("torch-pruning"),
            "onnxruntime": _version("onnxruntime"), "onnx": _version("onnx"), "openvino": _version("openvino")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
