@@ -63,8 +63,9 @@ def _save(results: dict) -> None:
     if rate:
         r = rate["img_per_s"]
         lines += ["", f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images "
-                  f"per timing, {rate['threads']} threads, best of {len(rate['rounds']['pruned_ce'])} rounds timed in "
-                  f"turn): unpruned CE {r['unpruned_ce']:.0f} img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
+                  f"per timing, {rate['threads']} threads{' on ' + rate['cpu'] if rate.get('cpu') else ''}, best of "
+                  f"{len(rate['rounds']['pruned_ce'])} rounds timed in turn): unpruned CE {r['unpruned_ce']:.0f} "
+                  f"img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
                   f"CE {r['pruned_ce']:.0f} img/s ({rate['pruned_ce_vs_unpruned_ce']:.2f}x), pruned with distillation "
                   f"{r['pruned_kd']:.0f} img/s; channels-last in {rate.get('precision', 'fp32')} (the default)"
                   + (f", in FP32 {r['unpruned_ce_fp32']:.0f}, {r['pruned_ce_fp32']:.0f} and {r['pruned_kd_fp32']:.0f} "
@@ -90,6 +91,7 @@ def train_rates(images: int, rounds: int = 2) -> dict:
     from edgeprune import create_model, load_recipe, prune
     from edgeprune.data import load_split, loader
     from edgeprune.distributed import runtime
+    from edgeprune.environment import environment
     from edgeprune.measure import count_macs
     from edgeprune.recover import finetune
 
@@ -126,7 +128,8 @@ def train_rates(images: int, rounds: int = 2) -> dict:
         for _ in range(images // opts.batch_size):
             model(batch)
     best["teacher_forward"] = round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
-    return {"images": images, "threads": torch.get_num_threads(), "precision": precision, "rounds": rates,
+    return {"images": images, "threads": torch.get_num_threads(), "cpu": environment()["cpu"],
+            "cpu_features": environment().get("cpu_features"), "precision": precision, "rounds": rates,
             "img_per_s": best,
             "pruned_ce_vs_unpruned_ce": round(best["pruned_ce"] / best["unpruned_ce"], 3),
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
