@@ -12,6 +12,7 @@ import torch
 from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
+from edgeprune.environment import cpu_has_bf16
 
 FAST = ("--warmup", "2", "--repeats", "5")
 RESNET50_R07_MACS = 397_290_678  # deterministic: a uniform ratio on a fixed architecture
@@ -132,6 +133,9 @@ def test_default_run_reports_every_accuracy_and_resumes(tmp_path):
     assert "Accuracy by stage" in (out / "report.md").read_text()
     timings = report["timings"]  # the stage includes its evaluation after the epoch
     assert timings["finetuned"]["seconds"] > report["finetuned"]["epochs"][0]["seconds"] > 0
+    # recover.amp (on): bf16 autocast where the CPU has bf16 instructions, which the environment lists
+    assert report["finetuned"]["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert ("amx_bf16" in report["environment"]["cpu_features"].split()) == torch.cpu._is_amx_tile_supported()
 
     prune_mtime = (out / "stages" / "prune.json").stat().st_mtime_ns
     (out / "stages" / "measure.json").unlink()  # as if the run stopped before its last measurement

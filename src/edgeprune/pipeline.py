@@ -33,7 +33,7 @@ from .pruning.schedule import epoch_shares, layer_widths, prune_to_widths, step_
 from .pruning.sensitivity import Sensitivity
 from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range, top1_of
 from .recipe import Recipe, apply_overrides, build, same_recipe
-from .recover import finetune, recalibrate_bn, recalibrate_bn_on
+from .recover import finetune, recalibrate_bn, recalibrate_bn_on, training_precision
 from .results import (
     Diagnosis,
     ExportResult,
@@ -196,7 +196,8 @@ class Runner:
         unpruned model when asked; checkpointed each epoch under `tag` (what the fine-tune started from)."""
         opts = self.recipe.recover.model_copy(update={"epochs": epochs})
         teacher = self.baseline if opts.distill else None
-        self.log(f"fine-tuning {epochs} epoch(s) on {self.rt.world_size} process(es), "
+        precision = "fp32" if self.detection else training_precision(self.rt.device, opts.amp)
+        self.log(f"fine-tuning {epochs} epoch(s) on {self.rt.world_size} process(es) in {precision}, "
                  f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
         checkpoint = self.root / FINETUNE_CHECKPOINT
         if self.detection:
