@@ -128,8 +128,9 @@ def train_rates(images: int, rounds: int = 2) -> dict:
         for _ in range(images // opts.batch_size):
             model(batch)
     best["teacher_forward"] = round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
-    return {"images": images, "threads": torch.get_num_threads(), "cpu": environment()["cpu"],
-            "cpu_features": environment().get("cpu_features"), "precision": precision, "rounds": rates,
+    env = environment()
+    return {"images": images, "threads": torch.get_num_threads(), "cpu": env["cpu"],
+            "cpu_features": env.get("cpu_features"), "precision": precision, "rounds": rates,
             "img_per_s": best,
             "pruned_ce_vs_unpruned_ce": round(best["pruned_ce"] / best["unpruned_ce"], 3),
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}

@@ -4,13 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import edgeprune.environment as environment
 from edgeprune import EdgePruneError, create_model, prune
 from edgeprune.accuracy import evaluate_model as evaluate
 from edgeprune.data import load_split, loader
 from edgeprune.distributed import Runtime
 from edgeprune.environment import cpu_has_bf16
 from edgeprune.recipe import PruneOptions, RecoverOptions
-from edgeprune.recover import distillation_loss, finetune, recalibrate_bn
+from edgeprune.recover import distillation_loss, finetune, recalibrate_bn, training_precision
 
 
 def setup_pruned():
@@ -66,6 +67,7 @@ def test_finetune_improves_and_resumes_exactly(tmp_path):
         finetune(resumed, teacher, train, None, opts, Runtime(), ckpt2, seed=3)
     result = finetune(resumed, teacher, train, None, opts, Runtime(), ckpt2, resume=True, seed=3)
     assert result.resumed_from_epoch == 1 and [e.epoch for e in result.epochs] == [1, 2]
+    assert [e.precision for e in result.epochs] == [result.precision] * 2  # each epoch records its arithmetic
     for (name, a), b in zip(student.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -95,8 +97,9 @@ def test_channels_last_trains_the_same_model():
 
 
 def test_mixed_precision_on_a_cpu_with_bf16_trains_like_fp32():
-    """recover.amp on the CPU: bf16 autocast where the CPU has bf16 instructions (this machine and CI's: AMX),
-    FP32 elsewhere; the weights stay FP32 and one short epoch lands where FP32's does."""
+    """recover.amp on the CPU: bf16 autocast where the CPU has bf16 instructions (AMX on the Intel machines
+    here), FP32 on those without (the AVX2 EPYCs); the weights stay FP32, and one short epoch lands where
+    FP32's does."""
     teacher, student, train, val = setup_pruned()
     other = copy.deepcopy(student)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # PyTorch's own view
@@ -121,6 +124,18 @@ def test_mixed_precision_on_a_cpu_with_bf16_trains_like_fp32():
     bf16, fp32 = runs[True].epochs[0], runs[False].epochs[0]
     assert bf16.loss == pytest.approx(fp32.loss, rel=0.03), (bf16, fp32)
     assert abs(bf16.top1 - fp32.top1) <= 2.0, (bf16, fp32)  # 500 images: one image is 0.2 points
+
+
+def test_training_precision_follows_the_device_and_amp(monkeypatch):
+    """The CUDA branches with the GPU's bf16 support set by hand (no GPU here), the CPU's by its flags."""
+    for bf16, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, v=bf16, **k: v)
+        assert training_precision("cuda", True) == training_precision("cuda:1", True) == expected
+        assert training_precision("cuda:0", False) == "fp32"
+    for flags, expected in (({"avx2", "amx_bf16"}, "bf16"), ({"avx512_bf16"}, "bf16"), ({"avx2", "avx512f"}, "fp32"),
+                            (None, "fp32")):
+        monkeypatch.setattr(environment, "cpu_flags", lambda v=flags: v)
+        assert training_precision("cpu", True) == expected and training_precision("cpu", False) == "fp32"
 
 
 class Flattens(torch.nn.Module):

@@ -101,6 +101,7 @@ class EpochResult:
     top5: float | None = None
     map50_95: float | None = None  # detectors
     map50: float | None = None
+    precision: str | None = None  # the epoch's arithmetic (a resumed fine-tune may have changed machine)
 
 
 @dataclass
@@ -140,11 +141,12 @@ def training_precision(device: str, amp: bool) -> str:
     """The arithmetic `recover.amp` gives on `device`: bf16 autocast on CUDA where it has bf16 (fp16 with loss
     scaling where not) and on CPUs with native bf16 (`cpu_has_bf16`); fp32 when amp is off or the CPU would
     emulate bf16."""
+    kind = device.split(":")[0]
     if not amp:
         return "fp32"
-    if device.startswith("cuda"):
+    if kind == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device == "cpu" and cpu_has_bf16() else "fp32"
+    return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
 
 
 def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None, train_ds: Dataset,
@@ -204,6 +206,8 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
     autocast = (contextlib.nullcontext if result.precision == "fp32" else functools.partial(
         torch.autocast, device.split(":")[0], dtype=torch.bfloat16 if result.precision == "bf16" else torch.float16))
     scaler = torch.amp.GradScaler("cuda", enabled=result.precision == "fp16")
+    if state is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])  # the loss scale it had reached
     eval_loader = loader(shard(eval_ds, rt.rank, rt.world_size), opts.eval_batch_size) if eval_ds is not None else None
 
     for epoch in range(start, opts.epochs):
@@ -231,7 +235,7 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
             total, seen = total + loss.item() * len(y), seen + len(y)
         total, seen = rt.all_sum([total, seen])
         epoch_result = EpochResult(epoch=epoch + 1, loss=total / seen, lr=scheduler.get_last_lr()[0],
-                                   seconds=round(time.time() - t0, 2))
+                                   seconds=round(time.time() - t0, 2), precision=result.precision)
         if eval_loader is not None:
             acc = evaluate_model(student, eval_loader, rt)
             epoch_result.top1, epoch_result.top5 = acc.top1, acc.top5
@@ -240,7 +244,8 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
             with atomic_path(checkpoint) as tmp:
                 torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                            "epochs": [asdict(e) for e in result.epochs], "tag": tag}, tmp)
+                            "scaler": scaler.state_dict(), "epochs": [asdict(e) for e in result.epochs],
+                            "tag": tag}, tmp)
         rt.barrier()
     student.eval()
     return result

@@ -160,7 +160,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
             ema.update(student)
             total, seen = total + loss.item(), seen + len(x)
         epoch_result = EpochResult(epoch=epoch + 1, loss=total / max(seen, 1), lr=scheduler.get_last_lr()[0],
-                                   seconds=round(time.time() - t0, 2))
+                                   seconds=round(time.time() - t0, 2), precision="fp32")
         if evaluate is not None:
             acc = evaluate(ema.ema)
             epoch_result.map50_95, epoch_result.map50 = acc.map50_95, acc.map50
