@@ -141,22 +141,23 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     return result
 
 
-BN_LANES = 16  # AVX-512: 16 FP32 lanes; channels-last batch norm is slow at widths that are not a multiple
+BN_LANES = 16  # AVX-512: 16 FP32 lanes; channels-last batch norm is slow on narrower layers
 
 
 def _contiguous_batchnorms(student: nn.Module, device: str) -> list:
-    """Channels-last fine-tuning on an AVX-512 CPU: each BatchNorm2d whose width is not a multiple of BN_LANES
-    runs in the contiguous layout, its input and output copied across, through hooks that leave the modules and
-    the state dict as they are. PyTorch's channels-last batch norm on the CPU vectorizes along the channels:
-    at widths a pruned model has (4, 8, 11, 23, 45) its forward and backward ran 2-15x slower than contiguous
-    (2 cores of an Intel Xeon, batch 128 at 32x32: 11 channels 26 ms against 4.8 ms in FP32), while at 16, 32
-    and 64 the copies cost more than they save. Elsewhere (AVX2, ARM, GPUs) not measured: nothing changes.
-    Returns the hook handles (two per layer)."""
+    """Channels-last fine-tuning on an AVX-512 CPU: each BatchNorm2d narrower than BN_LANES channels runs in the
+    contiguous layout, its input and output copied across, through hooks that leave the modules and the state
+    dict as they are. PyTorch's channels-last batch norm on the CPU vectorizes along the channels, and on narrow
+    layers it lost to contiguous even with the copies (bench/batchnorm_layout.py on 2 cores of an Intel Xeon,
+    forward and backward, batch 128 at 32x32: 8 channels 13.0 ms against 4.2 in FP32, 11.4 against 6.5 in bf16;
+    11 channels 18.4 against 7.9 and 22.0 against 9.6). At 16 and wider the copies cost more than they save,
+    odd widths (23, 45) included. Elsewhere (AVX2, ARM, GPUs) not measured: nothing changes. Returns the hook
+    handles (two per layer)."""
     if device != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return []
     handles = []
     for module in student.modules():
-        if isinstance(module, nn.BatchNorm2d) and module.num_features % BN_LANES:
+        if isinstance(module, nn.BatchNorm2d) and module.num_features < BN_LANES:
             handles += [module.register_forward_pre_hook(_to_contiguous), module.register_forward_hook(_to_cl)]
     return handles
 
