@@ -3,7 +3,7 @@
     EDGEPRUNE_HOME=../shared/data python bench/allocation.py [--variants uniform-2x sensitivity-2x uniform-3x
         sensitivity-3x sensitivity-2x-s3 ...] [--epochs 5] [--out DIR]
     EDGEPRUNE_HOME=../shared/data python bench/allocation.py --variants uniform-ms sensitivity-ms --target-ms 2.8
-    EDGEPRUNE_HOME=../shared/data python bench/allocation.py --train-rate 3840
+    EDGEPRUNE_HOME=../shared/data python bench/allocation.py --train-rate 1280 [--rounds 5]
 
 Every variant is the built-in default recipe (src/edgeprune/recipes/default.yaml: l2 importance, BN
 re-calibration on 1,024 images, distillation) at a MACs target (2x: macs_reduction 0.5, 3x: 0.667), or at
@@ -62,17 +62,26 @@ def _save(results: dict) -> None:
     rate = results.get("train_rate")
     if rate:
         r = rate["img_per_s"]
+        median = rate.get("statistic") == "median"
+
+        def ratio(suffix: str) -> str:
+            if median:
+                rounds = ", ".join(f"{x:.2f}" for x in rate["pruned_ce_vs_unpruned_ce_rounds"][suffix])
+                return f"{rate['pruned_ce_vs_unpruned_ce' + suffix]:.2f}x; rounds {rounds}"
+            return f"{r['pruned_ce' + suffix] / r['unpruned_ce' + suffix]:.2f}x"
+        how = (f"median of {len(rate['rounds']['pruned_ce'])} rounds, every setting once per round in turn; the "
+               "pruned/unpruned ratio taken within each round" if median else
+               f"best of {len(rate['rounds']['pruned_ce'])} rounds timed in turn")
         lines += ["", f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images "
-                  f"per timing, {rate['threads']} threads{' on ' + rate['cpu'] if rate.get('cpu') else ''}, best of "
-                  f"{len(rate['rounds']['pruned_ce'])} rounds timed in turn): unpruned CE {r['unpruned_ce']:.0f} "
-                  f"img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
-                  f"CE {r['pruned_ce']:.0f} img/s ({rate['pruned_ce_vs_unpruned_ce']:.2f}x), pruned with distillation "
+                  f"per timing, {rate['threads']} threads{' on ' + rate['cpu'] if rate.get('cpu') else ''}, {how}): "
+                  f"unpruned CE {r['unpruned_ce']:.0f} img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
+                  f"CE {r['pruned_ce']:.0f} img/s ({ratio('')}), pruned with distillation "
                   f"{r['pruned_kd']:.0f} img/s; channels-last in {rate.get('precision', 'fp32')} (the default)"
-                  + (f", in FP32 {r['unpruned_ce_fp32']:.0f}, {r['pruned_ce_fp32']:.0f} and {r['pruned_kd_fp32']:.0f} "
-                     "img/s" if "pruned_kd_fp32" in r else "")
-                  + ", and in FP32 in the contiguous layout "
-                  + (f"{r['unpruned_ce_contiguous']:.0f}, {r['pruned_ce_contiguous']:.0f} and "
-                     f"{r['pruned_kd_contiguous']:.0f} img/s" if "pruned_kd_contiguous" in r else "not timed")
+                  + (f"; in FP32 {r['unpruned_ce_fp32']:.0f}, {r['pruned_ce_fp32']:.0f} ({ratio('_fp32')}) and "
+                     f"{r['pruned_kd_fp32']:.0f} img/s" if "pruned_kd_fp32" in r else "")
+                  + "; and in FP32 in the contiguous layout "
+                  + (f"{r['unpruned_ce_contiguous']:.0f}, {r['pruned_ce_contiguous']:.0f} ({ratio('_contiguous')}) "
+                     f"and {r['pruned_kd_contiguous']:.0f} img/s" if "pruned_kd_contiguous" in r else "not timed")
                   + ". Alone: the augmented data loader "
                   f"{r.get('data_loader', float('nan')):.0f} img/s, the teacher's forward "
                   f"{r.get('teacher_forward', float('nan')):.0f} img/s."]
@@ -80,13 +89,18 @@ def _save(results: dict) -> None:
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
-def train_rates(images: int, rounds: int = 2) -> dict:
+def train_rates(images: int, rounds: int = 5) -> dict:
     """Images per second of edgeprune's fine-tuning (recover.finetune, batch 128, the default recipe's SGD):
     the unpruned ResNet-56 and the 2x-pruned one (uniform, macs_reduction 0.5) in plain cross-entropy, and the
-    pruned one distilling from the unpruned, timed in turn in this process (`rounds` times, the best kept)."""
+    pruned one distilling from the unpruned, in each precision and layout. Every setting runs `images` images
+    per round, all settings in turn within a round, `rounds` rounds: load on a shared machine moves a round's
+    settings together, so the pruned/unpruned ratio is taken within each round and its median reported, beside
+    each setting's median rate."""
     import copy
+    import statistics
 
     import torch
+    from tqdm import tqdm
 
     from edgeprune import create_model, load_recipe, prune
     from edgeprune.data import load_split, loader
@@ -110,29 +124,32 @@ def train_rates(images: int, rounds: int = 2) -> dict:
     precision = finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}),
                          runtime()).precision  # also a warm-up
     rates: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
+    for _ in tqdm(range(rounds), desc="rounds"):
         for key, (student, teacher, setting) in runs.items():
             result = finetune(copy.deepcopy(student), teacher, train, None,
                               opts.model_copy(update={"distill": teacher is not None, **setting}), runtime())
             rates[key].append(round(images / result.epochs[0].seconds, 1))
-    best = {k: max(v) for k, v in rates.items()}
+    median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+    ratios = {suffix: [round(p / u, 3) for p, u in zip(rates[f"pruned_ce{suffix}"], rates[f"unpruned_ce{suffix}"],
+                                                       strict=True)] for suffix in settings}
     # where a distilled step's time goes: the augmented batches alone, and the teacher's forward alone
     t0, seen = time.perf_counter(), 0
     for _, y in loader(train, opts.batch_size, shuffle=True, limit=images):
         seen += len(y)
-    best["data_loader"] = round(seen / (time.perf_counter() - t0), 1)
+    median["data_loader"] = round(seen / (time.perf_counter() - t0), 1)
     batch = torch.randn(opts.batch_size, *model.edgeprune_spec.input_size)
     with torch.no_grad():
         model.eval()(batch)
         t0 = time.perf_counter()
         for _ in range(images // opts.batch_size):
             model(batch)
-    best["teacher_forward"] = round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
+    median["teacher_forward"] = round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
     env = environment()
     return {"images": images, "threads": torch.get_num_threads(), "cpu": env["cpu"],
             "cpu_features": env.get("cpu_features"), "precision": precision, "rounds": rates,
-            "img_per_s": best,
-            "pruned_ce_vs_unpruned_ce": round(best["pruned_ce"] / best["unpruned_ce"], 3),
+            "img_per_s": median, "statistic": "median",
+            "pruned_ce_vs_unpruned_ce_rounds": ratios,
+            **{f"pruned_ce_vs_unpruned_ce{suffix}": statistics.median(r) for suffix, r in ratios.items()},
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
 
 
@@ -153,12 +170,13 @@ def main() -> None:
                         help="the images the sensitivity analysis scores on (prune.sensitivity_split)")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--train-rate", type=int, default=None, metavar="IMAGES", help="only time fine-tuning "
-                        "(unpruned and pruned in CE, pruned with distillation) on this many images each")
+                        "(unpruned and pruned in CE, pruned with distillation) on this many images per round")
+    parser.add_argument("--rounds", type=int, default=5, help="--train-rate: rounds, every setting once in each")
     args = parser.parse_args()
     if args.train_rate:
         results = _load()
-        results["train_rate"] = {**train_rates(args.train_rate), "command": "EDGEPRUNE_HOME=../shared/data python "
-                                 + shlex.join(["bench/allocation.py", *sys.argv[1:]])}
+        command = "EDGEPRUNE_HOME=../shared/data python " + shlex.join(["bench/allocation.py", *sys.argv[1:]])
+        results["train_rate"] = {**train_rates(args.train_rate, args.rounds), "command": command}
         _save(results)
         print(json.dumps(results["train_rate"]))
         return
