@@ -82,9 +82,15 @@ def _save(results: dict) -> None:
                   + "; and in FP32 in the contiguous layout "
                   + (f"{r['unpruned_ce_contiguous']:.0f}, {r['pruned_ce_contiguous']:.0f} ({ratio('_contiguous')}) "
                      f"and {r['pruned_kd_contiguous']:.0f} img/s" if "pruned_kd_contiguous" in r else "not timed")
+                  + (f"; pruned with distillation from the teacher as given (recover.fold_teacher false) "
+                     f"{r['pruned_kd_unfolded']:.0f} img/s, {r['pruned_kd_fp32_unfolded']:.0f} in FP32"
+                     if "pruned_kd_unfolded" in r else "")
                   + ". Alone: the augmented data loader "
                   f"{r.get('data_loader', float('nan')):.0f} img/s, the teacher's forward "
-                  f"{r.get('teacher_forward', float('nan')):.0f} img/s."]
+                  + (f"{r['teacher_forward']:.0f} img/s ({r['teacher_forward_fp32']:.0f} in FP32), its BatchNorm "
+                     f"layers folded {r['teacher_forward_folded']:.0f} ({r['teacher_forward_folded_fp32']:.0f} in "
+                     "FP32)." if "teacher_forward_folded" in r else
+                     f"{r.get('teacher_forward', float('nan')):.0f} img/s.")]
     lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
@@ -103,11 +109,12 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     from tqdm import tqdm
 
     from edgeprune import create_model, load_recipe, prune
+    from edgeprune.accuracy import channels_last_copy
     from edgeprune.data import load_split, loader
     from edgeprune.distributed import runtime
     from edgeprune.environment import environment
     from edgeprune.measure import count_macs
-    from edgeprune.recover import finetune
+    from edgeprune.recover import finetune, fold_batchnorms
 
     recipe = load_recipe(None, {"prune.macs_reduction": 0.5, "prune.allocation": "uniform",
                                 "prune.round_to": None})  # as timed before auto
@@ -120,6 +127,10 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     # 2026-11-30), and in FP32 in the contiguous layout (recover.channels_last false too; before 2026-11-29)
     settings = {"": {}, "_fp32": {"amp": False}, "_contiguous": {"amp": False, "channels_last": False}}
     runs = {f"{k}{suffix}": (*m, setting) for suffix, setting in settings.items() for k, m in models.items()}
+    # distilling from the teacher as given, its BatchNorm layers not folded (recover.fold_teacher false; the
+    # default before 2026-12-01)
+    runs |= {f"pruned_kd{suffix}_unfolded": (pruned, model, {**settings[suffix], "fold_teacher": False})
+             for suffix in ("", "_fp32")}
     opts = recipe.recover.model_copy(update={"epochs": 1, "train_images": images})
     precision = finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}),
                          runtime()).precision  # also a warm-up
@@ -137,13 +148,19 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     for _, y in loader(train, opts.batch_size, shuffle=True, limit=images):
         seen += len(y)
     median["data_loader"] = round(seen / (time.perf_counter() - t0), 1)
-    batch = torch.randn(opts.batch_size, *model.edgeprune_spec.input_size)
-    with torch.no_grad():
-        model.eval()(batch)
-        t0 = time.perf_counter()
-        for _ in range(images // opts.batch_size):
-            model(batch)
-    median["teacher_forward"] = round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
+    batch = torch.randn(opts.batch_size, *model.edgeprune_spec.input_size).contiguous(
+        memory_format=torch.channels_last)
+    teachers = {"": channels_last_copy(model, batch)}
+    teachers["_folded"] = fold_batchnorms(teachers[""], batch)[0]
+    for suffix, teacher in teachers.items():  # as fine-tuning runs it: channels-last, FP32 and under autocast
+        for precision_suffix, dtype in (("_fp32", None), ("", torch.bfloat16 if precision == "bf16" else None)):
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                teacher(batch)
+                t0 = time.perf_counter()
+                for _ in range(images // opts.batch_size):
+                    teacher(batch)
+            median[f"teacher_forward{suffix}{precision_suffix}"] = round(
+                images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
     env = environment()
     return {"images": images, "threads": torch.get_num_threads(), "cpu": env["cpu"],
             "cpu_features": env.get("cpu_features"), "precision": precision, "rounds": rates,

@@ -11,7 +11,7 @@ from edgeprune.data import load_split, loader
 from edgeprune.distributed import Runtime
 from edgeprune.environment import cpu_has_bf16
 from edgeprune.recipe import PruneOptions, RecoverOptions
-from edgeprune.recover import distillation_loss, finetune, recalibrate_bn, training_precision
+from edgeprune.recover import distillation_loss, finetune, fold_batchnorms, recalibrate_bn, training_precision
 
 
 def setup_pruned():
@@ -56,6 +56,10 @@ def test_finetune_improves_and_resumes_exactly(tmp_path):
     # teacher (the caller's model) was never converted.
     assert opts.channels_last and all(p.is_contiguous() for p in student.parameters())
     assert all(p.is_contiguous() for p in teacher.parameters())
+    # it distilled from a copy of the teacher with every BatchNorm folded into its convolution (the teacher's
+    # own BatchNorm layers are still there)
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    assert bns == 19 and full.teacher_folded_batchnorms == bns
 
     # Interrupt during epoch 2, then resume from the epoch-1 checkpoint: the result equals the
     # uninterrupted run.
@@ -154,6 +158,34 @@ class Flattens(torch.nn.Module):
     def forward(self, x):
         y = self.conv(x)
         return self.fc(y.view(y.shape[0], -1))
+
+
+def test_folding_the_teachers_batchnorms_keeps_its_outputs():
+    teacher = create_model("cifar_resnet20", weights="cifar10-jpeg").eval()
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = next(iter(loader(load_split("cifar10", teacher.edgeprune_spec, False), 64)))[0]
+    for layout in (torch.channels_last, torch.contiguous_format):
+        folded, n = fold_batchnorms(teacher, x.contiguous(memory_format=layout))
+        assert n == 19 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert folded.conv1.weight.is_contiguous(memory_format=layout)
+        with torch.no_grad():
+            want, got = teacher(x), folded(x.contiguous(memory_format=layout))
+        assert (want - got).abs().max() < 1e-4 and torch.equal(want.argmax(1), got.argmax(1))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in state.items())  # the caller's model untouched
+    # a model torch.fx cannot trace is used as it is
+    branchy = Branchy().eval()
+    assert fold_batchnorms(branchy, x) == (branchy, 0)
+
+
+class Branchy(torch.nn.Module):
+    """Python control flow on a tensor's value, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)
 
 
 def test_a_model_that_cannot_run_channels_last_trains_contiguous():

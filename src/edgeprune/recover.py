@@ -111,6 +111,7 @@ class FinetuneResult:
     world_size: int = 1
     channels_last: bool = False  # trained in the channels-last memory layout
     contiguous_batchnorms: int = 0  # of them, BatchNorm layers run contiguous (`_contiguous_batchnorms`)
+    teacher_folded_batchnorms: int = 0  # the teacher's BatchNorm layers folded into its convolutions
     precision: str = "fp32"  # the arithmetic of the forward and backward passes: fp32, or bf16/fp16 under autocast
 
     def to_dict(self) -> dict:
@@ -127,8 +128,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     device = rt.device
     student.to(device)
     channels_last, teacher_cl = _to_channels_last(opts, student, teacher, train_ds, device)
+    folded = 0
     if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
         teacher = teacher_cl if channels_last else teacher.eval().to(device)
+        if opts.fold_teacher and (sample := _sample_batch(train_ds, device)) is not None:
+            teacher, folded = fold_batchnorms(teacher, sample.contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format))
     hooks = _contiguous_batchnorms(student, device) if channels_last else []
     try:
         result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag,
@@ -138,7 +143,42 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
             hook.remove()
         student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
     result.channels_last, result.contiguous_batchnorms = channels_last, len(hooks) // 2
+    result.teacher_folded_batchnorms = folded
     return result
+
+
+def fold_batchnorms(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
+    """For inference only (the distillation teacher, which never trains): a copy of eval-mode `model` with each
+    BatchNorm that follows a convolution or linear layer, as that layer's only user, folded into its weights
+    (torch.fx), and how many were folded. It skips the normalization's memory-bound passes over every
+    activation: on 2 cores of an Intel Xeon (`bench/allocation.py --train-rate`) the unpruned JPEG ResNet-56's
+    forward at batch 128 ran 1.14x faster in FP32 and 1.23x in bf16, and the pruned one distilled from it 1.12x
+    and 1.15x faster. The copy keeps `x`'s memory layout; its outputs on `x` must match the
+    model's to 1e-4 of their scale. Otherwise, and when torch.fx cannot trace the model, (`model`, 0)."""
+    from torch.fx.experimental.optimization import fuse
+
+    before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not before:
+        return model, 0
+    try:
+        folded = fuse(model.eval())  # a copy; the caller's model is left as it is
+    except (torch.fx.proxy.TraceError, TypeError, RuntimeError):  # what tracing raises on Python it cannot follow:
+        return model, 0  # control flow on tensor values, len() of a tensor, shapes used as integers
+    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+    folded = folded.to(x.device, memory_format=layout).eval()
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape
+            and (want - got).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())):
+        return model, 0
+    return folded, before - sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+
+
+def _sample_batch(train_ds: Dataset, device: str) -> torch.Tensor | None:
+    """A batch of the training set's first image, or None when its samples are not image tensors."""
+    x = train_ds[0][0] if len(train_ds) else None
+    return x.unsqueeze(0).to(device) if isinstance(x, torch.Tensor) and x.dim() == 3 else None
 
 
 BN_LANES = 16  # AVX-512: 16 FP32 lanes; channels-last batch norm is slow on narrower layers
@@ -189,10 +229,8 @@ def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Modu
     channels-last batch (`channels_last_copy`). Otherwise (False, None), with `student` as it was."""
     if not opts.channels_last:
         return False, None
-    x = train_ds[0][0] if len(train_ds) else None
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+    if (x := _sample_batch(train_ds, device)) is None:
         return False, None
-    x = x.unsqueeze(0).to(device)
     if channels_last_copy(student, x) is None:
         return False, None
     teacher_cl = None
