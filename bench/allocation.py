@@ -69,6 +69,9 @@ def _save(results: dict) -> None:
                 rounds = ", ".join(f"{x:.2f}" for x in rate["pruned_ce_vs_unpruned_ce_rounds"][suffix])
                 return f"{rate['pruned_ce_vs_unpruned_ce' + suffix]:.2f}x; rounds {rounds}"
             return f"{r['pruned_ce' + suffix] / r['unpruned_ce' + suffix]:.2f}x"
+        def fold(key: str) -> str:
+            rounds = rate["folded_vs_unfolded_rounds"][key]
+            return f"{rate['folded_vs_unfolded'][key]:.2f}x, rounds {min(rounds):.2f}-{max(rounds):.2f}"
         how = (f"median of {len(rate['rounds']['pruned_ce'])} rounds, every setting once per round in turn; the "
                "pruned/unpruned ratio taken within each round" if median else
                f"best of {len(rate['rounds']['pruned_ce'])} rounds timed in turn")
@@ -85,11 +88,14 @@ def _save(results: dict) -> None:
                   + (f"; pruned with distillation from the teacher as given (recover.fold_teacher false) "
                      f"{r['pruned_kd_unfolded']:.0f} img/s, {r['pruned_kd_fp32_unfolded']:.0f} in FP32"
                      if "pruned_kd_unfolded" in r else "")
+                  + (f" (folded against as given, within each round: {fold('')} in {rate.get('precision')}, "
+                     f"{fold('_fp32')} in FP32)" if "folded_vs_unfolded" in rate else "")
                   + ". Alone: the augmented data loader "
                   f"{r.get('data_loader', float('nan')):.0f} img/s, the teacher's forward "
                   + (f"{r['teacher_forward']:.0f} img/s ({r['teacher_forward_fp32']:.0f} in FP32), its BatchNorm "
                      f"layers folded {r['teacher_forward_folded']:.0f} ({r['teacher_forward_folded_fp32']:.0f} in "
-                     "FP32)." if "teacher_forward_folded" in r else
+                     "FP32)" + (f" ({fold('teacher')} and {fold('teacher_fp32')} within each round)"
+                                if "folded_vs_unfolded" in rate else "") + "." if "teacher_forward_folded" in r else
                      f"{r.get('teacher_forward', float('nan')):.0f} img/s.")]
     lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
@@ -98,10 +104,11 @@ def _save(results: dict) -> None:
 def train_rates(images: int, rounds: int = 5) -> dict:
     """Images per second of edgeprune's fine-tuning (recover.finetune, batch 128, the default recipe's SGD):
     the unpruned ResNet-56 and the 2x-pruned one (uniform, macs_reduction 0.5) in plain cross-entropy, and the
-    pruned one distilling from the unpruned, in each precision and layout. Every setting runs `images` images
-    per round, all settings in turn within a round, `rounds` rounds: load on a shared machine moves a round's
-    settings together, so the pruned/unpruned ratio is taken within each round and its median reported, beside
-    each setting's median rate."""
+    pruned one distilling from the unpruned (its BatchNorm layers folded, and as given), in each precision and
+    layout, and the teacher's forward alone. Every setting runs `images` images per round, all settings in turn
+    within a round (each round starting one setting later), `rounds` rounds: load on a shared machine moves a
+    round's settings together, so the ratios (pruned/unpruned, folded/unfolded) are taken within each round and
+    their medians reported, beside each setting's median rate."""
     import copy
     import statistics
 
@@ -134,39 +141,55 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     opts = recipe.recover.model_copy(update={"epochs": 1, "train_images": images})
     precision = finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}),
                          runtime()).precision  # also a warm-up
-    rates: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in tqdm(range(rounds), desc="rounds"):
-        for key, (student, teacher, setting) in runs.items():
+    batch = torch.randn(opts.batch_size, *model.edgeprune_spec.input_size).contiguous(
+        memory_format=torch.channels_last)
+    teachers = {"": channels_last_copy(model, batch)}
+    teachers["_folded"], folded = fold_batchnorms(teachers[""], batch, torch.channels_last)
+    assert folded, "the teacher's BatchNorm layers did not fold"
+    # the teacher's forward alone, as fine-tuning runs it (channels-last, FP32 and under autocast), folded or not
+    forwards = {f"teacher_forward{suffix}{p_suffix}": (teacher, dtype) for suffix, teacher in teachers.items()
+                for p_suffix, dtype in (("_fp32", None), ("", torch.bfloat16 if precision == "bf16" else None))}
+
+    def forward_rate(teacher, dtype) -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            teacher(batch)
+            t0 = time.perf_counter()
+            for _ in range(images // opts.batch_size):
+                teacher(batch)
+        return round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
+
+    rates: dict[str, list[float]] = {k: [] for k in (*runs, *forwards)}
+    order = list(runs)
+    for i in tqdm(range(rounds), desc="rounds"):
+        for key in order[i % len(order):] + order[:i % len(order)]:  # each round starts one setting later
+            student, teacher, setting = runs[key]
             result = finetune(copy.deepcopy(student), teacher, train, None,
                               opts.model_copy(update={"distill": teacher is not None, **setting}), runtime())
+            assert teacher is None or (result.teacher_folded_batchnorms > 0) == setting.get("fold_teacher", True)
             rates[key].append(round(images / result.epochs[0].seconds, 1))
+        for key, (teacher, dtype) in (forwards.items() if i % 2 == 0 else reversed(forwards.items())):
+            rates[key].append(forward_rate(teacher, dtype))
     median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
-    ratios = {suffix: [round(p / u, 3) for p, u in zip(rates[f"pruned_ce{suffix}"], rates[f"unpruned_ce{suffix}"],
-                                                       strict=True)] for suffix in settings}
-    # where a distilled step's time goes: the augmented batches alone, and the teacher's forward alone
+
+    def per_round(a: str, b: str) -> list[float]:
+        return [round(x / y, 3) for x, y in zip(rates[a], rates[b], strict=True)]
+    ratios = {suffix: per_round(f"pruned_ce{suffix}", f"unpruned_ce{suffix}") for suffix in settings}
+    folding = {suffix: per_round(f"pruned_kd{suffix}", f"pruned_kd{suffix}_unfolded") for suffix in ("", "_fp32")}
+    folding |= {f"teacher{suffix}": per_round(f"teacher_forward_folded{suffix}", f"teacher_forward{suffix}")
+                for suffix in ("", "_fp32")}
+    # the augmented batches alone
     t0, seen = time.perf_counter(), 0
     for _, y in loader(train, opts.batch_size, shuffle=True, limit=images):
         seen += len(y)
     median["data_loader"] = round(seen / (time.perf_counter() - t0), 1)
-    batch = torch.randn(opts.batch_size, *model.edgeprune_spec.input_size).contiguous(
-        memory_format=torch.channels_last)
-    teachers = {"": channels_last_copy(model, batch)}
-    teachers["_folded"] = fold_batchnorms(teachers[""], batch)[0]
-    for suffix, teacher in teachers.items():  # as fine-tuning runs it: channels-last, FP32 and under autocast
-        for precision_suffix, dtype in (("_fp32", None), ("", torch.bfloat16 if precision == "bf16" else None)):
-            with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                teacher(batch)
-                t0 = time.perf_counter()
-                for _ in range(images // opts.batch_size):
-                    teacher(batch)
-            median[f"teacher_forward{suffix}{precision_suffix}"] = round(
-                images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
     env = environment()
     return {"images": images, "threads": torch.get_num_threads(), "cpu": env["cpu"],
             "cpu_features": env.get("cpu_features"), "precision": precision, "rounds": rates,
             "img_per_s": median, "statistic": "median",
             "pruned_ce_vs_unpruned_ce_rounds": ratios,
             **{f"pruned_ce_vs_unpruned_ce{suffix}": statistics.median(r) for suffix, r in ratios.items()},
+            "folded_vs_unfolded_rounds": folding,
+            "folded_vs_unfolded": {k: statistics.median(r) for k, r in folding.items()},
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
 
 

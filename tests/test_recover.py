@@ -161,20 +161,28 @@ class Flattens(torch.nn.Module):
 
 
 def test_folding_the_teachers_batchnorms_keeps_its_outputs():
-    teacher = create_model("cifar_resnet20", weights="cifar10-jpeg").eval()
+    teacher, student, train, val = setup_pruned()
+    teacher.train()  # as a caller may hand it: the folded copy is in eval mode, the caller's model as it was
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    x = next(iter(loader(load_split("cifar10", teacher.edgeprune_spec, False), 64)))[0]
+    x = next(iter(loader(val, 64)))[0]
     for layout in (torch.channels_last, torch.contiguous_format):
-        folded, n = fold_batchnorms(teacher, x.contiguous(memory_format=layout))
+        folded, n = fold_batchnorms(teacher, x, layout)
         assert n == 19 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-        assert folded.conv1.weight.is_contiguous(memory_format=layout)
+        assert folded.conv1.weight.is_contiguous(memory_format=layout) and not folded.training
         with torch.no_grad():
-            want, got = teacher(x), folded(x.contiguous(memory_format=layout))
+            want, got = copy.deepcopy(teacher).eval()(x), folded(x.contiguous(memory_format=layout))
         assert (want - got).abs().max() < 1e-4 and torch.equal(want.argmax(1), got.argmax(1))
-    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in state.items())  # the caller's model untouched
-    # a model torch.fx cannot trace is used as it is
-    branchy = Branchy().eval()
-    assert fold_batchnorms(branchy, x) == (branchy, 0)
+    assert teacher.training and all(torch.equal(v, teacher.state_dict()[k]) for k, v in state.items())
+    # used as it is: a model torch.fx cannot trace, one without BatchNorm, and one whose folded copy would
+    # compute something else (torch.fx keeps no hook of a layer it folds away)
+    branchy, plain = Branchy().eval(), torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    assert fold_batchnorms(branchy, x) == (branchy, 0) and fold_batchnorms(plain, x) == (plain, 0)
+    hooked = copy.deepcopy(teacher).eval()
+    hooked.bn1.register_forward_hook(lambda module, args, out: out + 1)
+    assert fold_batchnorms(hooked, x) == (hooked, 0)
+    # recover.fold_teacher false: distilled from the teacher as given
+    opts = RecoverOptions(epochs=1, train_images=64, batch_size=32, lr=0.01, fold_teacher=False)
+    assert finetune(student, teacher, train, None, opts, Runtime(), seed=0).teacher_folded_batchnorms == 0
 
 
 class Branchy(torch.nn.Module):

@@ -76,6 +76,17 @@ def test_a_changed_recovery_keeps_pruning_and_baseline_accuracy(tmp_path):
         "recalibrated", "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
 
 
+def test_folding_the_teacher_or_not_fine_tunes_again(tmp_path):
+    """recover.fold_teacher is not one of ADDED_FIELDS: the folded teacher's logits differ in the last bits, so a
+    run folder (or an interrupted fine-tune's checkpoint, tagged with the fingerprint) from before it fine-tunes
+    again rather than resuming with another teacher."""
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert FULL.recover.fold_teacher
+    assert stale(store, apply_overrides(FULL, {"recover.fold_teacher": False})) == [
+        "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
+
+
 def test_a_changed_target_recomputes_all_but_the_baseline_accuracy(tmp_path):
     store = StageStore(tmp_path)
     fill(store, FULL)

@@ -241,9 +241,9 @@ class RecoverOptions(_Strict):
                                 "channels-last memory layout, which oneDNN and cuDNN convolutions run faster "
                                 "(measured in FP32 on 2 cores of an AMD EPYC: 1.14-1.20x faster fine-tuning)")
     fold_teacher: bool = Field(default=True, description="classifiers: distil from a copy of the unpruned model "
-                               "with its BatchNorm layers folded into the convolutions before them (torch.fx; the "
-                               "teacher never trains), which runs its forward faster; a model torch.fx cannot "
-                               "trace is used as it is")
+                               "with each BatchNorm that directly follows a convolution folded into it (torch.fx; "
+                               "the teacher never trains), which runs its forward faster; a model torch.fx cannot "
+                               "trace, or whose folded copy's outputs differ, is used as it is")
     eval_every_epoch: bool = Field(default=False, description="evaluate after every epoch, not only the last")
     workers: int = Field(default=0, ge=0)
 

@@ -7,6 +7,7 @@ would, because each epoch's shuffling and augmentation are seeded from (seed, ep
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import time
@@ -132,8 +133,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
         teacher = teacher_cl if channels_last else teacher.eval().to(device)
         if opts.fold_teacher and (sample := _sample_batch(train_ds, device)) is not None:
-            teacher, folded = fold_batchnorms(teacher, sample.contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+            teacher, folded = fold_batchnorms(teacher, sample, torch.channels_last if channels_last
+                                              else torch.contiguous_format)
     hooks = _contiguous_batchnorms(student, device) if channels_last else []
     try:
         result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag,
@@ -147,32 +148,61 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     return result
 
 
-def fold_batchnorms(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, int]:
-    """For inference only (the distillation teacher, which never trains): a copy of eval-mode `model` with each
-    BatchNorm that follows a convolution or linear layer, as that layer's only user, folded into its weights
-    (torch.fx), and how many were folded. It skips the normalization's memory-bound passes over every
-    activation: on 2 cores of an Intel Xeon (`bench/allocation.py --train-rate`) the unpruned JPEG ResNet-56's
-    forward at batch 128 ran 1.14x faster in FP32 and 1.23x in bf16, and the pruned one distilled from it 1.12x
-    and 1.15x faster. The copy keeps `x`'s memory layout; its outputs on `x` must match the
-    model's to 1e-4 of their scale. Otherwise, and when torch.fx cannot trace the model, (`model`, 0)."""
+def fold_batchnorms(model: nn.Module, x: torch.Tensor,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> tuple[nn.Module, int]:
+    """For inference only (the distillation teacher, which never trains): an eval-mode copy of `model` in
+    `memory_format` with each BatchNorm that directly follows a convolution or linear layer, as that layer's only
+    user, folded into its weights (torch.fx), and how many were folded. It skips the normalization's
+    memory-bound passes over every activation (bench/results/allocation.md: the teacher's forward and the pruned
+    model's distillation timed with and without it). The copy's outputs on `x` must match the model's (in eval
+    mode, TF32 off) to 1e-4 of their scale. (`model`, 0) when torch.fx cannot trace the model, when nothing
+    folds, or when the outputs differ (a forward hook on a folded layer, say). `model` is left as it was."""
     from torch.fx.experimental.optimization import fuse
 
-    before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if not before:
-        return model, 0
+    reference = copy.deepcopy(model).eval()
     try:
-        folded = fuse(model.eval())  # a copy; the caller's model is left as it is
+        traced = torch.fx.symbolic_trace(reference)
     except (torch.fx.proxy.TraceError, TypeError, RuntimeError):  # what tracing raises on Python it cannot follow:
         return model, 0  # control flow on tensor values, len() of a tensor, shapes used as integers
-    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
-    folded = folded.to(x.device, memory_format=layout).eval()
-    with torch.no_grad():
-        want, got = model(x), folded(x)
+    before = _batchnorm_calls(traced)
+    if not before:
+        return model, 0
+    folded = fuse(traced, inplace=True, no_trace=True)  # new convolutions; `reference`'s own are left as they are
+    count = before - _batchnorm_calls(folded)
+    if not count:
+        return model, 0
+    folded = folded.to(x.device, memory_format=memory_format).eval()
+    with torch.no_grad(), _without_tf32():
+        want, got = reference(x), folded(x.contiguous(memory_format=memory_format))
     if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape
             and (want - got).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())):
         return model, 0
-    return folded, before - sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    return folded, count
+
+
+def _batchnorm_calls(graph_module: torch.fx.GraphModule) -> int:
+    """How many BatchNorm modules the traced forward calls (a module it never calls does not count)."""
+    modules = dict(graph_module.named_modules())
+    return sum(node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm)
+               for node in graph_module.graph.nodes)
+
+
+@contextlib.contextmanager
+def _without_tf32():
+    """CUDA convolutions and matmuls in full FP32 (cuDNN's TF32 default rounds folded and unfolded weights
+    differently, past the check's tolerance); nothing changes on the CPU."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        cudnn = torch.backends.cudnn
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def _sample_batch(train_ds: Dataset, device: str) -> torch.Tensor | None:

@@ -129,6 +129,8 @@ def final_model_stage(recipe: Recipe) -> str:
 
 # Recipe fields added after run folders existed, with their defaults: at the default a field is left out of
 # the fingerprints, so that stages computed before it existed stay valid (no re-pruning, no re-training).
+# recover.fold_teacher (2026-12-01) is deliberately not one: the folded teacher's logits differ in the last bits,
+# so a fine-tune from before it runs again instead of resuming its checkpoint with another teacher.
 ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None}
 
 
