@@ -59,56 +59,55 @@ def _save(results: dict) -> None:
                      f"{'' if v.get('pruned_ort_ms') is None else format(v['pruned_ort_ms'], '.2f')}"
                      f"{'' if v.get('target_ms') is None else ' (' + format(v['target_ms'], 'g') + ')'} | "
                      f"{v['wall_s']:.0f} |")
-    rate = results.get("train_rate")
-    if rate:
-        r = rate["img_per_s"]
-        median = rate.get("statistic") == "median"
-
-        def ratio(suffix: str) -> str:
-            if median:
-                rounds = ", ".join(f"{x:.2f}" for x in rate["pruned_ce_vs_unpruned_ce_rounds"][suffix])
-                return f"{rate['pruned_ce_vs_unpruned_ce' + suffix]:.2f}x; rounds {rounds}"
-            return f"{r['pruned_ce' + suffix] / r['unpruned_ce' + suffix]:.2f}x"
-        def fold(key: str) -> str:
-            rounds = rate["folded_vs_unfolded_rounds"][key]
-            return f"{rate['folded_vs_unfolded'][key]:.2f}x, rounds {min(rounds):.2f}-{max(rounds):.2f}"
-        how = (f"median of {len(rate['rounds']['pruned_ce'])} rounds, every setting once per round in turn; the "
-               "pruned/unpruned ratio taken within each round" if median else
-               f"best of {len(rate['rounds']['pruned_ce'])} rounds timed in turn")
-        lines += ["", f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images "
-                  f"per timing, {rate['threads']} threads{' on ' + rate['cpu'] if rate.get('cpu') else ''}, {how}): "
-                  f"unpruned CE {r['unpruned_ce']:.0f} img/s, pruned ({rate['macs_factor']:.2f}x fewer MACs) "
-                  f"CE {r['pruned_ce']:.0f} img/s ({ratio('')}), pruned with distillation "
-                  f"{r['pruned_kd']:.0f} img/s; channels-last in {rate.get('precision', 'fp32')} (the default)"
-                  + (f"; in FP32 {r['unpruned_ce_fp32']:.0f}, {r['pruned_ce_fp32']:.0f} ({ratio('_fp32')}) and "
-                     f"{r['pruned_kd_fp32']:.0f} img/s" if "pruned_kd_fp32" in r else "")
-                  + "; and in FP32 in the contiguous layout "
-                  + (f"{r['unpruned_ce_contiguous']:.0f}, {r['pruned_ce_contiguous']:.0f} ({ratio('_contiguous')}) "
-                     f"and {r['pruned_kd_contiguous']:.0f} img/s" if "pruned_kd_contiguous" in r else "not timed")
-                  + (f"; pruned with distillation from the teacher as given (recover.fold_teacher false) "
-                     f"{r['pruned_kd_unfolded']:.0f} img/s, {r['pruned_kd_fp32_unfolded']:.0f} in FP32"
-                     if "pruned_kd_unfolded" in r else "")
-                  + (f" (folded against as given, within each round: {fold('')} in {rate.get('precision')}, "
-                     f"{fold('_fp32')} in FP32)" if "folded_vs_unfolded" in rate else "")
-                  + ". Alone: the augmented data loader "
-                  f"{r.get('data_loader', float('nan')):.0f} img/s, the teacher's forward "
-                  + (f"{r['teacher_forward']:.0f} img/s ({r['teacher_forward_fp32']:.0f} in FP32), its BatchNorm "
-                     f"layers folded {r['teacher_forward_folded']:.0f} ({r['teacher_forward_folded_fp32']:.0f} in "
-                     "FP32)" + (f" ({fold('teacher')} and {fold('teacher_fp32')} within each round)"
-                                if "folded_vs_unfolded" in rate else "") + "." if "teacher_forward_folded" in r else
-                     f"{r.get('teacher_forward', float('nan')):.0f} img/s.")]
+    if rate := results.get("train_rate"):
+        lines += ["", _rate_line(rate)]
     lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def _rate_line(rate: dict) -> str:
+    """The fine-tuning speed paragraph of allocation.md, from `train_rates`'s result."""
+    r, precision = rate["img_per_s"], rate["precision"]
+
+    def within(ratios: dict, medians: dict, key: str) -> str:
+        return f"{medians[key]:.2f}x, rounds {min(ratios[key]):.2f}-{max(ratios[key]):.2f}"
+
+    def ce(suffix: str) -> str:
+        return within(rate["pruned_ce_vs_unpruned_ce_rounds"],
+                      {k: rate[f"pruned_ce_vs_unpruned_ce{k}"] for k in rate["pruned_ce_vs_unpruned_ce_rounds"]},
+                      suffix)
+
+    def fold(key: str) -> str:
+        return within(rate["folded_vs_unfolded_rounds"], rate["folded_vs_unfolded"], key)
+    t, f = rate["teacher_forward"], rate["teacher_fidelity"]
+    return (f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images per "
+            f"timing, {rate['threads']} threads on {rate['cpu']}, median of {len(rate['rounds']['pruned_ce'])} "
+            "rounds, every setting once per round in turn, the ratios taken within each round): "
+            f"channels-last in {precision} (the default): unpruned CE {r['unpruned_ce']:.0f} img/s, pruned "
+            f"({rate['macs_factor']:.2f}x fewer MACs) CE {r['pruned_ce']:.0f} ({ce('')}), pruned with distillation "
+            f"{r['pruned_kd']:.0f}; in FP32 {r['unpruned_ce_fp32']:.0f}, {r['pruned_ce_fp32']:.0f} ({ce('_fp32')}) "
+            f"and {r['pruned_kd_fp32']:.0f}; in FP32 in the contiguous layout {r['unpruned_ce_contiguous']:.0f}, "
+            f"{r['pruned_ce_contiguous']:.0f} ({ce('_contiguous')}) and {r['pruned_kd_contiguous']:.0f}. "
+            f"Distilling from the teacher as given (recover.fold_teacher false): {r['pruned_kd_unfolded']:.0f} "
+            f"img/s, {r['pruned_kd_fp32_unfolded']:.0f} in FP32 (folded against as given: {fold('')} in "
+            f"{precision}, {fold('_fp32')} in FP32). The augmented data loader alone: {r['data_loader']:.0f} img/s. "
+            f"The teacher's forward alone (batch 128, channels-last, {t['runs']} runs of each timed in turns): "
+            f"{t['img_per_s']['unfolded']:.0f} img/s in {precision}, {t['img_per_s']['unfolded_fp32']:.0f} in FP32; "
+            f"folded {t['img_per_s']['folded']:.0f} and {t['img_per_s']['folded_fp32']:.0f}. Its soft targets (T=4) "
+            f"on {f['images']} augmented training images, KL from the FP32 teacher's: {f['kl']['unfolded']:.2e} in "
+            f"{precision} as given, {f['kl']['folded']:.2e} folded (folded in FP32: logits within "
+            f"{f['folded_fp32_max_abs']:.1e}); "
+            f"top-1 {f['top1']['fp32']:.2f}% in FP32, {f['top1']['unfolded']:.2f}% and {f['top1']['folded']:.2f}%.")
 
 
 def train_rates(images: int, rounds: int = 5) -> dict:
     """Images per second of edgeprune's fine-tuning (recover.finetune, batch 128, the default recipe's SGD):
     the unpruned ResNet-56 and the 2x-pruned one (uniform, macs_reduction 0.5) in plain cross-entropy, and the
     pruned one distilling from the unpruned (its BatchNorm layers folded, and as given), in each precision and
-    layout, and the teacher's forward alone. Every setting runs `images` images per round, all settings in turn
-    within a round (each round starting one setting later), `rounds` rounds: load on a shared machine moves a
-    round's settings together, so the ratios (pruned/unpruned, folded/unfolded) are taken within each round and
-    their medians reported, beside each setting's median rate."""
+    layout; and the teacher alone (`_teacher_checks`). Every setting runs `images` images per round, all
+    settings in turn within a round (each round starting one setting later), `rounds` rounds: load on a shared
+    machine moves a round's settings together, so the ratios (pruned/unpruned, folded/unfolded) are taken
+    within each round and their medians reported, beside each setting's median rate."""
     import copy
     import statistics
 
@@ -116,12 +115,11 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     from tqdm import tqdm
 
     from edgeprune import create_model, load_recipe, prune
-    from edgeprune.accuracy import channels_last_copy
     from edgeprune.data import load_split, loader
     from edgeprune.distributed import runtime
     from edgeprune.environment import environment
     from edgeprune.measure import count_macs
-    from edgeprune.recover import finetune, fold_batchnorms
+    from edgeprune.recover import finetune
 
     recipe = load_recipe(None, {"prune.macs_reduction": 0.5, "prune.allocation": "uniform",
                                 "prune.round_to": None})  # as timed before auto
@@ -141,24 +139,7 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     opts = recipe.recover.model_copy(update={"epochs": 1, "train_images": images})
     precision = finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}),
                          runtime()).precision  # also a warm-up
-    batch = torch.randn(opts.batch_size, *model.edgeprune_spec.input_size).contiguous(
-        memory_format=torch.channels_last)
-    teachers = {"": channels_last_copy(model, batch)}
-    teachers["_folded"], folded = fold_batchnorms(teachers[""], batch, torch.channels_last)
-    assert folded, "the teacher's BatchNorm layers did not fold"
-    # the teacher's forward alone, as fine-tuning runs it (channels-last, FP32 and under autocast), folded or not
-    forwards = {f"teacher_forward{suffix}{p_suffix}": (teacher, dtype) for suffix, teacher in teachers.items()
-                for p_suffix, dtype in (("_fp32", None), ("", torch.bfloat16 if precision == "bf16" else None))}
-
-    def forward_rate(teacher, dtype) -> float:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            teacher(batch)
-            t0 = time.perf_counter()
-            for _ in range(images // opts.batch_size):
-                teacher(batch)
-        return round(images // opts.batch_size * opts.batch_size / (time.perf_counter() - t0), 1)
-
-    rates: dict[str, list[float]] = {k: [] for k in (*runs, *forwards)}
+    rates: dict[str, list[float]] = {k: [] for k in runs}
     order = list(runs)
     for i in tqdm(range(rounds), desc="rounds"):
         for key in order[i % len(order):] + order[:i % len(order)]:  # each round starts one setting later
@@ -167,16 +148,12 @@ def train_rates(images: int, rounds: int = 5) -> dict:
                               opts.model_copy(update={"distill": teacher is not None, **setting}), runtime())
             assert teacher is None or (result.teacher_folded_batchnorms > 0) == setting.get("fold_teacher", True)
             rates[key].append(round(images / result.epochs[0].seconds, 1))
-        for key, (teacher, dtype) in (forwards.items() if i % 2 == 0 else reversed(forwards.items())):
-            rates[key].append(forward_rate(teacher, dtype))
     median = {k: round(statistics.median(v), 1) for k, v in rates.items()}
 
     def per_round(a: str, b: str) -> list[float]:
         return [round(x / y, 3) for x, y in zip(rates[a], rates[b], strict=True)]
     ratios = {suffix: per_round(f"pruned_ce{suffix}", f"unpruned_ce{suffix}") for suffix in settings}
     folding = {suffix: per_round(f"pruned_kd{suffix}", f"pruned_kd{suffix}_unfolded") for suffix in ("", "_fp32")}
-    folding |= {f"teacher{suffix}": per_round(f"teacher_forward_folded{suffix}", f"teacher_forward{suffix}")
-                for suffix in ("", "_fp32")}
     # the augmented batches alone
     t0, seen = time.perf_counter(), 0
     for _, y in loader(train, opts.batch_size, shuffle=True, limit=images):
@@ -184,13 +161,66 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     median["data_loader"] = round(seen / (time.perf_counter() - t0), 1)
     env = environment()
     return {"images": images, "threads": torch.get_num_threads(), "cpu": env["cpu"],
+            **_teacher_checks(model, train, precision, opts.batch_size, images),
             "cpu_features": env.get("cpu_features"), "precision": precision, "rounds": rates,
-            "img_per_s": median, "statistic": "median",
+            "img_per_s": median,
             "pruned_ce_vs_unpruned_ce_rounds": ratios,
             **{f"pruned_ce_vs_unpruned_ce{suffix}": statistics.median(r) for suffix, r in ratios.items()},
             "folded_vs_unfolded_rounds": folding,
             "folded_vs_unfolded": {k: statistics.median(r) for k, r in folding.items()},
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
+
+
+def _teacher_checks(model, train, precision: str, batch_size: int, images: int) -> dict:
+    """The distillation teacher (channels-last, as fine-tuning runs it), folded (recover.fold_batchnorms) and as
+    given: its forward alone at `batch_size`, FP32 and in `precision`, the four timed in turns
+    (measure.time_interleaved); and how far its soft targets (T=4) move from the FP32 teacher's on `images`
+    augmented training images."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from edgeprune.accuracy import channels_last_copy
+    from edgeprune.data import loader
+    from edgeprune.measure import time_interleaved
+    from edgeprune.recipe import LatencyOptions
+    from edgeprune.recover import fold_batchnorms
+
+    x, y = map(torch.cat, zip(*loader(train, batch_size, shuffle=True, limit=images), strict=True))
+    x = x.contiguous(memory_format=torch.channels_last)
+    unfolded = channels_last_copy(model, x[:1])
+    folded, count = fold_batchnorms(unfolded, x[:1], torch.channels_last)
+    assert count, "the teacher's BatchNorm layers did not fold"
+    low = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    settings = {"unfolded": (unfolded, low), "unfolded_fp32": (unfolded, contextlib.nullcontext),
+                "folded": (folded, low), "folded_fp32": (folded, contextlib.nullcontext)}
+
+    def logits(m, ctx) -> torch.Tensor:
+        with torch.no_grad(), ctx():
+            return torch.cat([m(b).float() for b in x.split(batch_size)])
+    reference = logits(unfolded, contextlib.nullcontext)
+    outputs = {k: logits(*v) for k, v in settings.items()}
+    kl = {k: F.kl_div(F.log_softmax(outputs[k] / 4, 1), F.softmax(reference / 4, 1), reduction="batchmean").item()
+          for k in ("unfolded", "folded")}
+    top1 = {"fp32": (reference.argmax(1) == y).float().mean().item() * 100,
+            **{k: (v.argmax(1) == y).float().mean().item() * 100 for k, v in outputs.items()
+               if k in ("unfolded", "folded")}}
+    batch = x[:batch_size]
+
+    def runner(m, ctx):
+        def run():
+            with torch.no_grad(), ctx():
+                m(batch)
+        return run
+    repeats = max(1, images // batch_size)
+    timed = time_interleaved({k: runner(*v) for k, v in settings.items()},
+                             LatencyOptions(threads=torch.get_num_threads(), warmup=1, repeats=repeats))
+    return {"teacher_forward": {"runs": repeats, "img_per_s": {k: round(batch_size / t.median_ms * 1e3, 1)
+                                                               for k, t in timed.items()}},
+            "teacher_fidelity": {"images": len(y), "kl": kl, "top1": {k: round(v, 2) for k, v in top1.items()},
+                                 "folded_fp32_max_abs": (outputs["folded_fp32"] - reference).abs().max().item()}}
 
 
 def _variant(name: str) -> tuple[str, str, int]:

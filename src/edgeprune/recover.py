@@ -128,11 +128,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     with another tag belongs to other inputs and is discarded rather than resumed."""
     device = rt.device
     student.to(device)
-    channels_last, teacher_cl = _to_channels_last(opts, student, teacher, train_ds, device)
+    sample = _sample_batch(train_ds, device)  # one image batch, or None when the samples are not images
+    channels_last, teacher_cl = _to_channels_last(opts, student, teacher, sample)
     folded = 0
     if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
         teacher = teacher_cl if channels_last else teacher.eval().to(device)
-        if opts.fold_teacher and (sample := _sample_batch(train_ds, device)) is not None:
+        if opts.fold_teacher and sample is not None:
             teacher, folded = fold_batchnorms(teacher, sample, torch.channels_last if channels_last
                                               else torch.contiguous_format)
     hooks = _contiguous_batchnorms(student, device) if channels_last else []
@@ -252,14 +253,13 @@ def training_precision(device: str, amp: bool) -> str:
     return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
 
 
-def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None, train_ds: Dataset,
-                      device: str) -> tuple[bool, nn.Module | None]:
+def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None,
+                      x: torch.Tensor | None) -> tuple[bool, nn.Module | None]:
     """Convert `student` in place to the channels-last layout, and return (True, a channels-last copy of
-    `teacher` on `device`), when fine-tuning can run that way: asked for, image batches, and both models run a
-    channels-last batch (`channels_last_copy`). Otherwise (False, None), with `student` as it was."""
-    if not opts.channels_last:
-        return False, None
-    if (x := _sample_batch(train_ds, device)) is None:
+    `teacher` on `x`'s device), when fine-tuning can run that way: asked for, image batches (`x`, a sample one;
+    None when the samples are not images), and both models run a channels-last batch (`channels_last_copy`).
+    Otherwise (False, None), with `student` as it was."""
+    if not opts.channels_last or x is None:
         return False, None
     if channels_last_copy(student, x) is None:
         return False, None
