@@ -235,7 +235,7 @@ class RecoverOptions(_Strict):
     amp: bool = Field(default=True, description="classifiers: mixed precision fine-tuning (bf16 autocast) on CPUs "
                       "with native bf16 (AVX512-BF16 or AMX) and on CUDA (fp16 with loss scaling where bf16 is "
                       "missing); FP32 elsewhere, and for re-calibration, evaluation and export everywhere "
-                      "(measured on 2 cores of an Intel Xeon with AMX: the default run's epoch 1.74x faster; "
+                      "(measured on 2 cores of an Intel Xeon with AMX: the default run's epoch 1.71x faster; "
                       "AVX512-BF16 without AMX not measured)")
     channels_last: bool = Field(default=True, description="classifiers: fine-tune (student and teacher) in the "
                                 "channels-last memory layout, which oneDNN and cuDNN convolutions run faster "
