@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .accuracy import channels_last_copy, evaluate_model
+from .batchnorm import use_packed_batch_norm
 from .data import loader, shard
 from .distributed import Runtime
 from .environment import cpu_has_bf16
@@ -111,7 +112,7 @@ class FinetuneResult:
     resumed_from_epoch: int = 0
     world_size: int = 1
     channels_last: bool = False  # trained in the channels-last memory layout
-    contiguous_batchnorms: int = 0  # of them, BatchNorm layers run contiguous (`_contiguous_batchnorms`)
+    packed_batchnorms: int = 0  # of them, BatchNorm layers trained by `batchnorm.packed_batch_norm`
     teacher_folded_batchnorms: int = 0  # the teacher's BatchNorm layers folded into its convolutions
     precision: str = "fp32"  # the arithmetic of the forward and backward passes: fp32, or bf16/fp16 under autocast
 
@@ -136,15 +137,15 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
         if opts.fold_teacher and sample is not None:
             teacher, folded = fold_batchnorms(teacher, sample, torch.channels_last if channels_last
                                               else torch.contiguous_format)
-    hooks = _contiguous_batchnorms(student, device) if channels_last else []
+    packed = _packed_batchnorms(student, device) if channels_last else []
     try:
         result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag,
                            torch.channels_last if channels_last else torch.contiguous_format)
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in packed:
+            handle.remove()
         student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
-    result.channels_last, result.contiguous_batchnorms = channels_last, len(hooks) // 2
+    result.channels_last, result.packed_batchnorms = channels_last, len(packed)
     result.teacher_folded_batchnorms = folded
     return result
 
@@ -212,33 +213,16 @@ def _sample_batch(train_ds: Dataset, device: str) -> torch.Tensor | None:
     return x.unsqueeze(0).to(device) if isinstance(x, torch.Tensor) and x.dim() == 3 else None
 
 
-BN_LANES = 16  # AVX-512: 16 FP32 lanes; channels-last batch norm is slow on narrower layers
-
-
-def _contiguous_batchnorms(student: nn.Module, device: str) -> list:
-    """Channels-last fine-tuning on an AVX-512 CPU: each BatchNorm2d narrower than BN_LANES channels runs in the
-    contiguous layout, its input and output copied across, through hooks that leave the modules and the state
-    dict as they are. PyTorch's channels-last batch norm on the CPU vectorizes along the channels, and on narrow
-    layers it lost to contiguous even with the copies (bench/batchnorm_layout.py on 2 cores of an Intel Xeon,
-    forward and backward, batch 128 at 32x32: 8 channels 13.0 ms against 4.2 in FP32, 11.4 against 6.5 in bf16;
-    11 channels 18.4 against 7.9 and 22.0 against 9.6). At 16 and wider the copies cost more than they save,
-    odd widths (23, 45) included. Elsewhere (AVX2, ARM, GPUs) not measured: nothing changes. Returns the hook
-    handles (two per layer)."""
+def _packed_batchnorms(student: nn.Module, device: str) -> list:
+    """Channels-last fine-tuning on an AVX-512 CPU: each BatchNorm2d whose width is not a multiple of 16 trains
+    through `batchnorm.packed_batch_norm` (its statistics summed over rows of several pixels, so that the
+    channels fill the vector lanes). PyTorch's own channels-last batch norm vectorizes along the channels, and at
+    such widths it ran 2-5x slower than at 16 (`python bench/batchnorm_layout.py` on 2 cores of an Intel Xeon,
+    forward and backward at batch 128, 32x32). Elsewhere (AVX2, ARM, GPUs) not measured: nothing changes.
+    Returns handles whose `remove()` gives each module its own forward back."""
     if device != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return []
-    handles = []
-    for module in student.modules():
-        if isinstance(module, nn.BatchNorm2d) and module.num_features < BN_LANES:
-            handles += [module.register_forward_pre_hook(_to_contiguous), module.register_forward_hook(_to_cl)]
-    return handles
-
-
-def _to_contiguous(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:])
-
-
-def _to_cl(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    return out.contiguous(memory_format=torch.channels_last)
+    return use_packed_batch_norm(student)
 
 
 def training_precision(device: str, amp: bool) -> str:
