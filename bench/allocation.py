@@ -79,6 +79,9 @@ def _rate_line(rate: dict) -> str:
 
     def fold(key: str) -> str:
         return within(rate["folded_vs_unfolded_rounds"], rate["folded_vs_unfolded"], key)
+
+    def pack(key: str) -> str:
+        return within(rate["packed_vs_unpacked_rounds"], rate["packed_vs_unpacked"], key)
     t, f = rate["teacher_forward"], rate["teacher_fidelity"]
     return (f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images per "
             f"timing, {rate['threads']} threads on {rate['cpu']}, median of {len(rate['rounds']['pruned_ce'])} "
@@ -90,7 +93,11 @@ def _rate_line(rate: dict) -> str:
             f"{r['pruned_ce_contiguous']:.0f} ({ce('_contiguous')}) and {r['pruned_kd_contiguous']:.0f}. "
             f"Distilling from the teacher as given (recover.fold_teacher false): {r['pruned_kd_unfolded']:.0f} "
             f"img/s, {r['pruned_kd_fp32_unfolded']:.0f} in FP32 (folded against as given: {fold('')} in "
-            f"{precision}, {fold('_fp32')} in FP32). The augmented data loader alone: {r['data_loader']:.0f} img/s. "
+            f"{precision}, {fold('_fp32')} in FP32). The pruned model in CE with PyTorch's own batch norm on its "
+            f"layers whose width is not a multiple of 16 (recover.packed_batchnorm false): "
+            f"{r['pruned_ce_unpacked']:.0f} img/s, {r['pruned_ce_fp32_unpacked']:.0f} in FP32 (packed against "
+            f"PyTorch's: {pack('')} in {precision}, {pack('_fp32')} in FP32). "
+            f"The augmented data loader alone: {r['data_loader']:.0f} img/s. "
             f"The teacher's forward alone (batch 128, channels-last, {t['runs']} runs of each timed in turns): "
             f"{t['img_per_s']['unfolded']:.0f} img/s in {precision}, {t['img_per_s']['unfolded_fp32']:.0f} in FP32; "
             f"folded {t['img_per_s']['folded']:.0f} and {t['img_per_s']['folded_fp32']:.0f}. Its soft targets (T=4) "
@@ -104,10 +111,11 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     """Images per second of edgeprune's fine-tuning (recover.finetune, batch 128, the default recipe's SGD):
     the unpruned ResNet-56 and the 2x-pruned one (uniform, macs_reduction 0.5) in plain cross-entropy, and the
     pruned one distilling from the unpruned (its BatchNorm layers folded, and as given), in each precision and
-    layout; and the teacher alone (`_teacher_checks`). Every setting runs `images` images per round, all
-    settings in turn within a round (each round starting one setting later), `rounds` rounds: load on a shared
-    machine moves a round's settings together, so the ratios (pruned/unpruned, folded/unfolded) are taken
-    within each round and their medians reported, beside each setting's median rate."""
+    layout; the pruned one in CE with PyTorch's own batch norm (recover.packed_batchnorm false); and the teacher
+    alone (`_teacher_checks`). Every setting runs `images` images per round, all settings in turn within a round
+    (each round starting one setting later), `rounds` rounds: load on a shared machine moves a round's settings
+    together, so the ratios (pruned/unpruned, folded/unfolded, packed/unpacked) are taken within each round and
+    their medians reported, beside each setting's median rate."""
     import copy
     import statistics
 
@@ -136,6 +144,10 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     # default before 2026-12-01)
     runs |= {f"pruned_kd{suffix}_unfolded": (pruned, model, {**settings[suffix], "fold_teacher": False})
              for suffix in ("", "_fp32")}
+    # the pruned model trained with PyTorch's own batch norm on its layers whose width is not a multiple of 16
+    # (recover.packed_batchnorm false; before 2026-12-01 they ran contiguous, with copies there and back)
+    runs |= {f"pruned_ce{suffix}_unpacked": (pruned, None, {**settings[suffix], "packed_batchnorm": False})
+             for suffix in ("", "_fp32")}
     opts = recipe.recover.model_copy(update={"epochs": 1, "train_images": images})
     precision = finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}),
                          runtime()).precision  # also a warm-up
@@ -154,6 +166,7 @@ def train_rates(images: int, rounds: int = 5) -> dict:
         return [round(x / y, 3) for x, y in zip(rates[a], rates[b], strict=True)]
     ratios = {suffix: per_round(f"pruned_ce{suffix}", f"unpruned_ce{suffix}") for suffix in settings}
     folding = {suffix: per_round(f"pruned_kd{suffix}", f"pruned_kd{suffix}_unfolded") for suffix in ("", "_fp32")}
+    packing = {suffix: per_round(f"pruned_ce{suffix}", f"pruned_ce{suffix}_unpacked") for suffix in ("", "_fp32")}
     # the augmented batches alone
     t0, seen = time.perf_counter(), 0
     for _, y in loader(train, opts.batch_size, shuffle=True, limit=images):
@@ -168,6 +181,8 @@ def train_rates(images: int, rounds: int = 5) -> dict:
             **{f"pruned_ce_vs_unpruned_ce{suffix}": statistics.median(r) for suffix, r in ratios.items()},
             "folded_vs_unfolded_rounds": folding,
             "folded_vs_unfolded": {k: statistics.median(r) for k, r in folding.items()},
+            "packed_vs_unpacked_rounds": packing,
+            "packed_vs_unpacked": {k: statistics.median(r) for k, r in packing.items()},
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
 
 

@@ -1,6 +1,6 @@
 """The stage table: which stages a recipe runs, what they depend on, and what a change invalidates."""
 from edgeprune.recipe import Recipe, apply_overrides
-from edgeprune.stages import STAGES, StageStore, dependencies, final_model_stage, plan
+from edgeprune.stages import STAGES, StageStore, _settled, dependencies, final_model_stage, plan
 
 BY_NAME = {s.name: s for s in STAGES}
 FULL = apply_overrides(Recipe(), {"data.path": "cifar10", "recover.epochs": 1, "int8.enabled": True})
@@ -84,6 +84,19 @@ def test_folding_the_teacher_or_not_fine_tunes_again(tmp_path):
     fill(store, FULL)
     assert FULL.recover.fold_teacher
     assert stale(store, apply_overrides(FULL, {"recover.fold_teacher": False})) == [
+        "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
+
+
+def test_packed_batch_norm_at_its_default_keeps_earlier_fine_tunes(tmp_path):
+    """recover.packed_batchnorm (the same arithmetic through faster kernels) is one of ADDED_FIELDS: at its default
+    it is left out of the fingerprints, so a run folder from before it keeps its fine-tune; turned off, the
+    fine-tune runs again."""
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert FULL.recover.packed_batchnorm
+    assert "recover.packed_batchnorm" in _settled(FULL.model_dump(mode="json"))[1]
+    assert stale(store, FULL) == []
+    assert stale(store, apply_overrides(FULL, {"recover.packed_batchnorm": False})) == [
         "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
 
 

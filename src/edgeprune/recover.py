@@ -137,7 +137,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
         if opts.fold_teacher and sample is not None:
             teacher, folded = fold_batchnorms(teacher, sample, torch.channels_last if channels_last
                                               else torch.contiguous_format)
-    packed = _packed_batchnorms(student, device) if channels_last else []
+    packed = _packed_batchnorms(student, device) if channels_last and opts.packed_batchnorm else []
     try:
         result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag,
                            torch.channels_last if channels_last else torch.contiguous_format)

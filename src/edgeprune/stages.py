@@ -131,7 +131,8 @@ def final_model_stage(recipe: Recipe) -> str:
 # the fingerprints, so that stages computed before it existed stay valid (no re-pruning, no re-training).
 # recover.fold_teacher (2026-12-01) is deliberately not one: the folded teacher's logits differ in the last bits,
 # so a fine-tune from before it runs again instead of resuming its checkpoint with another teacher.
-ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None}
+# recover.packed_batchnorm (2026-12-01) is one: the same arithmetic through faster kernels, like a machine change.
+ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None, "recover.packed_batchnorm": True}
 
 
 def _settled(recipe_json: dict) -> tuple[dict, set[str]]:
