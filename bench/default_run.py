@@ -25,7 +25,10 @@ VARIANTS = {"sensitivity": {}, "uniform": {"prune.allocation": "uniform", "prune
             # the shipped recipe fine-tuning on 30,000 of the 50,000 training images (a shorter run; see the notes)
             "sensitivity-30k": {"recover.train_images": 30000},
             # the shipped recipe fine-tuning in FP32 (recover.amp off), as before 2026-11-30's bf16 autocast
-            "sensitivity-fp32": {"recover.amp": False}}
+            "sensitivity-fp32": {"recover.amp": False},
+            # the shipped recipe with PyTorch's own batch norm on every layer (recover.packed_batchnorm off; on AVX-512
+            # CPUs the layers whose width is not a multiple of 16 train through the packed batch norm by default)
+            "sensitivity-unpacked": {"recover.packed_batchnorm": False}}
 STAGES = ("baseline", "pruned", "recalibrated", "finetuned", "int8")
 
 

@@ -4,17 +4,17 @@ per convolution shape.
     EDGEPRUNE_HOME=../shared/data python bench/train_profile.py [--steps 4] [--rounds 3] [--model RUN/model.safetensors]
 
 Each model runs edgeprune's own fine-tuning (`recover.finetune`, plain cross-entropy, batch 128, the default
-recipe's SGD, augmentation on the main process) on `--steps` batches under torch.profiler, after a warm-up call,
-in each setting: as the recipe trains (bf16 autocast where the CPU has bf16, channels-last), FP32 channels-last
-and FP32 contiguous. Every model and setting runs once per round (each round starting one later), `--rounds`
-rounds, and each figure is the median over the rounds. The pruned model is the rate bench's (uniform
-allocation, macs_reduction 0.5, no rounding: `bench/allocation.py --train-rate`); `--model` adds a pruned
-artifact of your own (the default run's model.safetensors, say). Self CPU time is summed per kind of operator;
-what the operators do not account for (loading and augmenting images, Python) is the wall time left over.
-Convolutions are also summed per shape (input channels, output channels, kernel, spatial size), forward and
-backward together. The profiler adds overhead, and this machine's speed drifts: the rate bench, timed in turns,
-is where the speed-up is measured; this says where it goes. Writes bench/results/train_profile.json and .md
-with the command.
+recipe's SGD, augmentation on the main process) on `--steps` batches under torch.profiler, after a warm-up call, in
+each setting: as the recipe trains (bf16 autocast where the CPU has bf16, channels-last), FP32 channels-last and
+FP32 contiguous. Every model and setting runs once per round (each round starting one later), `--rounds` rounds, and
+each figure is the median over the rounds. The pruned model is the rate bench's (uniform allocation, macs_reduction
+0.5, no rounding: `bench/allocation.py --train-rate`); `--model` adds a pruned artifact of your own (the default
+run's model.safetensors, say). Self CPU time is summed per kind of operator (everything inside a batch norm,
+PyTorch's or edgeprune's packed one, counts as batch norm); what the operators do not account for (loading and
+augmenting images, Python) is the wall time left over. Convolutions are also summed per shape (input channels,
+output channels, kernel, spatial size), forward and backward together. The profiler adds overhead, and this
+machine's speed drifts: the rate bench, timed in turns, is where the speed-up is measured; this says where it goes.
+Writes bench/results/train_profile.json and .md with the command.
 """
 from __future__ import annotations
 
@@ -32,14 +32,26 @@ KINDS = ("convolution forward", "convolution backward", "batch norm forward", "b
          "elementwise and optimizer", "layout and precision copies", "other operators")
 
 
-def kind(name: str) -> str:
-    """The kind of a profiler event's operator (its self time is counted once, under its own name)."""
+def kind(event) -> str:
+    """The kind of a profiler event: batch norm when it runs inside one (PyTorch's, or edgeprune's packed batch
+    norm, whose forward is recorded as `edgeprune::packed_batch_norm` and whose backward is an autograd node),
+    else by its operator's name."""
+    names = []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    if any("BatchNormBackward" in n or "batch_norm_backward" in n for n in names):
+        return "batch norm backward"
+    if any("batch_norm" in n for n in names):
+        return "batch norm forward"
+    return _kind(names[0])
+
+
+def _kind(name: str) -> str:
     if "convolution_backward" in name:
         return "convolution backward"
     if "conv" in name:
         return "convolution forward"
-    if "batch_norm" in name:
-        return "batch norm " + ("backward" if "backward" in name else "forward")
     if name in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::contiguous", "aten::clone"):
         return "layout and precision copies"
     if any(op in name for op in ("add", "mul", "clamp", "threshold", "relu", "div", "sub", "Optimizer", "_foreach",
@@ -51,9 +63,9 @@ def kind(name: str) -> str:
 def conv_key(event) -> str | None:
     """'IN->OUT kxk @HxW' of a convolution event from its recorded input shapes, else None."""
     shapes = event.input_shapes
-    if event.key == "aten::mkldnn_convolution" or event.key == "aten::_convolution":
+    if event.name in ("aten::mkldnn_convolution", "aten::_convolution"):
         x, w = shapes[0], shapes[1]
-    elif event.key == "aten::convolution_backward":
+    elif event.name == "aten::convolution_backward":
         x, w = shapes[1], shapes[2]
     else:
         return None
@@ -80,9 +92,9 @@ def profile_finetune(model, train, opts, steps: int) -> dict:
         wall = time.perf_counter() - t0
     ms: dict[str, float] = defaultdict(float)
     convs: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages(group_by_input_shape=True):
+    for event in prof.events():
         self_ms = event.self_cpu_time_total / 1e3
-        ms[kind(event.key)] += self_ms
+        ms[kind(event)] += self_ms
         if (key := conv_key(event)) is not None:
             convs[key] += self_ms
     ms["outside operators (data, Python)"] = max(0.0, wall * 1e3 - sum(ms.values()))

@@ -58,8 +58,9 @@ def packed_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     if pixels < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     k = math.gcd(ROW // math.gcd(c, ROW), pixels)  # pixels per row: rows of k * c values, a multiple of ROW
-    y, mean, var = _PackedBatchNorm.apply(x.contiguous(memory_format=torch.channels_last), bn.weight, bn.bias,
-                                          bn.eps, k)
+    with torch.profiler.record_function("edgeprune::packed_batch_norm"):  # a name in profiles (bench/train_profile.py)
+        y, mean, var = _PackedBatchNorm.apply(x.contiguous(memory_format=torch.channels_last), bn.weight, bn.bias,
+                                              bn.eps, k)
     if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
         with torch.no_grad():  # as nn.BatchNorm2d.forward and F.batch_norm update them
             bn.num_batches_tracked.add_(1)
