@@ -12,10 +12,11 @@ from edgeprune.recipe import PruneOptions
 
 
 @pytest.mark.parametrize(("width", "shape", "momentum", "affine", "track"), [
-    (8, (16, 8, 8), 0.1, True, True),
-    (24, (6, 5, 5), None, True, True),  # 150 pixels: rows of 2 pixels, not of 32; cumulative running average
-    (33, (3, 7, 7), 0.1, False, True),  # no affine parameters
-    (4, (5, 3, 3), 0.1, True, False),  # no running statistics: batch statistics in eval mode too
+    (8, (16, 8, 8), 0.1, True, True),  # rows of 32 pixels
+    (24, (6, 5, 5), None, True, True),  # 150 pixels: rows of 2, not of 32; cumulative running average
+    (33, (8, 4, 4), 0.1, False, True),  # no affine parameters; rows of 128 pixels
+    (4, (4, 4, 4), 0.1, True, False),  # no running statistics: batch statistics in eval mode too
+    (5, (3, 3, 3), 0.1, True, True),  # 27 pixels: rows of one pixel
 ])
 def test_matches_pytorch_in_float64(width, shape, momentum, affine, track):
     torch.manual_seed(width)
@@ -31,7 +32,7 @@ def test_matches_pytorch_in_float64(width, shape, momentum, affine, track):
         # a large per-channel mean against a unit spread: the variance must not cancel away
         x = torch.randn(n, width, h, w, dtype=torch.double) + 20 * torch.randn(1, width, 1, 1, dtype=torch.double)
         x = x.contiguous(memory_format=torch.channels_last)
-        grad = torch.randn_like(x)
+        grad = torch.randn(x.shape, dtype=x.dtype)  # contiguous: the backward takes any layout
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = reference(xa), packed(xb)
         ya.backward(grad)
@@ -48,6 +49,64 @@ def test_matches_pytorch_in_float64(width, shape, momentum, affine, track):
     reference.eval()
     x = torch.randn(2, width, h, w, dtype=torch.double)
     torch.testing.assert_close(packed(x), reference(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_as_close_to_float64_as_pytorchs_own(dtype):
+    """In FP32 and in bf16 (FP32 parameters, as under autocast), with a per-channel mean ten times the spread: the
+    output, every gradient and the running statistics land as close to the float64 batch norm's as PyTorch's own
+    kernel's do (the batch mean rounded to the input's precision leaves an offset the backward must carry)."""
+    torch.manual_seed(1)
+    width = 24
+    x64 = (torch.randn(32, width, 16, 16, dtype=torch.double) + 10 * torch.randn(1, width, 1, 1, dtype=torch.double)
+           ).contiguous(memory_format=torch.channels_last)
+    g64 = torch.randn_like(x64)
+    exact = nn.BatchNorm2d(width).double()
+    with torch.no_grad():
+        exact.weight.uniform_(0.5, 1.5)
+        exact.bias.uniform_(-1, 1)
+    x = x64.clone().requires_grad_()
+    y = exact(x)
+    y.backward(g64)
+    truth = [y, x.grad, exact.weight.grad, exact.bias.grad, exact.running_mean, exact.running_var]
+    errors = {}
+    for way in ("pytorch", "packed"):
+        bn = copy.deepcopy(exact).float()
+        bn.weight.grad = bn.bias.grad = None
+        if way == "packed":
+            use_packed_batch_norm(bn)
+        xd = x64.to(dtype).requires_grad_()
+        yd = bn(xd)
+        yd.backward(g64.to(dtype))
+        assert yd.dtype == xd.grad.dtype == dtype and bn.weight.grad.dtype == torch.float32
+        got = [yd, xd.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+        errors[way] = [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, truth, strict=True)]
+    for name, ours, theirs in zip(("y", "dx", "dweight", "dbias", "running mean", "running var"),
+                                  errors["packed"], errors["pytorch"], strict=True):
+        assert ours <= 2 * theirs + (1e-6 if dtype == torch.float32 else 1e-3), (name, ours, theirs)
+
+
+def test_falls_back_where_it_cannot_help():
+    """Double backward raises instead of coming out wrong; fp16 batches and all-bf16 modules run PyTorch's own
+    (bit-identical to it), as do eval mode and no_grad training."""
+    bn = nn.BatchNorm2d(8)
+    use_packed_batch_norm(bn)
+    x = torch.randn(4, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    (gx,) = torch.autograd.grad(bn(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()
+    for dtype, params in ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)):
+        reference = nn.BatchNorm2d(8).to(params)
+        packed = copy.deepcopy(reference)
+        use_packed_batch_norm(packed)
+        xd = x.detach().to(dtype)
+        assert torch.equal(packed(xd), reference(xd))
+        assert torch.equal(packed.running_var, reference.running_var)
+    with torch.no_grad():
+        reference = nn.BatchNorm2d(8)
+        packed = copy.deepcopy(reference)
+        use_packed_batch_norm(packed)
+        torch.testing.assert_close(packed(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_contiguous_input_and_single_value_error():
