@@ -246,7 +246,7 @@ class RecoverOptions(_Strict):
                                "trace, or whose folded copy's outputs differ, is used as it is")
     packed_batchnorm: bool = Field(default=True, description="classifiers, channels-last on AVX-512 CPUs: train each "
                                    "BatchNorm whose width is not a multiple of 16 through edgeprune's packed batch "
-                                   "norm (the same arithmetic; 2-3x faster than PyTorch's at 4-11 channels, "
+                                   "norm (the same arithmetic; 1.2-4x faster than PyTorch's at 4-11 channels, "
                                    "bench/batchnorm_layout.py); false: PyTorch's own")
     eval_every_epoch: bool = Field(default=False, description="evaluate after every epoch, not only the last")
     workers: int = Field(default=0, ge=0)
