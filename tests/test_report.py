@@ -8,6 +8,7 @@ import pytest
 import edgeprune
 from edgeprune import report as rep
 from edgeprune import rows
+from edgeprune.diagnose import findings
 from edgeprune.export import Parity
 from edgeprune.report_html import page
 from edgeprune.results import ExportResult
@@ -103,6 +104,15 @@ def test_diagnostics_name_real_layers_and_time_every_one(finished):
     narrowed = [la for la in diag["layers"] if la["channels_after"] < la["channels_before"]]
     assert narrowed and all(la["macs_after"] < la["macs_before"] for la in narrowed)
     assert any(f.startswith("ONNX Runtime:") for f in diag["findings"])
+    # widths off the vector lanes: the advice to round names what rounding moves
+    misaligned = [f for f in diag["findings"] if "pruned layers have widths that are not multiples" in f]
+    assert len(misaligned) == any(not la["aligned"] for la in diag["layers"])
+    assert all("--round-to" in f and "compare the accuracy too" in f for f in misaligned)
+    if not misaligned:  # this run rounded its widths: the same diagnosis with its first pruned layer off the lanes
+        first = diag["layers"].index(narrowed[0])
+        layers = [dict(la, aligned=i != first) for i, la in enumerate(diag["layers"])]
+        (line,) = [f for f in findings({**diag, "layers": layers}, None) if "not multiples of" in f]
+        assert narrowed[0]["name"] in line and "compare the accuracy too" in line
     # Both models on ONNX Runtime at 1 and 2 threads, side by side: the speed-up at each thread count.
     scaling = diag["thread_scaling"]
     assert diag["threads"] == 2 and set(scaling) == {"before", "after"}

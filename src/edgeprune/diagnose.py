@@ -291,5 +291,6 @@ def findings(diag: dict, speedup: dict[str, float] | None, top: int = 5) -> list
         out.append(f"{len(misaligned)} pruned layers have widths that are not multiples of {diag['align']} "
                    f"({ms:.2f} ms in ONNX Runtime), e.g. "
                    + ", ".join(f"{la['name']} = {la['channels_after']}" for la in misaligned[:3])
-                   + f"; --round-to {diag['align']} or 16 keeps vector lanes full.")
+                   + f"; --round-to {diag['align']} or 16 keeps vector lanes full, but moves each layer from the "
+                   "width the allocation chose (a sensitivity allocation's most of all): compare the accuracy too.")
     return out
