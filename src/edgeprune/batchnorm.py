@@ -56,8 +56,9 @@ def _supported(dtype: torch.dtype, weight: torch.Tensor | None) -> bool:
     """FP32 and float64 batches, and bf16 ones with FP32 parameters (as under autocast), which PyTorch's inference
     kernel normalizes in FP32; not fp16 (its squares overflow) nor an all-bf16 model."""
     param = torch.float32 if weight is None else weight.dtype
-    return dtype == param and dtype in (torch.float32, torch.float64) or (dtype, param) == (torch.bfloat16,
-                                                                                                torch.float32)
+    if dtype in (torch.float32, torch.float64):
+        return param == dtype
+    return dtype == torch.bfloat16 and param == torch.float32
 
 
 def packed_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
