@@ -23,6 +23,7 @@ import argparse
 import json
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -69,19 +70,17 @@ def _rate_line(rate: dict) -> str:
     """The fine-tuning speed paragraph of allocation.md, from `train_rates`'s result."""
     r, precision = rate["img_per_s"], rate["precision"]
 
-    def within(ratios: dict, medians: dict, key: str) -> str:
-        return f"{medians[key]:.2f}x, rounds {min(ratios[key]):.2f}-{max(ratios[key]):.2f}"
+    def within(rounds: dict[str, list[float]], key: str) -> str:  # the median of the ratios taken in each round
+        return f"{statistics.median(rounds[key]):.2f}x, rounds {min(rounds[key]):.2f}-{max(rounds[key]):.2f}"
 
-    def ce(suffix: str) -> str:
-        return within(rate["pruned_ce_vs_unpruned_ce_rounds"],
-                      {k: rate[f"pruned_ce_vs_unpruned_ce{k}"] for k in rate["pruned_ce_vs_unpruned_ce_rounds"]},
-                      suffix)
+    def ce(key: str) -> str:
+        return within(rate["pruned_ce_vs_unpruned_ce_rounds"], key)
 
     def fold(key: str) -> str:
-        return within(rate["folded_vs_unfolded_rounds"], rate["folded_vs_unfolded"], key)
+        return within(rate["folded_vs_unfolded_rounds"], key)
 
     def pack(key: str) -> str:
-        return within(rate["packed_vs_unpacked_rounds"], rate["packed_vs_unpacked"], key)
+        return within(rate["packed_vs_unpacked_rounds"], key)
     t, f = rate["teacher_forward"], rate["teacher_fidelity"]
     return (f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images per "
             f"timing, {rate['threads']} threads on {rate['cpu']}, median of {len(rate['rounds']['pruned_ce'])} "
@@ -107,6 +106,24 @@ def _rate_line(rate: dict) -> str:
             f"top-1 {f['top1']['fp32']:.2f}% in FP32, {f['top1']['unfolded']:.2f}% and {f['top1']['folded']:.2f}%.")
 
 
+# Fine-tuning settings the rate bench (and bench/train_profile.py) time: as the recipe trains (bf16 autocast on CPUs
+# with bf16), in FP32 (recover.amp false; the default before 2026-11-30), and in FP32 in the contiguous layout
+# (recover.channels_last false too; before 2026-11-29)
+RATE_SETTINGS = {"": {}, "_fp32": {"amp": False}, "_contiguous": {"amp": False, "channels_last": False}}
+
+
+def rate_models():
+    """The rate bench's recipe, unpruned ResNet-56, its 2x-pruned version (uniform, macs_reduction 0.5, no rounding:
+    as timed before round_to auto) and the training set."""
+    from edgeprune import create_model, load_recipe, prune
+    from edgeprune.data import load_split
+
+    recipe = load_recipe(None, {"prune.macs_reduction": 0.5, "prune.allocation": "uniform", "prune.round_to": None})
+    model = create_model(**recipe.model.model_dump())
+    pruned, _ = prune(model, recipe.prune)
+    return recipe, model, pruned, load_split(recipe.data.path, model.edgeprune_spec, True)
+
+
 def train_rates(images: int, rounds: int = 5) -> dict:
     """Images per second of edgeprune's fine-tuning (recover.finetune, batch 128, the default recipe's SGD):
     the unpruned ResNet-56 and the 2x-pruned one (uniform, macs_reduction 0.5) in plain cross-entropy, and the
@@ -117,28 +134,20 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     together, so the ratios (pruned/unpruned, folded/unfolded, packed/unpacked) are taken within each round and
     their medians reported, beside each setting's median rate."""
     import copy
-    import statistics
 
     import torch
     from tqdm import tqdm
 
-    from edgeprune import create_model, load_recipe, prune
-    from edgeprune.data import load_split, loader
+    from edgeprune.data import loader
     from edgeprune.distributed import runtime
     from edgeprune.environment import environment
     from edgeprune.measure import count_macs
     from edgeprune.recover import finetune
 
-    recipe = load_recipe(None, {"prune.macs_reduction": 0.5, "prune.allocation": "uniform",
-                                "prune.round_to": None})  # as timed before auto
-    model = create_model(**recipe.model.model_dump())
-    pruned, _ = prune(model, recipe.prune)
-    train = load_split(recipe.data.path, model.edgeprune_spec, True)
+    recipe, model, pruned, train = rate_models()
     example = model.edgeprune_spec.example_input()
     models = {"unpruned_ce": (model, None), "pruned_ce": (pruned, None), "pruned_kd": (pruned, model)}
-    # each as the recipe trains (bf16 autocast on CPUs with bf16), in FP32 (recover.amp false; the default before
-    # 2026-11-30), and in FP32 in the contiguous layout (recover.channels_last false too; before 2026-11-29)
-    settings = {"": {}, "_fp32": {"amp": False}, "_contiguous": {"amp": False, "channels_last": False}}
+    settings = RATE_SETTINGS
     runs = {f"{k}{suffix}": (*m, setting) for suffix, setting in settings.items() for k, m in models.items()}
     # distilling from the teacher as given, its BatchNorm layers not folded (recover.fold_teacher false; the
     # default before 2026-12-01)

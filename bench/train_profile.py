@@ -154,26 +154,25 @@ def main() -> None:
                         help="also profile this pruned artifact (a model.safetensors)")
     args = parser.parse_args()
 
+    from allocation import RATE_SETTINGS, rate_models
     from tqdm import tqdm
 
-    from edgeprune import create_model, load, load_recipe, prune
-    from edgeprune.data import load_split
+    from edgeprune import load
     from edgeprune.environment import environment
     from edgeprune.fsio import write_json, write_text
     from edgeprune.measure import count_macs
     from edgeprune.recover import training_precision
 
-    recipe = load_recipe(None, {"prune.macs_reduction": 0.5, "prune.allocation": "uniform", "prune.round_to": None})
-    model = create_model(**recipe.model.model_dump())
-    models = {"unpruned": model, "pruned (uniform)": prune(model, recipe.prune)[0]}
+    recipe, model, pruned, train = rate_models()
+    models = {"unpruned": model, "pruned (uniform)": pruned}
     if args.model:
         models[f"pruned ({args.model.parent.name or args.model.name})"] = load(args.model)
-    train = load_split(recipe.data.path, model.edgeprune_spec, True)
     example = model.edgeprune_spec.example_input()
     opts = recipe.recover.model_copy(update={"epochs": 1, "distill": False})
-    settings = {"fp32 channels-last": {"amp": False}, "fp32 contiguous": {"amp": False, "channels_last": False}}
-    if training_precision("cpu", True) != "fp32":
-        settings = {f"{training_precision('cpu', True)} channels-last (as the recipe trains)": {}, **settings}
+    precision = training_precision("cpu", True)
+    names = {"": f"{precision} channels-last (as the recipe trains)", "_fp32": "fp32 channels-last",
+             "_contiguous": "fp32 contiguous"}
+    settings = {names[k]: v for k, v in RATE_SETTINGS.items() if k or precision != "fp32"}  # "" is FP32 there
     results = {"command": "EDGEPRUNE_HOME=../shared/data python " + shlex.join(["bench/train_profile.py",
                                                                                  *sys.argv[1:]]),
                "environment": environment(), "steps": args.steps, "batch_size": opts.batch_size,
