@@ -79,8 +79,8 @@ def test_finetune_improves_and_resumes_exactly(tmp_path):
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
     assert odd > 0 and result.packed_batchnorms == full.packed_batchnorms == (odd if avx512 else 0)
     assert not any("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks for m in student.modules())
-    off = finetune(copy.deepcopy(student), None, train, None, opts.model_copy(update={"packed_batchnorm": False,
-                                                                                      "epochs": 1}), Runtime())
+    off = finetune(copy.deepcopy(student), None, train, None, opts.model_copy(
+        update={"packed_batchnorm": False, "epochs": 1, "train_images": 64}), Runtime())
     assert off.packed_batchnorms == 0  # recover.packed_batchnorm false: PyTorch's own batch norm
     for (name, a), b in zip(student.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

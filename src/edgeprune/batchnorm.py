@@ -1,16 +1,16 @@
 """Training-mode batch norm for channels-last layers whose width does not fill the CPU's vector lanes.
 
 PyTorch's CPU batch norm in the channels-last layout vectorizes along the channels, and on a layer 8, 24 or 33
-channels wide (what pruning leaves) its training forward and backward ran 2-5x slower than at 16 channels on
-2 cores of an AVX-512 Xeon (`python bench/batchnorm_layout.py`). Here the channels-last activation is viewed as
-rows of `k` consecutive pixels (k * C values, C the width), so that every per-channel sum becomes a column sum
-over a wide, contiguous matrix, then folded back to C channels. The arithmetic is the same batch norm: the batch
+channels wide (what pruning leaves) its training forward and backward ran 2.6-6x slower than at 16 channels on 2
+cores of an AVX-512 Xeon (`python bench/batchnorm_layout.py --repeats 15`). Here the channels-last activation is
+viewed as rows of `k` consecutive pixels (k * C values, C the width), so that every per-channel sum becomes a column
+sum over a wide, contiguous matrix, then folded back to C channels. The arithmetic is the same batch norm: the batch
 mean, the biased variance for normalizing and the unbiased one for the running estimate, the running statistics
 updated as `nn.BatchNorm2d` updates them, and the same gradients. Sums accumulate in FP32 (float64 for float64
-input; the squares and products summed are rounded to the input's precision first, a random error); the
-variance is taken around the batch mean rounded to the input's precision, so bf16 input loses nothing to
-cancellation; the output and the input's gradient are per-channel affine maps computed by PyTorch's own inference
-batch norm, in FP32 with FP32 coefficients, rounded once to the input's precision.
+input; the squares and products summed are rounded to the input's precision first, a random error); the variance is
+taken around the batch mean rounded to the input's precision, so bf16 input loses nothing to cancellation; the
+output and the input's gradient are per-channel affine maps computed by PyTorch's own inference batch norm, in FP32
+with FP32 coefficients, rounded once to the input's precision.
 """
 from __future__ import annotations
 

@@ -214,10 +214,10 @@ def _sample_batch(train_ds: Dataset, device: str) -> torch.Tensor | None:
 
 
 def _packed_batchnorms(student: nn.Module, device: str) -> list:
-    """Channels-last fine-tuning on an AVX-512 CPU: each BatchNorm2d whose width is not a multiple of 16 trains
-    through `batchnorm.packed_batch_norm` (its statistics summed over rows of several pixels, so that the
-    channels fill the vector lanes). PyTorch's own channels-last batch norm vectorizes along the channels, and at
-    such widths it ran 2-5x slower than at 16 (`python bench/batchnorm_layout.py` on 2 cores of an Intel Xeon,
+    """Channels-last fine-tuning on an AVX-512 CPU: each BatchNorm2d whose width is not a multiple of 16 trains through
+    `batchnorm.packed_batch_norm` (its statistics summed over rows of several pixels, so that the channels fill
+    the vector lanes). PyTorch's own channels-last batch norm vectorizes along the channels, and at such widths
+    (4 to 45) it ran 1.4-7x slower than at 16 (`python bench/batchnorm_layout.py` on 2 cores of an Intel Xeon,
     forward and backward at batch 128, 32x32). Elsewhere (AVX2, ARM, GPUs) not measured: nothing changes.
     Returns handles whose `remove()` gives each module its own forward back."""
     if device != "cpu" or torch.backends.cpu.get_cpu_capability() != "AVX512":
