@@ -1,7 +1,7 @@
 """Why fine-tuning trains some BatchNorm layers through edgeprune's own batch norm: PyTorch's CPU batch norm (forward
 and backward, training mode) in the channels-last layout, the same in the contiguous layout with the copies there
 and back (what fine-tuning did until 2026-12-01 below 16 channels), and `batchnorm.packed_batch_norm` (what it
-does now on AVX-512 CPUs at every width not a multiple of 16: `recover._packed_batchnorms`), at the widths of the
+does now on AVX-512 CPUs at every width not a multiple of 16: `recover.packed_batchnorms`), at the widths of the
 CIFAR ResNet-56 and of its pruned versions.
 
     python bench/batchnorm_layout.py [--widths 4 5 8 11 16 23 24 32 33 45 48 64] [--repeats 10]

@@ -7,7 +7,8 @@ Variants (same data, seed, epoch budget, batch 32, imgsz 256, 2 CPU threads):
 - ours-<f>x:  `edgeprune run` of the shipped recipe (src/edgeprune/recipes/yolov8n-cifar10det.yaml) at
   <f>x fewer MACs (channel ratio 0.2: 1.58x, 0.3: 2.08x; 1.8x-r8: ratio 0.2 with widths rounded down to
   multiples of 8, 1.82x): prune, BN re-calibration, fine-tuning with
-  distillation, ONNX, INT8, latency;
+  distillation, ONNX, INT8, latency; ours-1.5x-fp32 fine-tunes in FP32 (no bf16 autocast, channels-last or
+  packed batch norm), as every detector did before 2026-12-01;
 - plain-<f>x: the same pruned model (edgeprune.prune, same options) fine-tuned by Ultralytics' own
   DetectionTrainer with its defaults (bench/yolo_plain.py), no re-calibration and no distillation;
 - control:    the unpruned detector fine-tuned with the shipped recipe and budget (it is not trained to
@@ -31,7 +32,10 @@ RECIPE = HERE.parent / "src" / "edgeprune" / "recipes" / "yolov8n-cifar10det.yam
 # the pruning of each variant suffix: 1.58x, 2.08x, and 1.82x fewer MACs with widths rounded down to multiples
 # of 8 (ONNX Runtime's blocked CPU layout then serves every conv); 2x-auto: ratio 0.3 with round_to auto (each
 # width rounded to a multiple of 1, 8, 16 or 32 keeping the ratio's MACs within 5%, the fastest on ONNX Runtime kept)
-PRUNING = {"1.5x": {"prune.ratio": 0.2}, "2x": {"prune.ratio": 0.3},
+# 1.5x-fp32: 1.5x fine-tuned as detectors were before recover.amp, channels_last and packed_batchnorm applied to
+# them (FP32, contiguous, PyTorch's batch norm); a plain- variant ignores the recover fields
+FP32 = {"recover.amp": False, "recover.channels_last": False, "recover.packed_batchnorm": False}
+PRUNING = {"1.5x": {"prune.ratio": 0.2}, "1.5x-fp32": {"prune.ratio": 0.2, **FP32}, "2x": {"prune.ratio": 0.3},
            "1.8x-r8": {"prune.ratio": 0.2, "prune.round_to": 8},
            "2x-auto": {"prune.ratio": 0.3, "prune.round_to": "auto"}}
 

@@ -11,6 +11,7 @@ import torch
 from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
+from edgeprune.environment import cpu_has_bf16
 from edgeprune.errors import EdgePruneError
 from edgeprune.measure import count_macs
 from edgeprune.recipe import PruneOptions
@@ -223,6 +224,13 @@ latency: {{warmup: 1, repeats: 5, per_layer: false, openvino: false}}
     assert abs(report["onnx"]["map50_95"] - report["finetuned"]["map50_95"]) < 0.5
     assert report["int8"]["size_reduction_x"] > 3
     assert "mAP50-95" in (out / "report.md").read_text()
+    # recover.amp, channels_last and packed_batchnorm (on by default) apply to detectors as to classifiers; their
+    # teacher is never folded (fold_teacher is for classifiers)
+    tuned = report["finetuned"]
+    assert tuned["precision"] == ("bf16" if cpu_has_bf16() else "fp32") == tuned["epochs"][0]["precision"]
+    assert tuned["channels_last"] and tuned["teacher_folded_batchnorms"] == 0
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert (tuned["packed_batchnorms"] > 0) == avx512  # widths rounded to 8, not all to 16
     page = (out / "report.html").read_text()
     assert "mAP50-95 against latency" in page and "top-1 against" not in page
     stamp = (out / "stages" / "finetuned.json").stat().st_mtime

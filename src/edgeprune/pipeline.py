@@ -196,7 +196,7 @@ class Runner:
         unpruned model when asked; checkpointed each epoch under `tag` (what the fine-tune started from)."""
         opts = self.recipe.recover.model_copy(update={"epochs": epochs})
         teacher = self.baseline if opts.distill else None
-        precision = "fp32" if self.detection else training_precision(self.rt.device, opts.amp)
+        precision = training_precision("cpu" if self.detection else self.rt.device, opts.amp)
         self.log(f"fine-tuning {epochs} epoch(s) on {self.rt.world_size} process(es) in {precision}, "
                  f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
         checkpoint = self.root / FINETUNE_CHECKPOINT

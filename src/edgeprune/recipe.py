@@ -232,19 +232,19 @@ class RecoverOptions(_Strict):
                                 "against Ultralytics' detection loss")
     close_mosaic: int = Field(default=2, ge=0, description="detectors: last epochs trained without mosaic "
                               "augmentation")
-    amp: bool = Field(default=True, description="classifiers: mixed precision fine-tuning (bf16 autocast) on CPUs "
-                      "with native bf16 (AVX512-BF16 or AMX) and on CUDA (fp16 with loss scaling where bf16 is "
-                      "missing); FP32 elsewhere, and for re-calibration, evaluation and export everywhere "
-                      "(measured on 2 cores of an Intel Xeon with AMX: the default run's epoch 1.71x faster; "
-                      "AVX512-BF16 without AMX not measured)")
-    channels_last: bool = Field(default=True, description="classifiers: fine-tune (student and teacher) in the "
+    amp: bool = Field(default=True, description="mixed precision fine-tuning (bf16 autocast) on CPUs with native "
+                      "bf16 (AVX512-BF16 or AMX), and for classifiers on CUDA (fp16 with loss scaling where bf16 is "
+                      "missing); FP32 elsewhere, and for re-calibration, evaluation and export everywhere; "
+                      "detectors keep their loss, distillation and EMA in FP32 (measured on 2 cores of an Intel "
+                      "Xeon with AMX: the default run's epoch 1.71x faster; AVX512-BF16 without AMX not measured)")
+    channels_last: bool = Field(default=True, description="fine-tune (student and teacher) in the "
                                 "channels-last memory layout, which oneDNN and cuDNN convolutions run faster "
                                 "(measured in FP32 on 2 cores of an AMD EPYC: 1.14-1.20x faster fine-tuning)")
     fold_teacher: bool = Field(default=True, description="classifiers: distil from a copy of the unpruned model "
                                "with each BatchNorm that directly follows a convolution folded into it (torch.fx; "
                                "the teacher never trains), which runs its forward faster; a model torch.fx cannot "
                                "trace, or whose folded copy's outputs differ, is used as it is")
-    packed_batchnorm: bool = Field(default=True, description="classifiers, channels-last on AVX-512 CPUs: train each "
+    packed_batchnorm: bool = Field(default=True, description="channels-last on AVX-512 CPUs: train each "
                                    "BatchNorm whose width is not a multiple of 16 through edgeprune's packed batch "
                                    "norm (the same arithmetic; 1.2-4x faster than PyTorch's at 4-11 channels, "
                                    "bench/batchnorm_layout.py); false: PyTorch's own")

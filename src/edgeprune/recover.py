@@ -137,7 +137,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
         if opts.fold_teacher and sample is not None:
             teacher, folded = fold_batchnorms(teacher, sample, torch.channels_last if channels_last
                                               else torch.contiguous_format)
-    packed = _packed_batchnorms(student, device) if channels_last and opts.packed_batchnorm else []
+    packed = packed_batchnorms(student, device) if channels_last and opts.packed_batchnorm else []
     try:
         result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag,
                            torch.channels_last if channels_last else torch.contiguous_format)
@@ -213,7 +213,7 @@ def _sample_batch(train_ds: Dataset, device: str) -> torch.Tensor | None:
     return x.unsqueeze(0).to(device) if isinstance(x, torch.Tensor) and x.dim() == 3 else None
 
 
-def _packed_batchnorms(student: nn.Module, device: str) -> list:
+def packed_batchnorms(student: nn.Module, device: str) -> list:
     """Channels-last fine-tuning on an AVX-512 CPU: each BatchNorm2d whose width is not a multiple of 16 trains through
     `batchnorm.packed_batch_norm` (its statistics summed over rows of several pixels, so that the channels fill
     the vector lanes). PyTorch's own channels-last batch norm vectorizes along the channels, and at such widths

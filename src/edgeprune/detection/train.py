@@ -6,11 +6,19 @@ Distillation matches the student's raw head outputs to the teacher's at every an
 binary cross-entropy against the teacher's probabilities, and box side distributions (DFL bins) by KL
 divergence, weighted by the teacher's confidence so that background anchors count little.
 
+As for classifiers, the forward and backward passes run under bf16 autocast on CPUs with native bf16
+(`recover.amp`), in the channels-last layout (`recover.channels_last`), with the packed batch norm at widths that
+leave AVX-512 lanes empty (`recover.packed_batchnorm`); the loss, the distillation, the weights, the optimizer and
+the EMA stay FP32. The teacher is not folded (`recover.fold_teacher` is for classifiers): its bf16 forward is a
+tenth of a step here and folding it gained nothing measurable (bench/detection_train_rate.py).
+
 A checkpoint (tensors only, loaded with weights_only) is written after every epoch; `resume`
 continues from it, with each epoch's shuffling and augmentation seeded from (seed, epoch).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import random
 import time
@@ -27,7 +35,14 @@ from ..errors import EdgePruneError
 from ..fsio import atomic_path
 from ..models.yolo import detect_head, ultralytics
 from ..recipe import RecoverOptions
-from ..recover import EpochResult, FinetuneResult, recalibrate_bn_on, warmup_cosine
+from ..recover import (
+    EpochResult,
+    FinetuneResult,
+    packed_batchnorms,
+    recalibrate_bn_on,
+    training_precision,
+    warmup_cosine,
+)
 from .data import DetectionData, dataset, loader
 
 GRAD_CLIP = 10.0  # Ultralytics' max gradient norm
@@ -132,46 +147,85 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
         scheduler.load_state_dict(state["scheduler"])
         start = result.resumed_from_epoch = int(state["epoch"])
         result.epochs = [EpochResult(**e) for e in state["epochs"]]
-    for epoch in range(start, opts.epochs):
-        if epoch >= opts.epochs - close:
-            train.close_mosaic(hyp)
-        torch.manual_seed(seed * 1_000_003 + epoch)
-        np.random.seed((seed * 7919 + epoch) % 2**32)  # Ultralytics' augmentation draws from numpy and random
-        random.seed(seed * 7919 + epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 7919 + epoch))[:images]
-        batches = loader(torch.utils.data.Subset(train, order.tolist()), opts.batch_size, workers=opts.workers)
-        student.train()
-        t0, total, seen = time.time(), 0.0, 0
-        for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
-            x = _images(batch)
-            preds = _raw_head(student, x, train=True)
-            loss, _ = criterion(preds, batch)
-            loss = loss.sum()
-            if teacher is not None and opts.distill_alpha > 0:
-                with torch.no_grad():
-                    t_preds = _raw_head(teacher, x, train=False)
-                kd = distillation(preds, t_preds, reg_max, opts.temperature) * len(x)
-                loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-            optimizer.step()
-            scheduler.step()
-            ema.update(student)
-            total, seen = total + loss.item(), seen + len(x)
-        epoch_result = EpochResult(epoch=epoch + 1, loss=total / max(seen, 1), lr=scheduler.get_last_lr()[0],
-                                   seconds=round(time.time() - t0, 2), precision="fp32")
-        if evaluate is not None:
-            acc = evaluate(ema.ema)
-            epoch_result.map50_95, epoch_result.map50 = acc.map50_95, acc.map50
-        result.epochs.append(epoch_result)
-        if checkpoint is not None:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"model": student.state_dict(), "ema": ema.ema.state_dict(), "ema_updates": ema.updates,
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "epoch": epoch + 1, "epochs": [asdict(e) for e in result.epochs], "tag": tag}, tmp)
+    result.precision = training_precision("cpu", opts.amp)
+    autocast = (contextlib.nullcontext() if result.precision == "fp32"
+                else torch.autocast("cpu", dtype=torch.bfloat16))
+    layout = torch.channels_last if opts.channels_last else torch.contiguous_format
+    result.channels_last = opts.channels_last
+    student.to(memory_format=layout)
+    if teacher is not None and opts.channels_last:  # a copy: the caller's model keeps its layout
+        teacher = copy.deepcopy(teacher).to(memory_format=layout)
+    packed = packed_batchnorms(student, "cpu") if opts.channels_last and opts.packed_batchnorm else []
+    result.packed_batchnorms = len(packed)
+    try:
+        for epoch in range(start, opts.epochs):
+            result.epochs.append(_epoch(student, teacher, train, hyp, criterion, optimizer, scheduler, ema, opts,
+                                        epoch, close, images, seed, autocast, layout, reg_max, quiet,
+                                        result.precision, evaluate))
+            if checkpoint is not None:
+                with atomic_path(checkpoint) as tmp:
+                    torch.save({"model": student.state_dict(), "ema": ema.ema.state_dict(),
+                                "ema_updates": ema.updates, "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                                "epochs": [asdict(e) for e in result.epochs], "tag": tag}, tmp)
+    finally:
+        for handle in packed:
+            handle.remove()
     student.load_state_dict(ema.ema.state_dict())
+    student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
     if hasattr(student, "args"):
         del student.args
     student.eval()
     return result
+
+
+def _epoch(student, teacher, train, hyp, criterion, optimizer, scheduler, ema, opts: RecoverOptions, epoch: int,
+           close: int, images: int, seed: int, autocast, layout: torch.memory_format, reg_max: int, quiet: bool,
+           precision: str, evaluate) -> EpochResult:
+    """One epoch of fine-tuning (and its evaluation when asked); autocast covers the forward passes only."""
+    if epoch >= opts.epochs - close:
+        train.close_mosaic(hyp)
+    torch.manual_seed(seed * 1_000_003 + epoch)
+    np.random.seed((seed * 7919 + epoch) % 2**32)  # Ultralytics' augmentation draws from numpy and random
+    random.seed(seed * 7919 + epoch)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 7919 + epoch))[:images]
+    batches = loader(torch.utils.data.Subset(train, order.tolist()), opts.batch_size, workers=opts.workers)
+    student.train()
+    t0, total, seen = time.time(), 0.0, 0
+    for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
+        x = _images(batch).contiguous(memory_format=layout)
+        with autocast:
+            preds = _raw_head(student, x, train=True)
+            if teacher is not None and opts.distill_alpha > 0:
+                with torch.no_grad():
+                    t_preds = _fp32(_raw_head(teacher, x, train=False))
+            else:
+                t_preds = None
+        preds = _fp32(preds)
+        loss, _ = criterion(preds, batch)
+        loss = loss.sum()
+        if t_preds is not None:
+            kd = distillation(preds, t_preds, reg_max, opts.temperature) * len(x)
+            loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+        optimizer.step()
+        scheduler.step()
+        ema.update(student)
+        total, seen = total + loss.item(), seen + len(x)
+    result = EpochResult(epoch=epoch + 1, loss=total / max(seen, 1), lr=scheduler.get_last_lr()[0],
+                         seconds=round(time.time() - t0, 2), precision=precision)
+    if evaluate is not None:
+        acc = evaluate(ema.ema)
+        result.map50_95, result.map50 = acc.map50_95, acc.map50
+    return result
+
+
+def _fp32(preds: dict) -> dict:
+    """The head's raw outputs in FP32 for the loss and the distillation (bf16 under autocast). The feature maps,
+    of which the loss reads only shapes and dtype (its anchor grid), are detached FP32 copies."""
+    out = {k: v.float() for k, v in preds.items() if k != "feats"}
+    if "feats" in preds:
+        out["feats"] = [f.detach().float() for f in preds["feats"]]
+    return out
