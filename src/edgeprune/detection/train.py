@@ -155,13 +155,45 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
     student.to(memory_format=layout)
     if teacher is not None and opts.channels_last:  # a copy: the caller's model keeps its layout
         teacher = copy.deepcopy(teacher).to(memory_format=layout)
+    distill = teacher is not None and opts.distill_alpha > 0
     packed = packed_batchnorms(student, "cpu") if opts.channels_last and opts.packed_batchnorm else []
     result.packed_batchnorms = len(packed)
     try:
         for epoch in range(start, opts.epochs):
-            result.epochs.append(_epoch(student, teacher, train, hyp, criterion, optimizer, scheduler, ema, opts,
-                                        epoch, close, images, seed, autocast, layout, reg_max, quiet,
-                                        result.precision, evaluate))
+            if epoch >= opts.epochs - close:
+                train.close_mosaic(hyp)
+            torch.manual_seed(seed * 1_000_003 + epoch)
+            np.random.seed((seed * 7919 + epoch) % 2**32)  # Ultralytics' augmentation draws from numpy and random
+            random.seed(seed * 7919 + epoch)
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 7919 + epoch))[:images]
+            batches = loader(torch.utils.data.Subset(train, order.tolist()), opts.batch_size, workers=opts.workers)
+            student.train()
+            t0, total, seen = time.time(), 0.0, 0
+            for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
+                x = _images(batch).contiguous(memory_format=layout)
+                with autocast:  # the forward passes only
+                    preds = _raw_head(student, x, train=True)
+                    with torch.no_grad():
+                        t_preds = _raw_head(teacher, x, train=False) if distill else None
+                preds = _fp32(preds)
+                loss, _ = criterion(preds, batch)
+                loss = loss.sum()
+                if distill:
+                    kd = distillation(preds, _fp32(t_preds), reg_max, opts.temperature) * len(x)
+                    loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+                optimizer.step()
+                scheduler.step()
+                ema.update(student)
+                total, seen = total + loss.item(), seen + len(x)
+            epoch_result = EpochResult(epoch=epoch + 1, loss=total / max(seen, 1), lr=scheduler.get_last_lr()[0],
+                                       seconds=round(time.time() - t0, 2), precision=result.precision)
+            if evaluate is not None:
+                acc = evaluate(ema.ema)
+                epoch_result.map50_95, epoch_result.map50 = acc.map50_95, acc.map50
+            result.epochs.append(epoch_result)
             if checkpoint is not None:
                 with atomic_path(checkpoint) as tmp:
                     torch.save({"model": student.state_dict(), "ema": ema.ema.state_dict(),
@@ -176,49 +208,6 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
     if hasattr(student, "args"):
         del student.args
     student.eval()
-    return result
-
-
-def _epoch(student, teacher, train, hyp, criterion, optimizer, scheduler, ema, opts: RecoverOptions, epoch: int,
-           close: int, images: int, seed: int, autocast, layout: torch.memory_format, reg_max: int, quiet: bool,
-           precision: str, evaluate) -> EpochResult:
-    """One epoch of fine-tuning (and its evaluation when asked); autocast covers the forward passes only."""
-    if epoch >= opts.epochs - close:
-        train.close_mosaic(hyp)
-    torch.manual_seed(seed * 1_000_003 + epoch)
-    np.random.seed((seed * 7919 + epoch) % 2**32)  # Ultralytics' augmentation draws from numpy and random
-    random.seed(seed * 7919 + epoch)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 7919 + epoch))[:images]
-    batches = loader(torch.utils.data.Subset(train, order.tolist()), opts.batch_size, workers=opts.workers)
-    student.train()
-    t0, total, seen = time.time(), 0.0, 0
-    for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
-        x = _images(batch).contiguous(memory_format=layout)
-        with autocast:
-            preds = _raw_head(student, x, train=True)
-            if teacher is not None and opts.distill_alpha > 0:
-                with torch.no_grad():
-                    t_preds = _fp32(_raw_head(teacher, x, train=False))
-            else:
-                t_preds = None
-        preds = _fp32(preds)
-        loss, _ = criterion(preds, batch)
-        loss = loss.sum()
-        if t_preds is not None:
-            kd = distillation(preds, t_preds, reg_max, opts.temperature) * len(x)
-            loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-        optimizer.step()
-        scheduler.step()
-        ema.update(student)
-        total, seen = total + loss.item(), seen + len(x)
-    result = EpochResult(epoch=epoch + 1, loss=total / max(seen, 1), lr=scheduler.get_last_lr()[0],
-                         seconds=round(time.time() - t0, 2), precision=precision)
-    if evaluate is not None:
-        acc = evaluate(ema.ema)
-        result.map50_95, result.map50 = acc.map50_95, acc.map50
     return result
 
 
