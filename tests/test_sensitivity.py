@@ -245,8 +245,10 @@ def test_every_point_is_timed_on_the_runtime_layer_by_layer(tmp_path):
     # identical shapes are exported once: per stage the full conv, the strided first conv and 2 widths x 2
     # convs, less the shared ones (layer1: 1 full + 4 pruned; layer2 and layer3: 3 + 1 + 2 + 2)
     assert len(list(tmp_path.glob("*.onnx"))) == 21
-    deep = [p.latency_saved_ms for g in sens.groups if g.name.startswith("layer3") for p in g.points if p.ratio == 0.6]
-    assert sum(deep) > 0  # 60% of the 64-channel blocks' inner channels gone: measurably faster
+    # 60% of every block's inner channels gone: measurably faster in all. Not per stage: on an AVX-512 Xeon layer3's
+    # 64 -> 25 channels at 8x8 saved -1 to 15 us per block, within the noise (it once summed to -6 us), while
+    # layer1's and layer2's saved 18-38 us each
+    assert sum(p.latency_saved_ms for g in sens.groups for p in g.points if p.ratio == 0.6) > 0
     from edgeprune.results import from_json
 
     again = from_json(S.Sensitivity, json.loads(json.dumps(sens.to_dict())))  # as a run folder stores it
