@@ -51,8 +51,8 @@ def _save(results: dict) -> None:
     commands = list(dict.fromkeys(v.get("command", results["command"]) for v in results["variants"]))
     lines = ["# YOLOv8n on cifar10-det: pruning and recovery", "", *[f"`{c}`" for c in commands], "",
              "| variant | MACs | params | ONNX MB | ORT ms | mAP50-95 baseline | pruned | BN re-cal | fine-tuned | "
-             "ONNX | INT8 | INT8 mAP50 drop | INT8 MB | INT8 ms | wall s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ONNX | INT8 | INT8 mAP50 drop | INT8 MB | INT8 ms | wall s | CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def f(v, fmt="{:.2f}"):
         return "" if v is None else fmt.format(v)
@@ -65,7 +65,7 @@ def _save(results: dict) -> None:
                      f"{f(m.get('recalibrated'))} | {f(m.get('finetuned'))} | {f(m.get('onnx'))} | "
                      f"{f(m.get('int8'))} | "
                      f"{f(v.get('int8_map50_drop'))} | {f(v.get('int8_mb'))} | {f(v.get('int8_ms'))} | "
-                     f"{f(v.get('wall_s'), '{:.0f}')} |")
+                     f"{f(v.get('wall_s'), '{:.0f}')} | {v.get('environment', {}).get('cpu', '')} |")
     lines += ["", "Per-epoch mAP50-95 of the EMA weights (plain Ultralytics: its own validation at rect 288):", ""]
     lines += [f"- {v['name']}: " + ", ".join(f"{e:.2f}" for e in v.get("epochs_map50_95", [])) for v in
               results["variants"] if v.get("epochs_map50_95")]
@@ -161,7 +161,8 @@ def main() -> None:
                 row = ours(name, PRUNING[factor], args.epochs, out)
             else:
                 row = plain(name, PRUNING[factor], args.epochs, out)
-            row["command"] = results["command"]  # variants may come from separate invocations
+            row["command"] = results["command"]  # variants may come from separate invocations, machines
+            row["environment"] = results["environment"]
             results["variants"] = [v for v in results["variants"] if v["name"] != name] + [row]
             _save(results)
             print(json.dumps(row), flush=True)

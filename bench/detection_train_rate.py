@@ -1,14 +1,16 @@
 """How fast the pruned YOLOv8n fine-tunes in each training setting: FP32 (what detectors trained in before
-recover.amp and recover.channels_last applied to them), bf16 autocast, bf16 channels-last, and the shipped
-setting (bf16 channels-last with the packed batch norm); the teacher folded or not.
+recover.amp and recover.channels_last applied to them), FP32 channels-last (what CPUs without bf16 or AVX-512 now
+get), bf16 autocast, bf16 channels-last, and the shipped setting (bf16 channels-last with the packed batch norm);
+the teacher folded or not.
 
     EDGEPRUNE_HOME=../shared/data python bench/detection_train_rate.py [--steps 6] [--rounds 3]
 
 Every setting runs edgeprune's own detector fine-tuning (`detection.train.finetune`: Ultralytics' loss, mosaic
 augmentation on the main process, EMA, distillation from the unpruned detector) for one epoch of `--steps` batches
 of the shipped recipe (src/edgeprune/recipes/yolov8n-cifar10det.yaml: batch 32, 256x256) on the model that recipe
-prunes. The first batch of each call is a warm-up, and the rate is timed over the others from the epoch's own
-clock less the warm-up step, so images per second include loading and augmenting them. Every setting runs once per
+prunes. Each timed call follows an untimed one-batch call in the same setting (a warm-up: oneDNN's kernels for
+these shapes are then built), and its rate is its epoch's own clock, so images per second include loading and
+augmenting them. Every setting runs once per
 round, in turns (each round starting one later), and each figure is the median over `--rounds` rounds: this
 machine's speed drifts minute to minute. The accuracy of a full bf16 fine-tune is bench/detection.py's to measure.
 Writes bench/results/detection_train_rate.json and .md with the command.
@@ -30,6 +32,7 @@ RECIPE = HERE.parent / "src" / "edgeprune" / "recipes" / "yolov8n-cifar10det.yam
 # folded-teacher setting folds it by hand with Ultralytics' own fuse()
 SETTINGS = {
     "fp32 contiguous": {"amp": False, "channels_last": False, "packed_batchnorm": False},
+    "fp32 channels-last": {"amp": False, "channels_last": True, "packed_batchnorm": False},
     "bf16 contiguous": {"amp": True, "channels_last": False, "packed_batchnorm": False},
     "bf16 channels-last": {"amp": True, "channels_last": True, "packed_batchnorm": False},
     "bf16 channels-last, teacher folded": {"amp": True, "channels_last": True, "packed_batchnorm": False},
@@ -41,7 +44,8 @@ def _markdown(results: dict) -> str:
     base = results["settings"]["fp32 contiguous"]["images_per_s"]
     lines = ["# Fine-tuning rate of the pruned YOLOv8n per training setting", "", f"`{results['command']}`", "",
              f"{results['environment']['cpu']}, {results['threads']} threads, batch {results['batch_size']} at "
-             f"{results['imgsz']}x{results['imgsz']}, {results['steps']} batches per call (the first a warm-up), "
+             f"{results['imgsz']}x{results['imgsz']}, {results['steps']} batches per timed call (after a one-batch "
+             "warm-up call), "
              f"{results['rounds']} rounds in turns, medians. MACs per image: unpruned "
              f"{results['macs']['unpruned']:.3g}, pruned {results['macs']['pruned']:.3g}. Images per second include "
              "mosaic loading on the main process.",
@@ -56,11 +60,9 @@ def _markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="batches per timed call (the first is a warm-up)")
+    parser.add_argument("--steps", type=int, default=6, help="batches per timed call")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (the first batch is a warm-up)")
 
     from edgeprune import create_model, load_recipe, prune
     from edgeprune.detection.data import load_detection_data
@@ -87,12 +89,11 @@ def main() -> None:
                 opts = base.model_copy(update=SETTINGS[name])
                 warm = base.model_copy(update={**SETTINGS[name], "train_images": recipe.recover.batch_size})
                 t = folded if "folded" in name else teacher
-                first = finetune(copy.deepcopy(pruned), t, data, warm, seed=recipe.seed)  # the warm-up step alone
+                finetune(copy.deepcopy(pruned), t, data, warm, seed=recipe.seed)  # warm-up, untimed
                 t0 = time.time()
                 result = finetune(student, t, data, opts, seed=recipe.seed)
                 wall = time.time() - t0
-                seconds = result.epochs[0].seconds - first.epochs[0].seconds
-                rates[name].append((args.steps - 1) * recipe.recover.batch_size / seconds)
+                rates[name].append(args.steps * recipe.recover.batch_size / result.epochs[0].seconds)
                 packed[name] = result.packed_batchnorms
                 print(f"round {r + 1} {name}: {rates[name][-1]:.1f} img/s ({wall:.0f} s)", file=sys.stderr, flush=True)
     results = {
@@ -102,6 +103,7 @@ def main() -> None:
         "imgsz": example.shape[-1], "steps": args.steps, "rounds": args.rounds,
         "macs": {"unpruned": count_macs(teacher, example), "pruned": count_macs(pruned, example)},
         "settings": {n: {"images_per_s": statistics.median(rates[n]), "rounds": rates[n], "overrides": SETTINGS[n],
+                         "teacher": "folded (Ultralytics fuse())" if "folded" in n else "as trained",
                          "packed_batchnorms": packed[n]} for n in names},
     }
     write_json(RESULTS, results)

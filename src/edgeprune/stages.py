@@ -132,6 +132,9 @@ def final_model_stage(recipe: Recipe) -> str:
 # recover.fold_teacher (2026-12-01) is deliberately not one: the folded teacher's logits differ in the last bits,
 # so a fine-tune from before it runs again instead of resuming its checkpoint with another teacher.
 # recover.packed_batchnorm (2026-12-01) is one: the same arithmetic through faster kernels, like a machine change.
+# When detectors began to honour recover.amp, channels_last and packed_batchnorm (2026-12-01) their fingerprints
+# stayed: a detector fine-tune interrupted before then resumes in bf16 where the CPU has it, as it would on
+# another machine, and each epoch's precision in the report says which ran how.
 ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None, "recover.packed_batchnorm": True}
 
 

@@ -9,8 +9,8 @@ divergence, weighted by the teacher's confidence so that background anchors coun
 As for classifiers, the forward and backward passes run under bf16 autocast on CPUs with native bf16
 (`recover.amp`), in the channels-last layout (`recover.channels_last`), with the packed batch norm at widths that
 leave AVX-512 lanes empty (`recover.packed_batchnorm`); the loss, the distillation, the weights, the optimizer and
-the EMA stay FP32. The teacher is not folded (`recover.fold_teacher` is for classifiers): its bf16 forward is a
-tenth of a step here and folding it gained nothing measurable (bench/detection_train_rate.py).
+the EMA stay FP32. The teacher is not folded (`recover.fold_teacher` is for classifiers): folding it with
+Ultralytics' `fuse()` gained nothing measurable (bench/detection_train_rate.py).
 
 A checkpoint (tensors only, loaded with weights_only) is written after every epoch; `resume`
 continues from it, with each epoch's shuffling and augmentation seeded from (seed, epoch).
@@ -152,6 +152,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
                 else torch.autocast("cpu", dtype=torch.bfloat16))
     layout = torch.channels_last if opts.channels_last else torch.contiguous_format
     result.channels_last = opts.channels_last
+    # after the EMA copied the student and before its first update, which binds it to the student's tensors
     student.to(memory_format=layout)
     if teacher is not None and opts.channels_last:  # a copy: the caller's model keeps its layout
         teacher = copy.deepcopy(teacher).to(memory_format=layout)
@@ -179,7 +180,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
                 loss, _ = criterion(preds, batch)
                 loss = loss.sum()
                 if distill:
-                    kd = distillation(preds, _fp32(t_preds), reg_max, opts.temperature) * len(x)
+                    kd = distillation(preds, _fp32(t_preds, feats=False), reg_max, opts.temperature) * len(x)
                     loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -200,21 +201,22 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
                                 "ema_updates": ema.updates, "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                                 "epochs": [asdict(e) for e in result.epochs], "tag": tag}, tmp)
+        student.load_state_dict(ema.ema.state_dict())
     finally:
         for handle in packed:
             handle.remove()
-    student.load_state_dict(ema.ema.state_dict())
-    student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
-    if hasattr(student, "args"):
-        del student.args
+        student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
+        if hasattr(student, "args"):
+            del student.args
     student.eval()
     return result
 
 
-def _fp32(preds: dict) -> dict:
+def _fp32(preds: dict, feats: bool = True) -> dict:
     """The head's raw outputs in FP32 for the loss and the distillation (bf16 under autocast). The feature maps,
-    of which the loss reads only shapes and dtype (its anchor grid), are detached FP32 copies."""
+    of which the loss reads only shapes and dtype (its anchor grid), are detached FP32 copies; left out with
+    `feats=False` (the distillation never reads them)."""
     out = {k: v.float() for k, v in preds.items() if k != "feats"}
-    if "feats" in preds:
+    if feats and "feats" in preds:
         out["feats"] = [f.detach().float() for f in preds["feats"]]
     return out
