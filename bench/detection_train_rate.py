@@ -1,7 +1,7 @@
 """How fast the pruned YOLOv8n fine-tunes in each training setting: FP32 (what detectors trained in before
 recover.amp and recover.channels_last applied to them), FP32 channels-last (what CPUs without bf16 or AVX-512 now
 get), bf16 autocast, bf16 channels-last, and the shipped setting (bf16 channels-last with the packed batch norm);
-the teacher folded or not.
+the teacher folded (Ultralytics' own fuse()) or not.
 
     EDGEPRUNE_HOME=../shared/data python bench/detection_train_rate.py [--steps 6] [--rounds 3]
 
@@ -37,6 +37,7 @@ SETTINGS = {
     "bf16 channels-last": {"amp": True, "channels_last": True, "packed_batchnorm": False},
     "bf16 channels-last, teacher folded": {"amp": True, "channels_last": True, "packed_batchnorm": False},
     "shipped: bf16 channels-last, packed batch norm": {"amp": True, "channels_last": True, "packed_batchnorm": True},
+    "shipped, teacher folded": {"amp": True, "channels_last": True, "packed_batchnorm": True},
 }
 
 
