@@ -1,7 +1,7 @@
 """How fast the pruned YOLOv8n fine-tunes in each training setting: FP32 (what detectors trained in before
-recover.amp and recover.channels_last applied to them), FP32 channels-last (what CPUs without bf16 or AVX-512 now
-get), bf16 autocast, bf16 channels-last, and the shipped setting (bf16 channels-last with the packed batch norm);
-the teacher folded (Ultralytics' own fuse()) or not.
+recover.amp and recover.channels_last applied to them), FP32 channels-last (what CPUs with neither bf16 nor
+AVX-512 now get), bf16 autocast, bf16 channels-last, and the shipped setting (bf16 channels-last with the packed
+batch norm); the teacher folded (Ultralytics' own fuse()) or not.
 
     EDGEPRUNE_HOME=../shared/data python bench/detection_train_rate.py [--steps 6] [--rounds 3]
 
@@ -56,6 +56,7 @@ def _markdown(results: dict) -> str:
         rounds = ", ".join(f"{r:.1f}" for r in s["rounds"])
         lines.append(f"| {name} | {s['images_per_s']:.1f} | {s['images_per_s'] / base:.2f}x | {rounds} | "
                      f"{s['packed_batchnorms']} |")
+    lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     return "\n".join(lines) + "\n"
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     from edgeprune.detection.data import load_detection_data
     from edgeprune.detection.train import finetune
     from edgeprune.environment import environment
-    from edgeprune.fsio import write_json, write_text
+    from edgeprune.fsio import read_json, write_json, write_text
     from edgeprune.measure import count_macs, torch_threads
 
     recipe = load_recipe(RECIPE)
@@ -107,6 +108,8 @@ def main() -> None:
                          "teacher": "folded (Ultralytics fuse())" if "folded" in n else "as trained",
                          "packed_batchnorms": packed[n]} for n in names},
     }
+    if RESULTS.exists():  # notes on earlier runs stay
+        results["notes"] = read_json(RESULTS).get("notes", [])
     write_json(RESULTS, results)
     write_text(RESULTS.with_suffix(".md"), _markdown(results))
     print(_markdown(results))

@@ -236,8 +236,8 @@ class RecoverOptions(_Strict):
                       "bf16 (AVX512-BF16 or AMX), and for classifiers on CUDA (fp16 with loss scaling where bf16 is "
                       "missing); FP32 elsewhere, and for re-calibration, evaluation and export everywhere; "
                       "detectors keep their loss, distillation and EMA in FP32 (measured on 2 cores of an Intel "
-                      "Xeon with AMX: the default run's epoch 1.71x faster, the pruned YOLOv8n's fine-tuning 1.67x, "
-                      "1.97x with channels-last and the packed batch norm; AVX512-BF16 without AMX not measured)")
+                      "Xeon with AMX: the default run's epoch 1.71x faster, the pruned YOLOv8n's fine-tuning 1.6-1.9x "
+                      "with channels-last and the packed batch norm; AVX512-BF16 without AMX not measured)")
     channels_last: bool = Field(default=True, description="fine-tune (student and teacher) in the "
                                 "channels-last memory layout, which oneDNN and cuDNN convolutions run faster "
                                 "(measured in FP32 on 2 cores of an AMD EPYC: 1.14-1.20x faster fine-tuning)")

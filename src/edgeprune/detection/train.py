@@ -10,7 +10,7 @@ As for classifiers, the forward and backward passes run under bf16 autocast on C
 (`recover.amp`), in the channels-last layout (`recover.channels_last`), with the packed batch norm at widths that
 leave AVX-512 lanes empty (`recover.packed_batchnorm`); the loss, the distillation, the weights, the optimizer and
 the EMA stay FP32. The teacher is not folded (`recover.fold_teacher` is for classifiers): folding it with
-Ultralytics' `fuse()` gained nothing measurable (bench/detection_train_rate.py).
+Ultralytics' `fuse()` gained nothing consistent (bench/detection_train_rate.py).
 
 A checkpoint (tensors only, loaded with weights_only) is written after every epoch; `resume`
 continues from it, with each epoch's shuffling and augmentation seeded from (seed, epoch).
