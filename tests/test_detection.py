@@ -2,9 +2,11 @@
 images (copies of a few in tmp_path only where a test breaks them), the CLI in subprocesses."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -244,6 +246,47 @@ latency: {{warmup: 1, repeats: 5, per_layer: false, openvino: false}}
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert abs(model(x)[:, 4:].numpy() - sess.run(None, {"input": x.numpy()})[0][:, 4:]).max() < 1e-4
+
+
+def test_an_interrupted_finetune_resumes_to_the_uninterrupted_detector(tmp_path, det_data, yolo_weights):
+    """Fine-tuning as shipped (bf16 where the CPU has it, channels-last, the packed batch norm), stopped after its
+    first epoch's checkpoint, resumes to the very weights of an uninterrupted run; the student comes back
+    contiguous and the caller's teacher keeps its weights and layout."""
+    from edgeprune.detection.data import load_detection_data
+    from edgeprune.detection.train import finetune
+    from edgeprune.recipe import RecoverOptions
+
+    data = load_detection_data(_small_dataset(tmp_path, det_data, train=8, val=4) / "data.yaml")
+    teacher = edgeprune.create_model("yolov8n.yaml", yolo_weights)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    pruned, _ = edgeprune.prune(teacher, PruneOptions(ratio=0.2, round_to=8))
+    opts = RecoverOptions(epochs=2, batch_size=4, optimizer="adamw", lr=0.001, distill_alpha=0.5,
+                          temperature=2.0, close_mosaic=1)
+    whole = copy.deepcopy(pruned)
+    full = finetune(whole, teacher, data, opts, seed=0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(ema):  # called after each epoch, before its checkpoint
+        if len(calls) == 1:
+            raise Stop
+        calls.append(ema)
+        return SimpleNamespace(map50_95=0.0, map50=0.0)
+
+    calls: list = []
+    checkpoint = tmp_path / "ckpt.pt"
+    with pytest.raises(Stop):
+        finetune(pruned, teacher, data, opts, checkpoint, seed=0, tag="t", evaluate=stop_after_first_epoch)
+    assert all(p.is_contiguous() for p in pruned.parameters()) and not hasattr(pruned, "args")  # even on error
+    resumed = finetune(pruned, teacher, data, opts, checkpoint, resume=True, seed=0, tag="t")
+    assert resumed.resumed_from_epoch == 1 and [e.epoch for e in resumed.epochs] == [1, 2]
+    assert resumed.precision == full.precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resumed.channels_last and resumed.packed_batchnorms == full.packed_batchnorms
+    for name, value in whole.state_dict().items():
+        assert torch.equal(pruned.state_dict()[name], value), name
+    assert all(p.is_contiguous() for p in pruned.parameters())
+    assert all(torch.equal(v, before[k]) and v.is_contiguous() for k, v in teacher.state_dict().items())
 
 
 def test_evaluate_cli_gives_map_and_refuses_a_classification_dataset():
