@@ -14,7 +14,8 @@ Variants (same data, seed, epoch budget, batch 32, imgsz 256, 2 CPU threads):
 - control:    the unpruned detector fine-tuned with the shipped recipe and budget (it is not trained to
   convergence, so extra epochs help any model).
 Each variant is appended to bench/results/detection.json (and .md) as soon as it finishes, with the
-exact command; mAP is Ultralytics' validator on all 500 val images at 256.
+exact command and the machine (a variant measured again on the same CPU replaces its row, one from another CPU
+stays); mAP is Ultralytics' validator on all 500 val images at 256.
 """
 from __future__ import annotations
 
@@ -163,7 +164,9 @@ def main() -> None:
                 row = plain(name, PRUNING[factor], args.epochs, out)
             row["command"] = results["command"]  # variants may come from separate invocations, machines
             row["environment"] = results["environment"]
-            results["variants"] = [v for v in results["variants"] if v["name"] != name] + [row]
+            cpu = row["environment"].get("cpu")  # a row from another machine stays beside this one
+            results["variants"] = [v for v in results["variants"]
+                                   if (v["name"], v.get("environment", {}).get("cpu")) != (name, cpu)] + [row]
             _save(results)
             print(json.dumps(row), flush=True)
 
