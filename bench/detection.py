@@ -68,7 +68,13 @@ def _save(results: dict) -> None:
                      f"{f(v.get('int8_map50_drop'))} | {f(v.get('int8_mb'))} | {f(v.get('int8_ms'))} | "
                      f"{f(v.get('wall_s'), '{:.0f}')} | {v.get('environment', {}).get('cpu', '')} |")
     lines += ["", "Per-epoch mAP50-95 of the EMA weights (plain Ultralytics: its own validation at rect 288):", ""]
-    lines += [f"- {v['name']}: " + ", ".join(f"{e:.2f}" for e in v.get("epochs_map50_95", [])) for v in
+    names = [v["name"] for v in results["variants"]]
+
+    def label(v: dict) -> str:  # a variant measured on two machines is named with its CPU
+        cpu = v.get("environment", {}).get("cpu")
+        return f"{v['name']} ({cpu})" if names.count(v["name"]) > 1 and cpu else v["name"]
+
+    lines += [f"- {label(v)}: " + ", ".join(f"{e:.2f}" for e in v.get("epochs_map50_95", [])) for v in
               results["variants"] if v.get("epochs_map50_95")]
     lines += ["", *[f"Note: {n}" for n in results.get("notes", [])]]
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
