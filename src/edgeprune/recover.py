@@ -130,24 +130,43 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
     device = rt.device
     student.to(device)
     sample = _sample_batch(train_ds, device)  # one image batch, or None when the samples are not images
+    with training_layout(opts, student, teacher, sample, device) as (layout, teacher, packed):
+        folded = 0
+        if teacher is not None and opts.fold_teacher and sample is not None:
+            teacher, folded = fold_batchnorms(teacher, sample, layout)
+        result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag, layout)
+    result.channels_last, result.packed_batchnorms = layout == torch.channels_last, packed
+    result.teacher_folded_batchnorms = folded
+    return result
+
+
+@contextlib.contextmanager
+def training_layout(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None, sample: torch.Tensor | None,
+                    device: str):
+    """The memory layout fine-tuning runs in, for classifiers and detectors alike: channels-last when
+    `_to_channels_last` allows it (the student converted in place), with the packed batch norm where it applies.
+    Yields (layout, the teacher to distil from: a channels-last copy, or the caller's model in eval mode on
+    `device`, None without one; how many BatchNorm layers train packed). On exit, even on an error, every
+    BatchNorm has its own forward back and the student is contiguous again (the caller's layout; safetensors saves
+    no other)."""
     channels_last, teacher_cl = _to_channels_last(opts, student, teacher, sample)
-    folded = 0
     if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
         teacher = teacher_cl if channels_last else teacher.eval().to(device)
-        if opts.fold_teacher and sample is not None:
-            teacher, folded = fold_batchnorms(teacher, sample, torch.channels_last if channels_last
-                                              else torch.contiguous_format)
     packed = packed_batchnorms(student, device) if channels_last and opts.packed_batchnorm else []
     try:
-        result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag,
-                           torch.channels_last if channels_last else torch.contiguous_format)
+        yield torch.channels_last if channels_last else torch.contiguous_format, teacher, len(packed)
     finally:
         for handle in packed:
             handle.remove()
-        student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
-    result.channels_last, result.packed_batchnorms = channels_last, len(packed)
-    result.teacher_folded_batchnorms = folded
-    return result
+        student.to(memory_format=torch.contiguous_format)
+
+
+def autocast_context(precision: str, device: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context for `precision` (`training_precision`) on `device`: nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.split(":")[0],
+                             dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def fold_batchnorms(model: nn.Module, x: torch.Tensor,
@@ -288,8 +307,7 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
         result.epochs = [EpochResult(**e) for e in state["epochs"]]
     result.precision = training_precision(device, opts.amp)
     # Weights, optimizer state and BatchNorm statistics stay FP32; autocast runs convolutions in 16 bits.
-    autocast = (contextlib.nullcontext if result.precision == "fp32" else functools.partial(
-        torch.autocast, device.split(":")[0], dtype=torch.bfloat16 if result.precision == "bf16" else torch.float16))
+    autocast = autocast_context(result.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=result.precision == "fp16")
     if state is not None and scaler.is_enabled() and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])  # the loss scale it had reached

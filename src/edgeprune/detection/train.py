@@ -6,19 +6,18 @@ Distillation matches the student's raw head outputs to the teacher's at every an
 binary cross-entropy against the teacher's probabilities, and box side distributions (DFL bins) by KL
 divergence, weighted by the teacher's confidence so that background anchors count little.
 
-As for classifiers, the forward and backward passes run under bf16 autocast on CPUs with native bf16
-(`recover.amp`), in the channels-last layout (`recover.channels_last`), with the packed batch norm at widths that
-leave AVX-512 lanes empty (`recover.packed_batchnorm`); the loss, the distillation, the weights, the optimizer and
-the EMA stay FP32. The teacher is not folded (`recover.fold_teacher` is for classifiers): folding it with
-Ultralytics' `fuse()` gained nothing consistent (bench/detection_train_rate.py).
+As for classifiers (`recover.training_layout`, `recover.autocast_context`), the forward and backward passes run
+under bf16 autocast on CPUs with native bf16 (`recover.amp`), in the channels-last layout (`recover.channels_last`),
+with the packed batch norm at widths that leave AVX-512 lanes empty (`recover.packed_batchnorm`); the loss, the
+distillation, the weights, the optimizer and the EMA stay FP32. The teacher is not folded (`recover.fold_teacher`
+is for classifiers): folding it with Ultralytics' `fuse()` gained nothing consistent
+(bench/detection_train_rate.py).
 
 A checkpoint (tensors only, loaded with weights_only) is written after every epoch; `resume`
 continues from it, with each epoch's shuffling and augmentation seeded from (seed, epoch).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import random
 import time
@@ -38,8 +37,9 @@ from ..recipe import RecoverOptions
 from ..recover import (
     EpochResult,
     FinetuneResult,
-    packed_batchnorms,
+    autocast_context,
     recalibrate_bn_on,
+    training_layout,
     training_precision,
     warmup_cosine,
 )
@@ -115,11 +115,10 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
     hyp = get_cfg(overrides={"imgsz": imgsz, "task": "detect", "mode": "train", "epochs": opts.epochs,
                              "close_mosaic": close, "mosaic": 1.0 if close < opts.epochs else 0.0})
     train = dataset(data, "train", imgsz, train=True, hyp=hyp)
-    student.args = hyp  # the loss reads its box / cls / dfl gains there
+    student.args = hyp  # the loss reads its box / cls / dfl gains there, once
     criterion = v8DetectionLoss(student)
+    del student.args
     reg_max = detect_head(student).reg_max
-    if teacher is not None:  # it runs under no_grad: its parameters (the caller's model) are left as they are
-        teacher.eval()
     images = min(opts.train_images or len(train), len(train))
     steps = math.ceil(images / opts.batch_size)
     groups = _param_groups(student, opts.weight_decay)
@@ -148,18 +147,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
         start = result.resumed_from_epoch = int(state["epoch"])
         result.epochs = [EpochResult(**e) for e in state["epochs"]]
     result.precision = training_precision("cpu", opts.amp)
-    autocast = (contextlib.nullcontext() if result.precision == "fp32"
-                else torch.autocast("cpu", dtype=torch.bfloat16))
-    layout = torch.channels_last if opts.channels_last else torch.contiguous_format
-    result.channels_last = opts.channels_last
-    # after the EMA copied the student and before its first update, which binds it to the student's tensors
-    student.to(memory_format=layout)
-    if teacher is not None and opts.channels_last:  # a copy: the caller's model keeps its layout
-        teacher = copy.deepcopy(teacher).to(memory_format=layout)
+    autocast = autocast_context(result.precision, "cpu")
     distill = teacher is not None and opts.distill_alpha > 0
-    packed = packed_batchnorms(student, "cpu") if opts.channels_last and opts.packed_batchnorm else []
-    result.packed_batchnorms = len(packed)
-    try:
+    # after the EMA copied the student and before its first update, which binds it to the student's tensors
+    sample = student.edgeprune_spec.example_input()
+    with training_layout(opts, student, teacher, sample, "cpu") as (layout, teacher, packed):
+        result.channels_last, result.packed_batchnorms = layout == torch.channels_last, packed
         for epoch in range(start, opts.epochs):
             if epoch >= opts.epochs - close:
                 train.close_mosaic(hyp)
@@ -172,7 +165,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
             t0, total, seen = time.time(), 0.0, 0
             for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
                 x = _images(batch).contiguous(memory_format=layout)
-                with autocast:  # the forward passes only
+                with autocast():  # the forward passes only
                     preds = _raw_head(student, x, train=True)
                     with torch.no_grad():
                         t_preds = _raw_head(teacher, x, train=False) if distill else None
@@ -202,12 +195,6 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
                                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                                 "epochs": [asdict(e) for e in result.epochs], "tag": tag}, tmp)
         student.load_state_dict(ema.ema.state_dict())
-    finally:
-        for handle in packed:
-            handle.remove()
-        student.to(memory_format=torch.contiguous_format)  # the caller's layout (safetensors saves no other)
-        if hasattr(student, "args"):
-            del student.args
     student.eval()
     return result
 
