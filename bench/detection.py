@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from detection_train_rate import SETTINGS as TRAIN_SETTINGS  # a sibling bench
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "detection.json"
 RECIPE = HERE.parent / "src" / "edgeprune" / "recipes" / "yolov8n-cifar10det.yaml"
@@ -34,8 +36,8 @@ RECIPE = HERE.parent / "src" / "edgeprune" / "recipes" / "yolov8n-cifar10det.yam
 # of 8 (ONNX Runtime's blocked CPU layout then serves every conv); 2x-auto: ratio 0.3 with round_to auto (each
 # width rounded to a multiple of 1, 8, 16 or 32 keeping the ratio's MACs within 5%, the fastest on ONNX Runtime kept)
 # 1.5x-fp32: 1.5x fine-tuned as detectors were before recover.amp, channels_last and packed_batchnorm applied to
-# them (FP32, contiguous, PyTorch's batch norm); a plain- variant ignores the recover fields
-FP32 = {"recover.amp": False, "recover.channels_last": False, "recover.packed_batchnorm": False}
+# them (FP32, contiguous, PyTorch's batch norm: the rate bench's first setting); a plain- variant ignores them
+FP32 = {f"recover.{k}": v for k, v in TRAIN_SETTINGS["fp32 contiguous"].items()}
 PRUNING = {"1.5x": {"prune.ratio": 0.2}, "1.5x-fp32": {"prune.ratio": 0.2, **FP32}, "2x": {"prune.ratio": 0.3},
            "1.8x-r8": {"prune.ratio": 0.2, "prune.round_to": 8},
            "2x-auto": {"prune.ratio": 0.3, "prune.round_to": "auto"}}
