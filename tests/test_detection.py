@@ -278,7 +278,7 @@ def test_an_interrupted_finetune_resumes_to_the_uninterrupted_detector(tmp_path,
     checkpoint = tmp_path / "ckpt.pt"
     with pytest.raises(Stop):
         finetune(pruned, teacher, data, opts, checkpoint, seed=0, tag="t", evaluate=stop_after_first_epoch)
-    assert all(p.is_contiguous() for p in pruned.parameters()) and not hasattr(pruned, "args")  # even on error
+    assert all(p.is_contiguous() for p in pruned.parameters()) and not hasattr(pruned, "args")  # after an error
     resumed = finetune(pruned, teacher, data, opts, checkpoint, resume=True, seed=0, tag="t")
     assert resumed.resumed_from_epoch == 1 and [e.epoch for e in resumed.epochs] == [1, 2]
     assert resumed.precision == full.precision == ("bf16" if cpu_has_bf16() else "fp32")
