@@ -66,6 +66,32 @@ def test_spinning_runtimes_are_timed_in_settled_turns():
     assert [name for name, _ in calls[2:6]] == ["a", "b", "a", "b"]
 
 
+def test_onnx_runtime_workers_wait_as_the_latency_options_say(tmp_path):
+    """By default ONNX Runtime's workers busy-wait ort_spin_us, then sleep, and their runs are timed round-robin;
+    ort_spinning is ONNX Runtime's own unbounded spin (settled turns); ort_spin_us 0 sleeps at once."""
+    from edgeprune.measure import ort_runner, ort_session, ort_waiting
+
+    model = create_model("cifar_resnet20")
+    path = export_onnx(model, (3, 32, 32), tmp_path / "m.onnx", ExportOptions())
+
+    def entries(latency):
+        config = ort_session(path, 1, **ort_waiting(latency)).get_session_options()
+
+        def entry(key):
+            try:
+                return config.get_session_config_entry(key)
+            except RuntimeError:  # ONNX Runtime's answer for a key never set
+                return None
+        return entry("session.intra_op.allow_spinning"), entry("session.intra_op.spin_duration_us")
+
+    assert LatencyOptions().ort_spin_us == 100
+    assert entries(LatencyOptions()) == ("1", "100")
+    assert entries(LatencyOptions(ort_spin_us=0)) == ("0", None)
+    assert entries(LatencyOptions(ort_spinning=True)) == ("1", None)
+    assert not ort_runner(path, (3, 32, 32), 1, 1, **ort_waiting(LatencyOptions())).spins
+    assert ort_runner(path, (3, 32, 32), 1, 1, **ort_waiting(LatencyOptions(ort_spinning=True))).spins
+
+
 def test_runtimes_send_no_telemetry_under_edgeprune(tmp_path):
     """ONNX Runtime 1.32's wheel writes a device id and an event queue for Microsoft's telemetry when it is
     imported, and `import openvino` sends an event to Google Analytics (writing ~/intel/openvino_ga_cid);

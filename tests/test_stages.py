@@ -1,4 +1,6 @@
 """The stage table: which stages a recipe runs, what they depend on, and what a change invalidates."""
+from dataclasses import replace
+
 from edgeprune.recipe import Recipe, apply_overrides
 from edgeprune.stages import STAGES, StageStore, _settled, dependencies, final_model_stage, plan
 
@@ -30,7 +32,7 @@ def test_model_dependency_is_the_latest_model_stage():
 
 def fill(store: StageStore, recipe: Recipe) -> None:
     """Record every planned stage in order, as a run would (results are placeholders; files are touched)."""
-    for stage in plan(recipe):
+    for stage in plan(recipe, store.table):
         for path in stage.writes:
             (store.root / path).parent.mkdir(parents=True, exist_ok=True)
             (store.root / path).write_text("x")
@@ -97,6 +99,21 @@ def test_packed_batch_norm_at_its_default_keeps_earlier_fine_tunes(tmp_path):
     assert "recover.packed_batchnorm" in _settled(FULL.model_dump(mode="json"))[1]
     assert stale(store, apply_overrides(FULL, {"recover.packed_batchnorm": False})) == [
         "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
+
+
+def test_a_run_timed_before_bounded_spinning_measures_again_but_keeps_its_pruning(tmp_path):
+    """latency.ort_spin_us is one of ADDED_FIELDS, so a timed pruning decision (a latency target's) from before it
+    stands; the measure stage's version makes the run's figures be taken again with the workers' bounded spin."""
+    target = apply_overrides(FULL, {"prune.target_latency_ms": 1.0})
+    assert "latency.ort_spin_us" in _settled(target.model_dump(mode="json"))[1]
+    store = StageStore(tmp_path)
+    fill(store, target)
+    measure = BY_NAME["measure"]
+    assert measure.version >= 1
+    before = StageStore(tmp_path, tuple(s if s is not measure else replace(s, version=0) for s in STAGES))
+    fill(before, target)  # as the edgeprune of before stored it
+    assert stale(store, target) == ["measure", "diagnose"]
+    assert stale(store, apply_overrides(target, {"latency.ort_spin_us": 0}))[0] == "prune"
 
 
 def test_a_changed_target_recomputes_all_but_the_baseline_accuracy(tmp_path):

@@ -31,6 +31,7 @@ from .measure import (
     onnx_predictor,
     openvino_available,
     ort_runner,
+    ort_waiting,
     ov_runner,
     state_dict_bytes,
     time_interleaved,
@@ -101,7 +102,7 @@ def _entries(label: str, model: nn.Module, weights: str, files: dict[str, Path],
             if path is None:
                 continue
             runner = (ov_runner(path, size, opts.batch_size, opts.threads) if runtime == "ov_cpu" else
-                      ort_runner(path, size, opts.batch_size, opts.threads, spinning=opts.ort_spinning))
+                      ort_runner(path, size, opts.batch_size, opts.threads, **ort_waiting(opts)))
             name = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
             entries.append(_Entry(label, runtime, precision, name, onnx_bytes(path), runner,
                                   onnx_predictor(path, runtime, opts.threads), model))
@@ -208,7 +209,7 @@ def benchmark(out: str | os.PathLike, data: str | None = None, limit: int | None
                                timed[i].p90_ms, diff, agree, **(scorer(e) if scorer is not None else {}))
             rows.append(asdict(row))
     result = {"rows": rows, "threads": opts.threads, "batch_size": opts.batch_size, "repeats": opts.repeats,
-              "ort_spinning": opts.ort_spinning,
+              "ort_spinning": opts.ort_spinning, "ort_spin_us": opts.ort_spin_us,
               "data": data, "limit": limit, "openvino": openvino,
               "command": command or shlex.join(["edgeprune", *sys.argv[1:]])}
     write_json(root / "benchmark.json", result)

@@ -471,7 +471,11 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
                   repeats: int | None = typer.Option(None, "--repeats", help="timed runs (default: the run's)"),
                   ort_spinning: bool | None = typer.Option(None, "--ort-spinning/--no-ort-spinning",
                                                            help="ONNX Runtime's workers busy-wait between runs "
-                                                           "(its own default) or sleep (default: the run's)"),
+                                                           "(its own default) or not (default: the run's)"),
+                  ort_spin_us: int | None = typer.Option(None, "--ort-spin-us", min=0,
+                                                         help="without --ort-spinning: microseconds ONNX Runtime's "
+                                                         "workers busy-wait before they sleep; 0 sleeps at once "
+                                                         "(default: the run's)"),
                   as_json: bool = typer.Option(False, "--json", help="print the rows as a JSON list"),
                   quiet: bool = QuietOpt):
     """Time a run's pruned model on every runtime and precision available here (PyTorch, ONNX Runtime,
@@ -480,7 +484,8 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
     OUT/benchmark.json and adds the table to the run's report."""
     from .benchmark import benchmark
 
-    given = _given({"threads": threads, "warmup": warmup, "repeats": repeats, "ort_spinning": ort_spinning})
+    given = _given({"threads": threads, "warmup": warmup, "repeats": repeats, "ort_spinning": ort_spinning,
+                    "ort_spin_us": ort_spin_us})
     result = benchmark(out, data=data, limit=limit, latency_overrides=given, baseline=baseline, quiet=quiet)
     if as_json:
         print(json.dumps(result["rows"], indent=2))

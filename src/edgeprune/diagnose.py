@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .measure import ort_runner, time_interleaved, torch_threads
+from .measure import ort_runner, ort_session, ort_waiting, time_interleaved, torch_threads
 from .pruning import out_channels, prunable_layers
 from .pruning.rules import forward_with_layer_hooks
 from .recipe import LatencyOptions
@@ -120,19 +120,9 @@ def _origin_map(onnx_path: Path, modules: set[str]) -> dict[str, str]:
 
 def ort_layer_ms(onnx_path: Path, modules: set[str], input_size, opts: LatencyOptions) -> tuple[dict, dict]:
     """ONNX Runtime's profiler: (median ms per conv/linear module, median ms per other op type)."""
-    import onnxruntime as ort
-
     origin = _origin_map(onnx_path, modules)
     with tempfile.TemporaryDirectory(prefix="edgeprune-profile-") as tmp:
-        so = ort.SessionOptions()
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "ort")
-        so.intra_op_num_threads = opts.threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.ort_spinning else "0")
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(onnx_path, opts.threads, **ort_waiting(opts), profile_prefix=os.path.join(tmp, "ort"))
         feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
             (opts.batch_size, *input_size)).astype(np.float32)}
         for _ in range(opts.warmup):
@@ -216,7 +206,7 @@ def thread_scaling(baseline_onnx: Path, pruned_onnx: Path, input_size, opts: Lat
         return None
     counts, paths = (1, opts.threads), {"before": baseline_onnx, "after": pruned_onnx}
     timed = time_interleaved({f"{key}@{n}": ort_runner(path, input_size, opts.batch_size, n,
-                                                       spinning=opts.ort_spinning)
+                                                       **ort_waiting(opts))
                               for n in counts for key, path in paths.items()}, opts)
     return {key: {str(n): timed[f"{key}@{n}"].median_ms for n in counts} for key in paths}
 

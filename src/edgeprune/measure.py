@@ -94,28 +94,44 @@ def torch_runner(model: nn.Module, input_size, batch_size: int, device: str = "c
     return run
 
 
-def ort_session(path: str | Path, threads: int, provider: str = "CPUExecutionProvider", spinning: bool = False):
-    """An ONNX Runtime session; worker threads do not spin between runs unless `spinning` (ONNX Runtime's
-    default, faster; spinning threads steal the cores from whatever runs next for tens of milliseconds,
-    another model included: see `time_interleaved`)."""
+def ort_session(path: str | Path, threads: int, provider: str = "CPUExecutionProvider", spinning: bool = False,
+                spin_us: int = 0, profile_prefix: str | None = None):
+    """An ONNX Runtime session with `threads` intra-op threads and every graph optimization.
+
+    How its worker threads wait for work: with `spinning`, they busy-wait until the next run (ONNX Runtime's
+    default; they keep the cores busy for 50-100 ms after a run, another model's included: see
+    `time_interleaved`); else with `spin_us` > 0 they busy-wait that many microseconds, then sleep
+    (`session.intra_op.spin_duration_us`): awake between a run's operators, as with ONNX Runtime's default,
+    asleep within a fraction of a millisecond after the run; with 0 they sleep as soon as they are idle, and
+    every operator pays for waking them. `profile_prefix` turns ONNX Runtime's profiler on."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning or spin_us > 0 else "0")
+    if not spinning and spin_us > 0:
+        so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     if provider not in ort.get_available_providers():
         raise EdgePruneError(f"ONNX Runtime provider {provider} is not available here")
     return ort.InferenceSession(str(path), so, providers=[provider])
 
 
+def ort_waiting(latency: LatencyOptions) -> dict:
+    """`ort_session`'s and `ort_runner`'s keywords for how workers wait, as `latency` asks."""
+    return {"spinning": latency.ort_spinning, "spin_us": latency.ort_spin_us}
+
+
 def ort_runner(path: str | Path, input_size, batch_size: int, threads: int,
-               provider: str = "CPUExecutionProvider", spinning: bool = False) -> Callable[[], None]:
-    """One ONNX Runtime run of the model at `path`; its `spins` attribute tells `time_interleaved` whether
-    the session's workers busy-wait between runs."""
-    sess = ort_session(path, threads, provider, spinning)
+               provider: str = "CPUExecutionProvider", spinning: bool = False, spin_us: int = 0) -> Callable[[], None]:
+    """One ONNX Runtime run of the model at `path` (`ort_session`'s options); its `spins` attribute tells
+    `time_interleaved` whether the session's workers busy-wait between runs."""
+    sess = ort_session(path, threads, provider, spinning, spin_us)
     feed = {sess.get_inputs()[0].name:
             np.random.default_rng(0).standard_normal((batch_size, *input_size)).astype(np.float32)}
 
@@ -254,7 +270,7 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
     for label, (model, onnx_path) in models.items():
         runners[f"{label}/torch_cpu"] = torch_runner(model, input_size, opts.batch_size)
         runners[f"{label}/ort_cpu"] = ort_runner(onnx_path, input_size, opts.batch_size, opts.threads,
-                                                 spinning=opts.ort_spinning)
+                                                 **ort_waiting(opts))
         if use_openvino:
             runners[f"{label}/ov_cpu"] = ov_runner(onnx_path, input_size, opts.batch_size, opts.threads)
         if use_cuda:

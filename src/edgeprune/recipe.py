@@ -40,7 +40,14 @@ class LatencyOptions(_Strict):
     ort_spinning: bool = Field(
         default=False, description="time ONNX Runtime with its worker threads busy-waiting between runs (its "
         "own default: faster on idle cores, erratic when anything else wants them); each model is then timed "
-        "in turns of 10 runs, after the previous one's workers have settled. false: workers sleep between runs")
+        "in turns of 10 runs, after the previous one's workers have settled. false: workers busy-wait "
+        "ort_spin_us, then sleep")
+    ort_spin_us: int = Field(
+        default=100, ge=0, description="without ort_spinning: microseconds ONNX Runtime's workers busy-wait for "
+        "work before they sleep (session.intra_op.spin_duration_us). They stay awake between a run's operators, as "
+        "with ONNX Runtime's default, and sleep within a fraction of a millisecond after the run, so models timed in "
+        "turns do not slow each other. 0: they sleep as soon as they are idle, and every operator pays for waking "
+        "them (edgeprune's timing before 2026-12-01)")
     openvino: bool = Field(default=True, description="also time the exported model on OpenVINO (ov_cpu) and check "
                            "its parity there, when OpenVINO is installed (pip install -e '.[openvino]')")
     per_layer: bool = Field(default=True, description="profile every layer (ONNX Runtime and PyTorch) for the "

@@ -37,6 +37,8 @@ class Stage:
     makes_model: bool = False  # writes a new version of the pruned weights (stages/<name>/)
     collective: bool = False  # every torchrun process takes part (evaluation, training)
     wanted: Callable[[Recipe], bool] = lambda recipe: True  # does the recipe ask for it?
+    # bumped when the stage computes differently from the same inputs and results stored before must not be reused
+    version: int = 0
 
     def fields(self, recipe: Recipe) -> tuple[str, ...]:
         return self.reads(recipe) if callable(self.reads) else self.reads
@@ -82,7 +84,8 @@ def _times_layers(recipe: Recipe) -> bool:
 STAGES: tuple[Stage, ...] = (
     Stage("sensitivity", SENSITIVITY_READS, writes=(SENSITIVITY_NAME,), wanted=_sensitive),
     Stage("sensitivity_latency", ("prune.latency_runtime", "latency.threads", "latency.batch_size",
-                                  "latency.ort_spinning", "latency.warmup", "latency.repeats", "export"),
+                                  "latency.ort_spinning", "latency.ort_spin_us", "latency.warmup", "latency.repeats",
+                                  "export"),
           # it rewrites the analysis's sensitivity.json with the savings, but does not own the file: dropping this
           # stage (another target) must not delete the analysis
           after=("sensitivity",), wanted=_times_layers),
@@ -104,7 +107,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("int8", ("int8", "data", "latency"), after=("export",), writes=(INT8_NAME,),
           wanted=lambda r: r.int8.enabled),
     Stage("measure", ("model", "export", *(f"latency.{k}" for k in LatencyOptions.model_fields if k != "per_layer"),
-                      "prune.target_latency_ms", "prune.target_speedup"), after=("export",)),
+                      "prune.target_latency_ms", "prune.target_speedup"), after=("export",),
+          version=1),  # 1: ONNX Runtime timed with latency.ort_spin_us (2026-12-01)
     Stage("diagnose", ("latency",), after=("measure",), wanted=lambda r: r.latency.per_layer),
 )
 BY_NAME = {s.name: s for s in STAGES}
@@ -135,7 +139,10 @@ def final_model_stage(recipe: Recipe) -> str:
 # When detectors began to honour recover.amp, channels_last and packed_batchnorm (2026-12-01) their fingerprints
 # stayed: a detector fine-tune interrupted before then resumes in bf16 where the CPU has it, as it would on
 # another machine, and each epoch's precision in the report says which ran how.
-ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None, "recover.packed_batchnorm": True}
+# latency.ort_spin_us (2026-12-01) is one: a pruning decision timed before it (round_to auto, a latency target)
+# stands, as one timed on a quieter machine would; the measure stage's version makes its figures be taken again.
+ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None, "recover.packed_batchnorm": True,
+                                "latency.ort_spin_us": 100}
 
 
 def _settled(recipe_json: dict) -> tuple[dict, set[str]]:
@@ -184,7 +191,7 @@ class StageStore:
             record = self.record(dep)  # what it computed, not how long it took
             deps[dep] = _digest({k: v for k, v in record.items() if k != "seconds"}) if record is not None else None
         reads = {f: _field(recipe_json, f) for f in stage.fields(recipe) if f not in unset}
-        return _digest({"reads": reads, "after": deps})
+        return _digest({"reads": reads, "after": deps, **({"version": stage.version} if stage.version else {})})
 
     def fresh(self, stage: Stage, fingerprint: str) -> dict | None:
         """The stored result when it was computed from inputs with this fingerprint and its files are all there."""

@@ -20,7 +20,7 @@ from .distributed import runtime
 from .errors import EdgePruneError
 from .export import export_onnx
 from .fsio import ensure_writable_dir, write_json, write_text
-from .measure import onnx_bytes, ort_runner, time_interleaved
+from .measure import onnx_bytes, ort_runner, ort_waiting, time_interleaved
 from .models import create_model
 from .models.yolo import is_yolo_name
 from .pipeline import run, share_sensitivity
@@ -141,7 +141,7 @@ def sweep(recipe: Recipe, kind: str, values: list[float], out: str | Path, quiet
                           "onnx": str(out / "baseline" / INT8_NAME)})
     log(f"timing the baseline and {len(points) - 1} models side by side on ONNX Runtime")
     size = model.edgeprune_spec.input_size
-    runners = {p["label"]: ort_runner(p["onnx"], size, lat.batch_size, lat.threads, spinning=lat.ort_spinning)
+    runners = {p["label"]: ort_runner(p["onnx"], size, lat.batch_size, lat.threads, **ort_waiting(lat))
                for p in points}
     timed = time_interleaved(runners, lat, quiet, "sweep latency")
     for p in points:

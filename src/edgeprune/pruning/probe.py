@@ -7,7 +7,7 @@ from typing import Protocol
 import torch.nn as nn
 
 from ..export import export_onnx
-from ..measure import ort_runner, ov_runner, time_interleaved, torch_runner
+from ..measure import ort_runner, ort_waiting, ov_runner, time_interleaved, torch_runner
 from ..recipe import ExportOptions, LatencyOptions
 
 PROBE_MIN_REPEATS = 50  # the baseline's first reading, which every candidate is scaled by, takes at least these
@@ -74,4 +74,4 @@ def runner(model: nn.Module, input_size, runtime: str, latency: LatencyOptions, 
         path = export_onnx(model, input_size, path, export)
     if runtime == "ov_cpu":
         return ov_runner(path, input_size, latency.batch_size, latency.threads)
-    return ort_runner(path, input_size, latency.batch_size, latency.threads, spinning=latency.ort_spinning)
+    return ort_runner(path, input_size, latency.batch_size, latency.threads, **ort_waiting(latency))
