@@ -1,8 +1,8 @@
 """How ONNX Runtime's workers wait for work, and what it does to a pruned model's speed-up: asleep (edgeprune's
 timing before 2026-12-01), a bounded spin of N microseconds (`latency.ort_spin_us`, `session.intra_op.spin_duration_us`;
-100 by default now) and ONNX Runtime's own unbounded spin (`latency.ort_spinning`).
+20 by default now) and ONNX Runtime's own unbounded spin (`latency.ort_spinning`).
 
-    EDGEPRUNE_HOME=../shared/data python bench/ort_waiting.py [--spin-us 0 20 100 500] [--turns 300] [--rounds 3]
+    EDGEPRUNE_HOME=../shared/data python bench/ort_waiting.py [--spin-us 0 10 20 50 100 500] [--turns 300] [--rounds 3]
 
 Models: ResNet-50 (random init) and its `--ratio 0.7` prune with round_to 16, and the JPEG-adapted CIFAR ResNet-56
 and its uniform prune to half the MACs (no rounding). Batch 1, 2 threads. In each round, every model and setting
@@ -70,7 +70,7 @@ def one_round(pairs: dict[str, dict], spin_us: list[int], turns: int, default_us
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spin-us", type=int, nargs="+", default=[0, 20, 100, 500])
+    parser.add_argument("--spin-us", type=int, nargs="+", default=[0, 10, 20, 50, 100, 500])
     parser.add_argument("--turns", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -84,8 +84,8 @@ def test_onnx_runtime_workers_wait_as_the_latency_options_say(tmp_path):
                 return None
         return entry("session.intra_op.allow_spinning"), entry("session.intra_op.spin_duration_us")
 
-    assert LatencyOptions().ort_spin_us == 100
-    assert entries(LatencyOptions()) == ("1", "100")
+    assert LatencyOptions().ort_spin_us == 20
+    assert entries(LatencyOptions()) == ("1", "20")
     assert entries(LatencyOptions(ort_spin_us=0)) == ("0", None)
     assert entries(LatencyOptions(ort_spinning=True)) == ("1", None)
     assert not ort_runner(path, (3, 32, 32), 1, 1, **ort_waiting(LatencyOptions())).spins

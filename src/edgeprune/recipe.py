@@ -43,7 +43,7 @@ class LatencyOptions(_Strict):
         "in turns of 10 runs, after the previous one's workers have settled. false: workers busy-wait "
         "ort_spin_us, then sleep")
     ort_spin_us: int = Field(
-        default=100, ge=0, description="without ort_spinning: microseconds ONNX Runtime's workers busy-wait for "
+        default=20, ge=0, description="without ort_spinning: microseconds ONNX Runtime's workers busy-wait for "
         "work before they sleep (session.intra_op.spin_duration_us). They stay awake between a run's operators, as "
         "with ONNX Runtime's default, and sleep within a fraction of a millisecond after the run, so models timed in "
         "turns do not slow each other. 0: they sleep as soon as they are idle, and every operator pays for waking "
