@@ -64,14 +64,14 @@ def time_files(files: dict[str, Path], out: Path, repeats: int) -> dict[str, dic
     and OpenVINO, all timed in turns in this process: {variant: {ort_cpu, ort_cpu_int8, ov_cpu, ov_cpu_int8}}."""
     from edgeprune import create_model, load_recipe
     from edgeprune.export import export_onnx
-    from edgeprune.measure import ort_runner, ov_runner, time_interleaved
+    from edgeprune.measure import ort_runner, ort_waiting, ov_runner, time_interleaved
 
     recipe = load_recipe(None)
     model, lat = create_model(**recipe.model.model_dump()), recipe.latency
     size = model.edgeprune_spec.input_size
     unpruned = export_onnx(model, size, out / "unpruned.onnx", recipe.export)
     runners = {}
-    for runtime, make in (("ort_cpu", lambda p: ort_runner(p, size, 1, lat.threads)),
+    for runtime, make in (("ort_cpu", lambda p: ort_runner(p, size, 1, lat.threads, **ort_waiting(lat))),
                           ("ov_cpu", lambda p: ov_runner(p, size, 1, lat.threads))):
         runners[f"unpruned/{runtime}"] = make(unpruned)
         for name, folder in files.items():

@@ -60,8 +60,9 @@ def one_round(pairs: dict[str, dict], spin_us: list[int], turns: int, default_us
     ms = {key: timed[i].median_ms for i, key in enumerate(runners)}
     settled = LatencyOptions(warmup=10, repeats=max(SPIN_BLOCK, turns // 10))
     for p in pairs:
+        # the unbounded spin's runners make time_interleaved settle every turn, the bounded ones' too
         spun = {(p, setting, label): ort_runner(path, pairs[p]["size"], 1, settled.threads, spinning=setting == "spin",
-                                                spin_us=0 if setting == "spin" else default_us)
+                                                spin_us=default_us)
                 for setting in ("spin", f"{default_us} settled") for label, path in pairs[p]["onnx"].items()}
         timed = time_interleaved(dict(enumerate(spun.values())), settled)
         ms.update({key: timed[i].median_ms for i, key in enumerate(spun)})
