@@ -53,17 +53,39 @@ def test_spinning_runtimes_are_timed_in_settled_turns():
         run.spins = spins  # as ort_runner(..., spinning=True) marks its runs
         return run
 
-    opts = LatencyOptions(warmup=1, repeats=SPIN_BLOCK + 3)
+    opts = LatencyOptions(warmup=1, repeats=SPIN_BLOCK + 3, turn_runs=4, settle_runs=0)
     timed = time_interleaved({"a": runner("a", spins=True), "b": runner("b")}, opts)
     assert timed["a"].runs == timed["b"].runs == SPIN_BLOCK + 3
     turns = [(name, [t for _, t in group]) for name, group in itertools.groupby(calls[2:], key=lambda c: c[0])]
     assert [name for name, _ in turns] == ["a", "b", "a", "b"]  # after the warm-up: two turns each, in turn
     for (_, times), timed_runs in zip(turns, (SPIN_BLOCK, SPIN_BLOCK, 3, 3), strict=True):
         assert len(times) > timed_runs and times[-timed_runs] - times[0] >= SPIN_SETTLE_S  # settled first
+
+
+def test_models_are_timed_in_settled_turns_of_back_to_back_runs():
+    """Each turn runs one model settle_runs times untimed, then times turn_runs runs back to back; turn_runs 1
+    with settle_runs 0 alternates single runs."""
+    import itertools
+
+    from edgeprune.measure import time_interleaved
+
+    calls: list[str] = []
+
+    def runner(name):
+        def run():
+            calls.append(name)
+        return run
+
+    timed = time_interleaved({"a": runner("a"), "b": runner("b")},
+                             LatencyOptions(warmup=1, repeats=7, turn_runs=3, settle_runs=2))
+    assert timed["a"].runs == timed["b"].runs == 7
+    turns = [(name, len(list(group))) for name, group in itertools.groupby(calls[2:])]
+    assert turns == [("a", 5), ("b", 5), ("a", 5), ("b", 5), ("a", 3), ("b", 3)]  # 2 untimed + 3, 3, then 1
+    assert LatencyOptions().turn_runs == 10 and LatencyOptions().settle_runs == 5
     calls.clear()
-    plain = time_interleaved({"a": runner("a"), "b": runner("b")}, opts)
-    assert plain["a"].runs == SPIN_BLOCK + 3 and len(calls) == 2 * (1 + SPIN_BLOCK + 3)  # round-robin, no settling
-    assert [name for name, _ in calls[2:6]] == ["a", "b", "a", "b"]
+    single = time_interleaved({"a": runner("a"), "b": runner("b")},
+                              LatencyOptions(warmup=1, repeats=7, turn_runs=1, settle_runs=0))
+    assert single["a"].runs == 7 and calls == ["a", "b"] * 8  # warm-up, then single runs in turn
 
 
 def test_onnx_runtime_workers_wait_as_the_latency_options_say(tmp_path):

@@ -101,19 +101,22 @@ def test_packed_batch_norm_at_its_default_keeps_earlier_fine_tunes(tmp_path):
         "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
 
 
-def test_a_run_timed_before_bounded_spinning_measures_again_but_keeps_its_pruning(tmp_path):
-    """latency.ort_spin_us is one of ADDED_FIELDS, so a timed pruning decision (a latency target's) from before it
-    stands; the measure stage's version makes the run's figures be taken again with the workers' bounded spin."""
+def test_a_run_timed_before_bounded_spinning_or_settled_turns_measures_again_but_keeps_its_pruning(tmp_path):
+    """latency.ort_spin_us, turn_runs and settle_runs are ADDED_FIELDS, so a timed pruning decision (a latency
+    target's) from before them stands; the measure stage's version makes the run's figures be taken again."""
     target = apply_overrides(FULL, {"prune.target_latency_ms": 1.0})
-    assert "latency.ort_spin_us" in _settled(target.model_dump(mode="json"))[1]
+    added = {"latency.ort_spin_us": 0, "latency.turn_runs": 1, "latency.settle_runs": 0}  # each off its default
+    assert set(added) <= _settled(target.model_dump(mode="json"))[1]
     store = StageStore(tmp_path)
     fill(store, target)
     measure = BY_NAME["measure"]
-    assert measure.version >= 1
-    before = StageStore(tmp_path, tuple(s if s is not measure else replace(s, version=0) for s in STAGES))
-    fill(before, target)  # as the edgeprune of before stored it
-    assert stale(store, target) == ["measure", "diagnose"]
-    assert stale(store, apply_overrides(target, {"latency.ort_spin_us": 0}))[0] == "prune"
+    assert measure.version >= 2
+    for version in (0, 1):  # as the edgeprune of before each change stored it
+        before = StageStore(tmp_path, tuple(s if s is not measure else replace(s, version=version) for s in STAGES))
+        fill(before, target)
+        assert stale(store, target) == ["measure", "diagnose"]
+    for field, value in added.items():
+        assert stale(store, apply_overrides(target, {field: value}))[0] == "prune"
 
 
 def test_a_changed_target_recomputes_all_but_the_baseline_accuracy(tmp_path):

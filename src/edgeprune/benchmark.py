@@ -209,7 +209,8 @@ def benchmark(out: str | os.PathLike, data: str | None = None, limit: int | None
                                timed[i].p90_ms, diff, agree, **(scorer(e) if scorer is not None else {}))
             rows.append(asdict(row))
     result = {"rows": rows, "threads": opts.threads, "batch_size": opts.batch_size, "repeats": opts.repeats,
-              "ort_spinning": opts.ort_spinning, "ort_spin_us": opts.ort_spin_us,
+              "ort_spinning": opts.ort_spinning, "ort_spin_us": opts.ort_spin_us, "turn_runs": opts.turn_runs,
+              "settle_runs": opts.settle_runs,
               "data": data, "limit": limit, "openvino": openvino,
               "command": command or shlex.join(["edgeprune", *sys.argv[1:]])}
     write_json(root / "benchmark.json", result)

@@ -476,6 +476,13 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
                                                          help="without --ort-spinning: microseconds ONNX Runtime's "
                                                          "workers busy-wait before they sleep; 0 sleeps at once "
                                                          "(default: the run's)"),
+                  turn_runs: int | None = typer.Option(None, "--turn-runs", min=1,
+                                                       help="runs timed back to back in each model's turn, after "
+                                                       "--settle-runs untimed ones (default: the run's); 1 with "
+                                                       "--settle-runs 0 times single runs in turn"),
+                  settle_runs: int | None = typer.Option(None, "--settle-runs", min=0,
+                                                         help="untimed runs at the start of each turn "
+                                                         "(default: the run's)"),
                   as_json: bool = typer.Option(False, "--json", help="print the rows as a JSON list"),
                   quiet: bool = QuietOpt):
     """Time a run's pruned model on every runtime and precision available here (PyTorch, ONNX Runtime,
@@ -485,7 +492,7 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
     from .benchmark import benchmark
 
     given = _given({"threads": threads, "warmup": warmup, "repeats": repeats, "ort_spinning": ort_spinning,
-                    "ort_spin_us": ort_spin_us})
+                    "ort_spin_us": ort_spin_us, "turn_runs": turn_runs, "settle_runs": settle_runs})
     result = benchmark(out, data=data, limit=limit, latency_overrides=given, baseline=baseline, quiet=quiet)
     if as_json:
         print(json.dumps(result["rows"], indent=2))

@@ -204,7 +204,7 @@ def onnx_predictor(path: str | Path, runtime: str = "ort_cpu", threads: int = 2)
     return lambda x: np.asarray(sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0])
 
 
-SPIN_BLOCK = 10  # with spinning ONNX Runtime workers: timed runs per turn, after SPIN_SETTLE_S of untimed ones
+SPIN_BLOCK = 10  # with spinning ONNX Runtime workers: at least this many timed runs per turn
 SPIN_SETTLE_S = 0.15  # measured here: a session's workers spin on for 50-100 ms after its last run
 
 
@@ -213,13 +213,16 @@ def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOption
     """Time several runners in turn, so load on a shared machine hits them all alike.
 
     Ratios between models measured in one call are what to compare; absolute ms drift between runs.
-    When a runner spins (`ort_runner(..., spinning=True)`: ONNX Runtime's workers busy-wait after a run for
-    the next, its default) each turn runs its model untimed for SPIN_SETTLE_S, then times SPIN_BLOCK runs,
-    so that no model is timed while the one before it still spins on the same cores; otherwise the turns
-    are single runs.
+    After `opts.warmup` untimed runs of each, every turn runs one model `opts.settle_runs` times untimed (its
+    weights back in cache after the others' turns), then times `opts.turn_runs` runs back to back, until each
+    has `opts.repeats` timed runs. When a runner spins (`ort_runner(..., spinning=True)`: ONNX Runtime's workers
+    busy-wait after a run for the next, its default) the untimed runs of a turn last at least SPIN_SETTLE_S and
+    it times at least SPIN_BLOCK runs, so that no model is timed while the one before it still spins on the
+    same cores.
     """
     spinning = any(getattr(fn, "spins", False) for fn in runners.values())
-    block = SPIN_BLOCK if spinning and len(runners) > 1 else 1
+    block = max(opts.turn_runs, SPIN_BLOCK) if spinning else opts.turn_runs
+    settle_s = SPIN_SETTLE_S if spinning and len(runners) > 1 else 0.0
     times: dict[str, list[float]] = {key: [] for key in runners}
     with torch_threads(opts.threads):
         for fn in runners.values():
@@ -227,10 +230,11 @@ def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOption
                 fn()
         for turn in tqdm(range(math.ceil(opts.repeats / block)), desc=desc, leave=False, disable=quiet):
             for key, fn in runners.items():
-                if block > 1:
-                    settle = time.perf_counter() + SPIN_SETTLE_S
-                    while time.perf_counter() < settle:
-                        fn()
+                settle = time.perf_counter() + settle_s
+                for _ in range(opts.settle_runs):
+                    fn()
+                while time.perf_counter() < settle:
+                    fn()
                 for _ in range(min(block, opts.repeats - turn * block)):
                     t0 = time.perf_counter()
                     fn()

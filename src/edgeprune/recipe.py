@@ -34,13 +34,22 @@ class ModelConfig(_Strict):
 class LatencyOptions(_Strict):
     threads: int = Field(default=2, ge=1)
     warmup: int = Field(default=5, ge=0)
-    repeats: int = Field(default=30, ge=1)
+    repeats: int = Field(default=30, ge=1, description="timed runs of each model; the median and p90 are reported")
+    turn_runs: int = Field(
+        default=10, ge=1, description="models are timed in turns, so load on a shared machine hits them alike; each "
+        "turn times this many runs of one model back to back, after settle_runs untimed ones, as the model runs "
+        "when it is called frame after frame and as the field's benchmark tools time it. 1 (with settle_runs 0): "
+        "single runs in turn, each right after another model's, with its weights out of cache (edgeprune's timing "
+        "before measure stage version 2)")
+    settle_runs: int = Field(default=5, ge=0, description="untimed runs at the start of each turn, which bring the "
+                             "model's weights back into cache after the other models' turns")
     batch_size: int = Field(default=1, ge=1)
     cuda: bool = True  # also measure on a GPU when one exists
     ort_spinning: bool = Field(
         default=False, description="time ONNX Runtime with its worker threads busy-waiting between runs (its "
-        "own default: faster on idle cores, erratic when anything else wants them); each model is then timed "
-        "in turns of 10 runs, after the previous one's workers have settled. false: workers busy-wait "
+        "own default: faster on idle cores, erratic when anything else wants them); each turn's untimed "
+        "runs then last at least 0.15 s, while the previous model's workers stop, and it times at least 10 runs. "
+        "false: workers busy-wait "
         "ort_spin_us, then sleep")
     ort_spin_us: int = Field(
         default=20, ge=0, description="without ort_spinning: microseconds ONNX Runtime's workers busy-wait for "

@@ -215,7 +215,8 @@ def benchmark(result: dict | None) -> Table | None:
              *("" if r.get(k) is None else f"{r[k]:.2f}" for k, _ in metric)] for r in rows]
     images = next((r["images"] for r in rows if r.get("images")), None)
     return Table(f"Runtimes and precisions (batch {result['batch_size']}, {result['threads']} threads, median of "
-                 f"{result['repeats']} runs" + (f", accuracy on {images} images of {result['data']}" if images else "")
+                 f"{result['repeats']} runs, {turns(result)}"
+                 + (f", accuracy on {images} images of {result['data']}" if images else "")
                  + f"; `{result['command']}`)", columns, body)
 
 
@@ -303,8 +304,17 @@ def runs(report: dict) -> int:
 
 def latency_method(report: dict) -> str:
     env, lat = report["environment"], report["recipe"]["latency"]
-    return (f"Latency: median of {runs(report)} runs after {lat['warmup']} warm-ups, batch {lat['batch_size']}, "
-            f"{lat['threads']} threads, on {env['cpu']}" + (f" and {env['gpu']}" if env.get("gpu") else "") + ".")
+    return (f"Latency: median of {runs(report)} runs after {lat['warmup']} warm-ups, {turns(lat)}, batch "
+            f"{lat['batch_size']}, {lat['threads']} threads, on {env['cpu']}"
+            + (f" and {env['gpu']}" if env.get("gpu") else "") + ".")
+
+
+def turns(latency: dict) -> str:
+    """How the models took turns (recipes and benchmarks from before latency.turn_runs timed single runs)."""
+    block, settle = latency.get("turn_runs", 1), latency.get("settle_runs", 0)
+    if block == 1 and settle == 0:
+        return "single runs of each model in turn"
+    return f"models in turns of {block} runs back to back" + (f" after {settle} untimed" if settle else "")
 
 
 def notes(report: dict) -> list[str]:

@@ -85,7 +85,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("sensitivity", SENSITIVITY_READS, writes=(SENSITIVITY_NAME,), wanted=_sensitive),
     Stage("sensitivity_latency", ("prune.latency_runtime", "latency.threads", "latency.batch_size",
                                   "latency.ort_spinning", "latency.ort_spin_us", "latency.warmup", "latency.repeats",
-                                  "export"),
+                                  "latency.turn_runs", "latency.settle_runs", "export"),
           # it rewrites the analysis's sensitivity.json with the savings, but does not own the file: dropping this
           # stage (another target) must not delete the analysis
           after=("sensitivity",), wanted=_times_layers),
@@ -108,7 +108,8 @@ STAGES: tuple[Stage, ...] = (
           wanted=lambda r: r.int8.enabled),
     Stage("measure", ("model", "export", *(f"latency.{k}" for k in LatencyOptions.model_fields if k != "per_layer"),
                       "prune.target_latency_ms", "prune.target_speedup"), after=("export",),
-          version=1),  # 1: ONNX Runtime timed with latency.ort_spin_us (2026-12-01)
+          # 1: ONNX Runtime timed with latency.ort_spin_us; 2: in settled turns (latency.turn_runs, settle_runs)
+          version=2),
     Stage("diagnose", ("latency",), after=("measure",), wanted=lambda r: r.latency.per_layer),
 )
 BY_NAME = {s.name: s for s in STAGES}
@@ -141,8 +142,9 @@ def final_model_stage(recipe: Recipe) -> str:
 # another machine, and each epoch's precision in the report says which ran how.
 # latency.ort_spin_us (2026-12-01) is one: a pruning decision timed before it (round_to auto, a latency target)
 # stands, as one timed on a quieter machine would; the measure stage's version makes its figures be taken again.
+# latency.turn_runs and settle_runs (2026-12-01), the same way.
 ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None, "recover.packed_batchnorm": True,
-                                "latency.ort_spin_us": 20}
+                                "latency.ort_spin_us": 20, "latency.turn_runs": 10, "latency.settle_runs": 5}
 
 
 def _settled(recipe_json: dict) -> tuple[dict, set[str]]:
