@@ -35,7 +35,7 @@ PAIRS = {"resnet50": ("resnet50", "none", {"ratio": 0.7, "round_to": 16}),
 
 
 def models(folder: Path) -> dict[str, dict]:
-    """Each pair's unpruned and pruned ONNX files, input size and MACs reduction."""
+    """Each pair's unpruned and pruned models and ONNX files, input size and MACs reduction."""
     import torch
 
     out = {}
@@ -46,6 +46,7 @@ def models(folder: Path) -> dict[str, dict]:
         pruned, _ = prune(baseline, PruneOptions(**target))
         example = torch.randn(1, *size)
         out[name] = {"size": size, "macs_reduction": count_macs(baseline, example) / count_macs(pruned, example),
+                     "torch": {"unpruned": baseline.eval(), "pruned": pruned.eval()},
                      "onnx": {label: export_onnx(m, size, folder / f"{name}-{label}.onnx", ExportOptions())
                               for label, m in (("unpruned", baseline), ("pruned", pruned))}}
     return out
