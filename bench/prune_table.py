@@ -5,9 +5,10 @@ timed side by side in one process.
     python bench/prune_table.py --model cifar_resnet56 --weights default --macs-reduction 0.5 --round-to none 8
 
 The baseline and each variant (one per --round-to) are built and pruned first, each exported to ONNX
-and checked for parity; then all of them are timed in ONE `edgeprune.measure.measure` call, which
-interleaves every model round-robin within each runtime. Every row's speed-up is therefore against
-the same baseline measurement, taken under the same load as the variant's.
+and checked for parity; then all of them are timed in ONE `edgeprune.measure.measure` call, in which
+the models take turns within each runtime (each turn: `latency.settle_runs` untimed runs, then
+`latency.turn_runs` timed back to back). Every row's speed-up is therefore against the same baseline
+measurement, taken under the same load as the variant's.
 
 Writes bench/results/<name>.json (command, environment, the one baseline measurement, the rows) and
 <name>.md with the command that produced them.
@@ -26,8 +27,10 @@ from edgeprune import PruneOptions, create_model, prune
 from edgeprune.distributed import seed_everything
 from edgeprune.environment import environment
 from edgeprune.export import check_parity, export_onnx
+from edgeprune.fsio import write_json, write_text
 from edgeprune.measure import measure
 from edgeprune.recipe import ExportOptions, LatencyOptions
+from edgeprune.rows import turns
 
 RESULTS = Path(__file__).parent / "results"
 BASELINE = "baseline"
@@ -104,8 +107,9 @@ def main() -> None:
         "command": command, "environment": environment(), "model": args.model, "weights": args.weights,
         "weights_file": Path(spec.weights).name if spec.weights != "none" else None,
         "input_size": list(size), "target": target, "importance": PruneOptions(**target).importance,
-        "latency": latency.model_dump(include={"threads", "warmup", "repeats", "batch_size"}),
-        "timing": "every model below timed in one edgeprune.measure.measure call, interleaved round-robin "
+        "latency": latency.model_dump(include={"threads", "warmup", "repeats", "turn_runs", "settle_runs",
+                                               "ort_spin_us", "batch_size"}),
+        "timing": "every model below timed in one edgeprune.measure.measure call, the models taking turns "
                   "within each runtime",
         "machine_load": {"cpus": os.cpu_count(), "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
                          "loadavg_1_5_15_after": [round(x, 2) for x in load_after]},
@@ -115,8 +119,8 @@ def main() -> None:
     target_name = f"macs{args.macs_reduction}" if args.macs_reduction is not None else f"ratio{args.ratio}"
     name = args.name or f"{args.model}-{target_name}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(results))
+    write_json(RESULTS / f"{name}.json", results)
+    write_text(RESULTS / f"{name}.md", markdown(results))
     log(f"wrote {RESULTS / name}.json and .md")
 
 
@@ -132,6 +136,7 @@ def load_sentence(load: dict) -> str:
 
 def markdown(results: dict) -> str:
     base, lat = results["baseline"], results["latency"]
+    ov = "ov_cpu" in base["latency_ms"]
     weights = results["weights"] if results["weights_file"] is None else f"{results['weights']} " \
         f"({results['weights_file']} from EDGEPRUNE_HOME)"
     what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in results["target"].items())
@@ -139,11 +144,14 @@ def markdown(results: dict) -> str:
              f"Weights {weights}; `{results['importance']}` importance, local, {what}. Median of {lat['repeats']} "
              f"runs after {lat['warmup']} warm-up runs, batch {lat['batch_size']}, {lat['threads']} threads, on "
              f"{results['environment']['cpu']}. The baseline and every variant were timed side by side in one "
-             "process (one measurement call, models interleaved round-robin within each runtime): every row's "
+             f"process (one measurement call, {turns(lat)} within each runtime): every row's "
              f"\"before\" is the same baseline measurement (PyTorch {base['latency_ms']['torch_cpu']:.1f} ms, "
-             f"ONNX Runtime {base['latency_ms']['ort_cpu']:.1f} ms). {load_sentence(results['machine_load'])}", "",
+             f"ONNX Runtime {base['latency_ms']['ort_cpu']:.1f} ms"
+             + (f", OpenVINO {base['latency_ms']['ov_cpu']:.1f} ms" if ov else "")
+             + f"). {load_sentence(results['machine_load'])}", "",
              "| round_to | ratio | MACs | params | ONNX MB | PyTorch CPU ms | ORT CPU ms | ORT speed-up | "
-             "MACs reduction | parity |", "|---|---:|---|---|---|---|---|---:|---:|---:|"]
+             + ("OpenVINO ms | OpenVINO speed-up | " if ov else "") + "MACs reduction | parity |",
+             "|---|---:|---|---|---|---|---|---:|" + ("---|---:|" if ov else "") + "---:|---:|"]
     for r in results["rows"]:
         p = r["pruned"]
         lines.append(
@@ -152,7 +160,10 @@ def markdown(results: dict) -> str:
             f"{base['onnx_bytes'] / 1e6:.1f} -> {p['onnx_bytes'] / 1e6:.1f} | "
             f"{base['latency_ms']['torch_cpu']:.1f} -> {p['latency_ms']['torch_cpu']:.1f} | "
             f"{base['latency_ms']['ort_cpu']:.1f} -> {p['latency_ms']['ort_cpu']:.1f} | "
-            f"{r['speedup']['ort_cpu']:.2f}x | {r['macs_reduction_x']:.2f}x | {r['parity']['max_abs_diff']:.1e} |")
+            f"{r['speedup']['ort_cpu']:.2f}x | "
+            + (f"{base['latency_ms']['ov_cpu']:.1f} -> {p['latency_ms']['ov_cpu']:.1f} | "
+               f"{r['speedup']['ov_cpu']:.2f}x | " if ov else "")
+            + f"{r['macs_reduction_x']:.2f}x | {r['parity']['max_abs_diff']:.1e} |")
     if "torch_cuda" in base["latency_ms"]:
         gpu = results["environment"].get("gpu")
         lines += ["", f"GPU ({gpu}, PyTorch eager, batch {lat['batch_size']}, synchronized):",

@@ -4,12 +4,14 @@
 
 - resnet50: random init, `edgeprune prune --ratio 0.7` with no other option (round_to auto), FP32 only
   (no ImageNet here to calibrate INT8 or measure accuracy on);
-- cifar_resnet56: the built-in default recipe with one ratio for every layer, as it was when the table was
-  recorded (`edgeprune run --set prune.allocation=uniform`: the JPEG-adapted ResNet-56 to half its MACs, BN
-  re-calibration, one epoch of distillation, INT8), accuracy on all 10,000 cifar10-jpeg test images.
+- cifar_resnet56: the built-in default recipe (`edgeprune run`: the JPEG-adapted ResNet-56 to half its MACs
+  by sensitivity allocation, BN re-calibration, one epoch of distillation, INT8), accuracy on all 10,000
+  cifar10-jpeg test images.
 
 Each model's rows come from one `edgeprune benchmark OUT --baseline` process (every runtime's rows timed
-round-robin); bench/results/runtimes.json holds the rows and the exact commands, runtimes.md the tables.
+in turns); bench/results/runtimes.json holds the rows, the exact commands, the CPU and what each run's
+report.json says of its pruning (MACs reduction, the channel multiple round_to auto chose), runtimes.md the
+tables.
 A finished run folder is reused (re-running finds every stage done).
 """
 from __future__ import annotations
@@ -26,8 +28,7 @@ RESULTS = HERE / "results" / "runtimes.json"
 MODELS = {
     "resnet50": {"run": ["prune", "--model", "resnet50", "--weights", "none", "--ratio", "0.7",
                          "--set", "latency.per_layer=false"], "data": None},
-    # the default run as it was when the table was recorded: one ratio for every layer
-    "cifar_resnet56": {"run": ["run", "--set", "prune.allocation=uniform"], "data": "cifar10"},
+    "cifar_resnet56": {"run": ["run"], "data": "cifar10"},
 }
 
 
@@ -43,8 +44,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", default="runs/runtimes")
     args = parser.parse_args()
-    from edgeprune.fsio import write_json, write_text
-    from edgeprune.rows import benchmark, markdown
+    from edgeprune.environment import environment
+    from edgeprune.fsio import read_json, write_json, write_text
+    from edgeprune.rows import benchmark, markdown, turns
 
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
     for name in args.models:
@@ -56,6 +58,11 @@ def main() -> None:
         edgeprune(*bench)
         stored = json.loads((Path(out) / "benchmark.json").read_text())
         stored["commands"] = [shlex.join(["edgeprune", *run]), shlex.join(["edgeprune", *bench])]
+        stored["environment"] = environment()
+        report = read_json(Path(out) / "report.json")
+        stored["pruning"] = {"macs_reduction_x": report["baseline"]["macs"] / report["pruned"]["macs"],
+                             "round_to": report["prune"].get("round_to"),
+                             "rounding_chosen": (report["prune"].get("rounding") or {}).get("chosen")}
         results["models"][name] = stored
         results["command"] = shlex.join(["python", "bench/runtimes.py", *sys.argv[1:]])
         write_json(RESULTS, results)
@@ -63,9 +70,16 @@ def main() -> None:
     for name, stored in results["models"].items():
         table = benchmark(stored)
         table.title = name
+        pruning = stored.get("pruning")
+        cpu = stored.get("environment", {}).get("cpu")
         lines += [f"Commands: `{stored['commands'][0]}`, then `{stored['commands'][1]}`. Batch "
-                  f"{stored['batch_size']}, {stored['threads']} threads, median (and p90) of {stored['repeats']} runs; "
-                  "max abs diff: outputs against the same model in PyTorch on one batch.", ""]
+                  f"{stored['batch_size']}, {stored['threads']} threads"
+                  + (f" on {cpu}" if cpu else "")
+                  + f", median (and p90) of {stored['repeats']} runs, {turns(stored)}"
+                  + (f"; {pruning['macs_reduction_x']:.2f}x fewer MACs" if pruning else "")
+                  + (f", round_to auto chose {pruning['rounding_chosen']}" if pruning and pruning["rounding_chosen"]
+                     else "")
+                  + "; max abs diff: outputs against the same model in PyTorch on one batch.", ""]
         lines += markdown(table)
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines))
     print(RESULTS.with_suffix(".md").read_text())
