@@ -68,6 +68,11 @@ def _save(results: dict) -> None:
     write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
+def _cpu(rate: dict) -> str:
+    """The CPU a rate was measured on: its name and the features that decide training speed."""
+    return rate["cpu"] + (f" ({rate['cpu_features']})" if rate.get("cpu_features") else "")
+
+
 def _rate_line(rate: dict) -> str:
     """The fine-tuning speed paragraph of allocation.md, from `train_rates`'s result."""
     r, precision = rate["img_per_s"], rate["precision"]
@@ -85,7 +90,7 @@ def _rate_line(rate: dict) -> str:
         return within(rate["packed_vs_unpacked_rounds"], key)
     t, f = rate["teacher_forward"], rate["teacher_fidelity"]
     return (f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images per "
-            f"timing, {rate['threads']} threads on {rate['cpu']}, median of {len(rate['rounds']['pruned_ce'])} "
+            f"timing, {rate['threads']} threads on {_cpu(rate)}, median of {len(rate['rounds']['pruned_ce'])} "
             "rounds, every setting once per round in turn, the ratios taken within each round): "
             f"channels-last in {precision} (the default): unpruned CE {r['unpruned_ce']:.0f} img/s, pruned "
             f"({rate['macs_factor']:.2f}x fewer MACs) CE {r['pruned_ce']:.0f} ({ce('')}), pruned with distillation "
@@ -273,9 +278,9 @@ def main() -> None:
         results = _load()
         command = "EDGEPRUNE_HOME=../shared/data python " + shlex.join(["bench/allocation.py", *sys.argv[1:]])
         rate = {**train_rates(args.train_rate, args.rounds), "command": command}
-        if (old := results.get("train_rate")) and old["cpu"] != rate["cpu"]:  # keep the last one of each CPU
-            results.setdefault("train_rate_other_cpus", {})[old["cpu"]] = old
-        results.get("train_rate_other_cpus", {}).pop(rate["cpu"], None)
+        if (old := results.get("train_rate")) and _cpu(old) != _cpu(rate):  # keep the last one of each CPU
+            results.setdefault("train_rate_other_cpus", {})[_cpu(old)] = old
+        results.get("train_rate_other_cpus", {}).pop(_cpu(rate), None)
         results["train_rate"] = rate
         _save(results)
         print(json.dumps(results["train_rate"]))
