@@ -121,3 +121,14 @@ def test_diagnostics_name_real_layers_and_time_every_one(finished):
     assert f"{scaling['before']['1'] / scaling['after']['1']:.2f}x faster" in line
     assert f"on 2 threads: {scaling['before']['2'] / scaling['after']['2']:.2f}x" in line
     assert line in (out / "report.md").read_text()
+    # The measurement's speed-up and this one, both side by side: far apart, the report says the machine's speed
+    # changed while timing; close, it says nothing.
+    again = scaling["before"]["2"] / scaling["after"]["2"]
+    measured = report["speedup"]["ort_cpu"]
+    disagree = [f for f in diag["findings"] if f.startswith("The two side-by-side timings")]
+    assert len(disagree) == (max(measured, again) / min(measured, again) > 1.15)
+    for far in (1.3 * again, again / 1.3):
+        (line,) = [f for f in findings(diag, {"ort_cpu": far}) if f.startswith("The two side-by-side timings")]
+        assert f"{far:.2f}x faster in the measurement, {again:.2f}x in the diagnosis" in line and "30% apart" in line
+        assert "edgeprune benchmark OUT --baseline" in line
+    assert not [f for f in findings(diag, {"ort_cpu": 1.1 * again}) if f.startswith("The two side-by-side")]

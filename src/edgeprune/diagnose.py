@@ -223,6 +223,27 @@ def _thread_finding(scaling: dict, macs_x: float, threads: int) -> str:
             + (": its smaller layers split less well across threads." if gain_after < 0.95 * gain_before else "."))
 
 
+# Two side-by-side readings of one speed-up in a run further apart than this: the machine's speed changed while
+# timing. Readings taken seconds apart on a steady machine differed by 2-8% in our runs; one taken while the
+# pruned ResNet-50 ran 37% slower than moments before differed by 21%.
+DISAGREE = 1.15
+
+
+def _timings_disagree(scaling: dict, measured: float | None, threads: int) -> str | None:
+    """A sentence when the measurement's ONNX Runtime speed-up and the thread-scaling one at the same thread count,
+    both timed side by side in this run, disagree by more than DISAGREE."""
+    if not measured:
+        return None
+    again = scaling["before"][str(threads)] / scaling["after"][str(threads)]
+    apart = max(measured, again) / min(measured, again)
+    if apart <= DISAGREE:
+        return None
+    return (f"The two side-by-side timings of this run disagree: ONNX Runtime {measured:.2f}x faster in the "
+            f"measurement, {again:.2f}x in the diagnosis on {threads} threads ({apart - 1:.0%} apart). The machine's "
+            "speed changed while timing (other processes, clock changes; small models feel it most): "
+            "`edgeprune benchmark OUT --baseline` times both models again.")
+
+
 def _time_change(layer: dict) -> str:
     before, after = layer["ort_ms_before"], layer["ort_ms_after"]
     if after <= 0 or before <= 0:
@@ -246,6 +267,8 @@ def findings(diag: dict, speedup: dict[str, float] | None, top: int = 5) -> list
                    f"{x / macs_x:.0%} of what the MACs reduction promises.")
     if diag.get("thread_scaling"):
         out.append(_thread_finding(diag["thread_scaling"], macs_x, diag["threads"]))
+        if disagreement := _timings_disagree(diag["thread_scaling"], (speedup or {}).get("ort_cpu"), diag["threads"]):
+            out.append(disagreement)
     layers = sorted(diag["layers"], key=lambda la: la["ort_ms_after"], reverse=True)
     if t["ort_layers_ms_after"] == 0:
         out.append("ONNX Runtime's kernels could not be traced back to layers (the exported node names carry "
