@@ -6,7 +6,8 @@ timing before 2026-12-01), a bounded spin of N microseconds (`latency.ort_spin_u
 
 Models: ResNet-50 (random init) and its `--ratio 0.7` prune with round_to 16, and the JPEG-adapted CIFAR ResNet-56
 and its uniform prune to half the MACs (no rounding). Batch 1, 2 threads. In each round, every model and setting
-but the unbounded spin runs in one round-robin (`--turns` single runs each, as `edgeprune` times), so that all
+but the unbounded spin runs in one round-robin (`--turns` single runs each, as `edgeprune` timed until
+measure stage version 2), so that all
 settings meet the same load; then the unbounded spin and the default bounded spin are timed together in settled
 turns (each model's turn runs it untimed for 0.15 s, then times 10 runs: how `latency.ort_spinning` times, and how
 a model runs when it is called back to back). Each figure is the median over the rounds of the per-round medians.
@@ -54,12 +55,12 @@ def models(folder: Path) -> dict[str, dict]:
 
 def one_round(pairs: dict[str, dict], spin_us: list[int], turns: int, default_us: int) -> dict:
     """ms per (pair, setting, model) for one round: the round-robin settings, then the settled ones."""
-    plain = LatencyOptions(warmup=10, repeats=turns)
+    plain = LatencyOptions(warmup=10, repeats=turns, turn_runs=1, settle_runs=0)  # single runs in turn
     runners = {(p, str(us), label): ort_runner(path, pairs[p]["size"], 1, plain.threads, spin_us=us)
                for p in pairs for us in spin_us for label, path in pairs[p]["onnx"].items()}
     timed = time_interleaved(dict(enumerate(runners.values())), plain)
     ms = {key: timed[i].median_ms for i, key in enumerate(runners)}
-    settled = LatencyOptions(warmup=10, repeats=max(SPIN_BLOCK, turns // 10))
+    settled = LatencyOptions(warmup=10, repeats=max(SPIN_BLOCK, turns // 10), settle_runs=0)
     for p in pairs:
         # the unbounded spin's runners make time_interleaved settle every turn, the bounded ones' too
         spun = {(p, setting, label): ort_runner(path, pairs[p]["size"], 1, settled.threads, spinning=setting == "spin",

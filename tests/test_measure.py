@@ -43,6 +43,7 @@ def test_spinning_runtimes_are_timed_in_settled_turns():
     import time
 
     from edgeprune.measure import SPIN_BLOCK, SPIN_SETTLE_S, time_interleaved
+    from edgeprune.rows import turns as turns_text
 
     calls: list[tuple[str, float]] = []
 
@@ -53,13 +54,20 @@ def test_spinning_runtimes_are_timed_in_settled_turns():
         run.spins = spins  # as ort_runner(..., spinning=True) marks its runs
         return run
 
-    opts = LatencyOptions(warmup=1, repeats=SPIN_BLOCK + 3, turn_runs=4, settle_runs=0)
-    timed = time_interleaved({"a": runner("a", spins=True), "b": runner("b")}, opts)
-    assert timed["a"].runs == timed["b"].runs == SPIN_BLOCK + 3
-    turns = [(name, [t for _, t in group]) for name, group in itertools.groupby(calls[2:], key=lambda c: c[0])]
-    assert [name for name, _ in turns] == ["a", "b", "a", "b"]  # after the warm-up: two turns each, in turn
-    for (_, times), timed_runs in zip(turns, (SPIN_BLOCK, SPIN_BLOCK, 3, 3), strict=True):
-        assert len(times) > timed_runs and times[-timed_runs] - times[0] >= SPIN_SETTLE_S  # settled first
+    for settle_runs in (0, 2):  # the untimed runs count towards the settling time, however many are asked for
+        calls.clear()
+        opts = LatencyOptions(warmup=1, repeats=SPIN_BLOCK + 3, turn_runs=4, settle_runs=settle_runs)
+        timed = time_interleaved({"a": runner("a", spins=True), "b": runner("b")}, opts)
+        assert timed["a"].runs == timed["b"].runs == SPIN_BLOCK + 3
+        turns = [(name, [t for _, t in group]) for name, group in itertools.groupby(calls[2:], key=lambda c: c[0])]
+        assert [name for name, _ in turns] == ["a", "b", "a", "b"]  # after the warm-up: two turns each, in turn
+        for (_, times), timed_runs in zip(turns, (SPIN_BLOCK, SPIN_BLOCK, 3, 3), strict=True):
+            assert len(times) > max(timed_runs, settle_runs)
+            assert times[-timed_runs] - times[0] >= SPIN_SETTLE_S  # settled first
+    # what reports say of such turns names the same floor
+    spun = turns_text({"turn_runs": 1, "settle_runs": 0, "ort_spinning": True})
+    assert f"at least {SPIN_BLOCK} runs per turn, after {SPIN_SETTLE_S:g} s untimed" in spun
+    assert "spinning" not in turns_text({"turn_runs": 1, "settle_runs": 0, "ort_spinning": False})
 
 
 def test_models_are_timed_in_settled_turns_of_back_to_back_runs():

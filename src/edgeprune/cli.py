@@ -479,7 +479,9 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
                   turn_runs: int | None = typer.Option(None, "--turn-runs", min=1,
                                                        help="runs timed back to back in each model's turn, after "
                                                        "--settle-runs untimed ones (default: the run's); 1 with "
-                                                       "--settle-runs 0 times single runs in turn"),
+                                                       "--settle-runs 0 times single runs in turn (with "
+                                                       "--ort-spinning, ONNX Runtime's turns time at least 10 "
+                                                       "after 0.15 s untimed)"),
                   settle_runs: int | None = typer.Option(None, "--settle-runs", min=0,
                                                          help="untimed runs at the start of each turn "
                                                          "(default: the run's)"),

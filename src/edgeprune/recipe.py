@@ -40,7 +40,8 @@ class LatencyOptions(_Strict):
         "turn times this many runs of one model back to back, after settle_runs untimed ones, as the model runs "
         "when it is called frame after frame and as the field's benchmark tools time it. 1 (with settle_runs 0): "
         "single runs in turn, each right after another model's, with its weights out of cache (edgeprune's timing "
-        "before measure stage version 2)")
+        "before measure stage version 2). With ort_spinning, ONNX Runtime's turns time at least 10 runs after at "
+        "least 0.15 s untimed")
     settle_runs: int = Field(default=5, ge=0, description="untimed runs at the start of each turn, which bring the "
                              "model's weights back into cache after the other models' turns")
     batch_size: int = Field(default=1, ge=1)

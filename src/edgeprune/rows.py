@@ -312,9 +312,11 @@ def latency_method(report: dict) -> str:
 def turns(latency: dict) -> str:
     """How the models took turns (recipes and benchmarks from before latency.turn_runs timed single runs)."""
     block, settle = latency.get("turn_runs", 1), latency.get("settle_runs", 0)
-    if block == 1 and settle == 0:
-        return "single runs of each model in turn"
-    return f"models in turns of {block} runs back to back" + (f" after {settle} untimed" if settle else "")
+    text = ("single runs of each model in turn" if block == 1 and settle == 0 else
+            f"models in turns of {block} runs back to back" + (f" after {settle} untimed" if settle else ""))
+    if latency.get("ort_spinning"):  # measure.SPIN_BLOCK and SPIN_SETTLE_S (rows does not import torch)
+        text += " (ONNX Runtime, its workers spinning: at least 10 runs per turn, after 0.15 s untimed)"
+    return text
 
 
 def notes(report: dict) -> list[str]:

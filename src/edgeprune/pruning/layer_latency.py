@@ -22,7 +22,7 @@ from ..recipe import LatencyOptions
 from .rules import forward_with_layer_hooks, prunable_layers
 from .sensitivity import Sensitivity
 
-LAYER_MIN_REPEATS = 100  # single layers run in tens of microseconds: more turns, the same wall time
+LAYER_MIN_REPEATS = 100  # single layers run in tens of microseconds: a steadier median for little wall time
 
 
 def _input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
