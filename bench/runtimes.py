@@ -17,7 +17,6 @@ A finished run folder is reused (re-running finds every stage done).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -48,7 +47,7 @@ def main() -> None:
     from edgeprune.fsio import read_json, write_json, write_text
     from edgeprune.rows import benchmark, markdown, turns
 
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+    results = read_json(RESULTS) if RESULTS.exists() else {"models": {}}
     for name in args.models:
         out = str(Path(args.out) / name)
         run = [*MODELS[name]["run"], "--out", out, "-q"]
@@ -56,12 +55,11 @@ def main() -> None:
         bench = ["benchmark", out, "--baseline", "-q"] + (["--data", MODELS[name]["data"]] if MODELS[name]["data"]
                                                             else [])
         edgeprune(*bench)
-        stored = json.loads((Path(out) / "benchmark.json").read_text())
+        stored = read_json(Path(out) / "benchmark.json")
         stored["commands"] = [shlex.join(["edgeprune", *run]), shlex.join(["edgeprune", *bench])]
         stored["environment"] = environment()
         report = read_json(Path(out) / "report.json")
         stored["pruning"] = {"macs_reduction_x": report["baseline"]["macs"] / report["pruned"]["macs"],
-                             "round_to": report["prune"].get("round_to"),
                              "rounding_chosen": (report["prune"].get("rounding") or {}).get("chosen")}
         results["models"][name] = stored
         results["command"] = shlex.join(["python", "bench/runtimes.py", *sys.argv[1:]])

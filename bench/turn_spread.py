@@ -23,7 +23,7 @@ from ort_waiting import models
 
 from edgeprune.environment import environment
 from edgeprune.fsio import write_json, write_text
-from edgeprune.measure import ort_runner, ort_waiting, time_interleaved
+from edgeprune.measure import onnx_runner, time_interleaved
 from edgeprune.recipe import LatencyOptions
 
 RESULTS = Path(__file__).parent / "results" / "turn_spread.json"
@@ -44,11 +44,12 @@ def main() -> None:
     readings: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="edgeprune-spread-") as tmp:
         pairs = models(Path(tmp))
+        # one session per model for every reading: the settings differ only in how time_interleaved takes turns
+        sessions = {p: {label: onnx_runner("ort_cpu", path, pair["size"], LatencyOptions())
+                        for label, path in pair["onnx"].items()} for p, pair in pairs.items()}
         for i in range(args.readings):
-            for p, pair in pairs.items():
+            for p, runners in sessions.items():
                 for name, lat in settings.items():
-                    runners = {label: ort_runner(path, pair["size"], 1, lat.threads, **ort_waiting(lat))
-                               for label, path in pair["onnx"].items()}
                     t = time_interleaved(runners, lat)
                     readings.setdefault((p, name), []).append(t["unpruned"].median_ms / t["pruned"].median_ms)
             print(f"reading {i + 1}: " + ", ".join(f"{p} {s}: {v[-1]:.2f}x" for (p, s), v in readings.items()),

@@ -26,7 +26,7 @@ from ort_waiting import models
 
 from edgeprune.environment import environment
 from edgeprune.fsio import write_json, write_text
-from edgeprune.measure import openvino_available, ort_runner, ort_waiting, ov_runner, time_interleaved, torch_runner
+from edgeprune.measure import onnx_runner, openvino_available, time_interleaved, torch_runner
 from edgeprune.recipe import LatencyOptions
 
 RESULTS = Path(__file__).parent / "results" / "turns.json"
@@ -36,10 +36,8 @@ POSITIONS = 12
 
 def runner(runtime: str, path: Path, model, size, lat: LatencyOptions):
     if runtime == "torch_cpu":
-        return torch_runner(model, size, 1)
-    if runtime == "ov_cpu":
-        return ov_runner(path, size, 1, lat.threads)
-    return ort_runner(path, size, 1, lat.threads, **ort_waiting(lat))
+        return torch_runner(model, size, lat.batch_size)
+    return onnx_runner(runtime, path, size, lat)
 
 
 def one_round(pairs: dict, runtimes: list[str], repeats: int) -> dict:

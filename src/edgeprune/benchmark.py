@@ -29,10 +29,8 @@ from .measure import (
     Latency,
     onnx_bytes,
     onnx_predictor,
+    onnx_runner,
     openvino_available,
-    ort_runner,
-    ort_waiting,
-    ov_runner,
     state_dict_bytes,
     time_interleaved,
     torch_runner,
@@ -101,8 +99,7 @@ def _entries(label: str, model: nn.Module, weights: str, files: dict[str, Path],
             path = files.get(precision)
             if path is None:
                 continue
-            runner = (ov_runner(path, size, opts.batch_size, opts.threads) if runtime == "ov_cpu" else
-                      ort_runner(path, size, opts.batch_size, opts.threads, **ort_waiting(opts)))
+            runner = onnx_runner(runtime, path, size, opts)
             name = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
             entries.append(_Entry(label, runtime, precision, name, onnx_bytes(path), runner,
                                   onnx_predictor(path, runtime, opts.threads), model))

@@ -471,7 +471,9 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
                   repeats: int | None = typer.Option(None, "--repeats", help="timed runs (default: the run's)"),
                   ort_spinning: bool | None = typer.Option(None, "--ort-spinning/--no-ort-spinning",
                                                            help="ONNX Runtime's workers busy-wait between runs "
-                                                           "(its own default) or not (default: the run's)"),
+                                                           "(its own default; each turn then times a block of "
+                                                           "runs once the other model's workers are idle, see "
+                                                           "latency.ort_spinning) or not (default: the run's)"),
                   ort_spin_us: int | None = typer.Option(None, "--ort-spin-us", min=0,
                                                          help="without --ort-spinning: microseconds ONNX Runtime's "
                                                          "workers busy-wait before they sleep; 0 sleeps at once "
@@ -479,9 +481,7 @@ def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
                   turn_runs: int | None = typer.Option(None, "--turn-runs", min=1,
                                                        help="runs timed back to back in each model's turn, after "
                                                        "--settle-runs untimed ones (default: the run's); 1 with "
-                                                       "--settle-runs 0 times single runs in turn (with "
-                                                       "--ort-spinning, ONNX Runtime's turns time at least 10 "
-                                                       "after 0.15 s untimed)"),
+                                                       "--settle-runs 0 times single runs in turn"),
                   settle_runs: int | None = typer.Option(None, "--settle-runs", min=0,
                                                          help="untimed runs at the start of each turn "
                                                          "(default: the run's)"),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import EdgePruneError
 from .quiet import quiet_stdout
-from .recipe import LatencyOptions
+from .recipe import SPIN_BLOCK, SPIN_SETTLE_S, LatencyOptions
 
 
 @dataclass
@@ -191,6 +191,14 @@ def ov_runner(path: str | Path, input_size, batch_size: int, threads: int) -> Ca
 ONNX_RUNTIMES = {"ort_cpu": "ONNX Runtime", "ov_cpu": "OpenVINO"}
 
 
+def onnx_runner(runtime: str, path: str | Path, input_size, opts: LatencyOptions) -> Callable[[], None]:
+    """One CPU run of the ONNX file at `path` on `runtime` (`ort_cpu`, or `ov_cpu`), with `opts`' batch size,
+    threads and ONNX Runtime waiting policy."""
+    if runtime == "ov_cpu":
+        return ov_runner(path, input_size, opts.batch_size, opts.threads)
+    return ort_runner(path, input_size, opts.batch_size, opts.threads, **ort_waiting(opts))
+
+
 def onnx_predictor(path: str | Path, runtime: str = "ort_cpu", threads: int = 2) -> Callable[[np.ndarray], np.ndarray]:
     """`predict(x)`: the first output of the ONNX model at `path` run by `runtime` (`ort_cpu` or
     `ov_cpu`) on a float32 batch, as a NumPy array of its own."""
@@ -202,10 +210,6 @@ def onnx_predictor(path: str | Path, runtime: str = "ort_cpu", threads: int = 2)
     sess = ort_session(path, threads)
     name = sess.get_inputs()[0].name
     return lambda x: np.asarray(sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0])
-
-
-SPIN_BLOCK = 10  # with spinning ONNX Runtime workers: at least this many timed runs per turn
-SPIN_SETTLE_S = 0.15  # measured here: a session's workers spin on for 50-100 ms after its last run
 
 
 def time_interleaved(runners: dict[str, Callable[[], None]], opts: LatencyOptions, quiet: bool = True,
@@ -273,10 +277,9 @@ def measure(models: dict[str, tuple[nn.Module, Path]], input_size, opts: Latency
     use_cuda = opts.cuda and torch.cuda.is_available()
     for label, (model, onnx_path) in models.items():
         runners[f"{label}/torch_cpu"] = torch_runner(model, input_size, opts.batch_size)
-        runners[f"{label}/ort_cpu"] = ort_runner(onnx_path, input_size, opts.batch_size, opts.threads,
-                                                 **ort_waiting(opts))
+        runners[f"{label}/ort_cpu"] = onnx_runner("ort_cpu", onnx_path, input_size, opts)
         if use_openvino:
-            runners[f"{label}/ov_cpu"] = ov_runner(onnx_path, input_size, opts.batch_size, opts.threads)
+            runners[f"{label}/ov_cpu"] = onnx_runner("ov_cpu", onnx_path, input_size, opts)
         if use_cuda:
             import onnxruntime as ort
 

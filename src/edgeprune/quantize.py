@@ -21,7 +21,7 @@ from .accuracy import Accuracy, evaluate_onnx_predictions
 from .data import loader, unaugmented
 from .environment import cpu_flags
 from .errors import EdgePruneError, first_line
-from .measure import onnx_bytes, openvino_available, ort_runner, ort_waiting, ov_runner, time_interleaved
+from .measure import onnx_bytes, onnx_runner, openvino_available, time_interleaved
 from .quiet import quiet_stdout
 from .recipe import Int8Options, LatencyOptions
 
@@ -152,11 +152,10 @@ def compare_int8(fp32_path: Path, int8_path: Path, evaluate: Evaluate, input_siz
     fp32, int8 = asdict(fp32_acc), asdict(int8_acc)
     agreement = float(np.mean(fp32_pred == int8_pred)) if fp32_pred is not None else None
     files = (("fp32", fp32_path), ("int8", int8_path))
-    runners = {name: ort_runner(path, input_size, latency.batch_size, latency.threads, **ort_waiting(latency))
-               for name, path in files}
+    runners = {name: onnx_runner("ort_cpu", path, input_size, latency) for name, path in files}
     timed = {f"{name}/ort_cpu": t for name, t in time_interleaved(runners, latency, quiet, "INT8 latency").items()}
     if latency.openvino and openvino_available():  # OpenVINO runs the QDQ model's quantized ops in INT8 too
-        runners = {name: ov_runner(path, input_size, latency.batch_size, latency.threads) for name, path in files}
+        runners = {name: onnx_runner("ov_cpu", path, input_size, latency) for name, path in files}
         timed.update({f"{name}/ov_cpu": t for name, t in
                       time_interleaved(runners, latency, quiet, "INT8 latency, OpenVINO").items()})
 

@@ -31,6 +31,10 @@ class ModelConfig(_Strict):
                                                     "(C, H, W); default timm's, else 3x224x224")
 
 
+SPIN_BLOCK = 10  # with spinning ONNX Runtime workers: at least this many timed runs per turn
+SPIN_SETTLE_S = 0.15  # measured here: a session's workers spin on for 50-100 ms after its last run
+
+
 class LatencyOptions(_Strict):
     threads: int = Field(default=2, ge=1)
     warmup: int = Field(default=5, ge=0)
@@ -40,8 +44,7 @@ class LatencyOptions(_Strict):
         "turn times this many runs of one model back to back, after settle_runs untimed ones, as the model runs "
         "when it is called frame after frame and as the field's benchmark tools time it. 1 (with settle_runs 0): "
         "single runs in turn, each right after another model's, with its weights out of cache (edgeprune's timing "
-        "before measure stage version 2). With ort_spinning, ONNX Runtime's turns time at least 10 runs after at "
-        "least 0.15 s untimed")
+        "before measure stage version 2); see ort_spinning for ONNX Runtime's turns when its workers spin")
     settle_runs: int = Field(default=5, ge=0, description="untimed runs at the start of each turn, which bring the "
                              "model's weights back into cache after the other models' turns")
     batch_size: int = Field(default=1, ge=1)
@@ -49,9 +52,8 @@ class LatencyOptions(_Strict):
     ort_spinning: bool = Field(
         default=False, description="time ONNX Runtime with its worker threads busy-waiting between runs (its "
         "own default: faster on idle cores, erratic when anything else wants them); each turn's untimed "
-        "runs then last at least 0.15 s, while the previous model's workers stop, and it times at least 10 runs. "
-        "false: workers busy-wait "
-        "ort_spin_us, then sleep")
+        f"runs then last at least {SPIN_SETTLE_S:g} s, while the previous model's workers stop, and it times at "
+        f"least {SPIN_BLOCK} runs. false: workers busy-wait ort_spin_us, then sleep")
     ort_spin_us: int = Field(
         default=20, ge=0, description="without ort_spinning: microseconds ONNX Runtime's workers busy-wait for "
         "work before they sleep (session.intra_op.spin_duration_us). They stay awake between a run's operators, as "

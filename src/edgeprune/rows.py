@@ -6,6 +6,8 @@ import html as _html
 from dataclasses import dataclass
 from typing import Any
 
+from .recipe import SPIN_BLOCK, SPIN_SETTLE_S
+
 # (label, key path inside a stage's figures, formatter)
 METRICS = [
     ("MACs", ("macs",), lambda v: f"{v / 1e9:.3f}G" if v >= 1e8 else f"{v / 1e6:.2f}M"),
@@ -314,8 +316,9 @@ def turns(latency: dict) -> str:
     block, settle = latency.get("turn_runs", 1), latency.get("settle_runs", 0)
     text = ("single runs of each model in turn" if block == 1 and settle == 0 else
             f"models in turns of {block} runs back to back" + (f" after {settle} untimed" if settle else ""))
-    if latency.get("ort_spinning"):  # measure.SPIN_BLOCK and SPIN_SETTLE_S (rows does not import torch)
-        text += " (ONNX Runtime, its workers spinning: at least 10 runs per turn, after 0.15 s untimed)"
+    if latency.get("ort_spinning"):  # measure.time_interleaved's floor for spinning runners
+        text += (f" (ONNX Runtime, its workers spinning: at least {SPIN_BLOCK} runs per turn, after {SPIN_SETTLE_S:g} "
+                 "s untimed)")
     return text
 
 
