@@ -289,6 +289,36 @@ def test_an_interrupted_finetune_resumes_to_the_uninterrupted_detector(tmp_path,
     assert all(torch.equal(v, before[k]) and v.is_contiguous() for k, v in teacher.state_dict().items())
 
 
+def test_amp_timing_of_a_detector_leaves_no_trace(tmp_path, det_data, yolo_weights, monkeypatch):
+    """recover.amp's timing of the detector's own training step in bf16 and FP32 (`recover.choose_precision`; the
+    CPU made to report AVX512-BF16, the probe's floor lowered to this fine-tune) chooses by the times it records,
+    and the fine-tune then matches, bit for bit, one told that precision without timing."""
+    import edgeprune.environment as environment
+    import edgeprune.recover as recover
+    from edgeprune.detection.data import load_detection_data
+    from edgeprune.detection.train import finetune
+    from edgeprune.recipe import RecoverOptions
+
+    monkeypatch.setattr(environment, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    data = load_detection_data(_small_dataset(tmp_path, det_data, train=8, val=4) / "data.yaml")
+    teacher = edgeprune.create_model("yolov8n.yaml", yolo_weights)
+    pruned, _ = edgeprune.prune(teacher, PruneOptions(ratio=0.2, round_to=8))
+    other = copy.deepcopy(pruned)
+    opts = RecoverOptions(epochs=1, batch_size=4, optimizer="adamw", lr=0.001, distill_alpha=0.5, close_mosaic=1)
+    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", 2)  # 8 images in batches of 4
+    notes: list[str] = []
+    probed = finetune(pruned, teacher, data, opts, seed=0, log=notes.append)
+    seconds = probed.precision_step_s
+    assert set(seconds) == {"bf16", "fp32"}, seconds
+    assert probed.precision == ("bf16" if seconds["bf16"] < seconds["fp32"] * (1 - recover.AMP_MIN_GAIN) else "fp32")
+    assert notes == [recover.precision_note(probed.precision, seconds)]
+    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", 3)
+    told = finetune(other, teacher, data, opts.model_copy(update={"amp": probed.precision == "bf16"}), seed=0)
+    assert told.precision == probed.precision and told.precision_step_s is None
+    for name, value in other.state_dict().items():
+        assert torch.equal(pruned.state_dict()[name], value), name
+
+
 def test_evaluate_cli_gives_map_and_refuses_a_classification_dataset():
     proc = run_cli("evaluate", "--model", "yolov8n.yaml", "--weights", "cifar10-det", "--data",
                    "cifar10-det/data.yaml", "--limit", "32", "--json", "-q")

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import edgeprune.environment as environment
+import edgeprune.recover as recover
 from edgeprune import EdgePruneError, create_model, prune
 from edgeprune.accuracy import evaluate_model as evaluate
 from edgeprune.data import load_split, loader
@@ -150,6 +151,36 @@ def test_training_precision_follows_the_device_and_amp(monkeypatch):
                             (None, "fp32")):
         monkeypatch.setattr(environment, "cpu_flags", lambda v=flags: v)
         assert training_precision("cpu", True) == expected and training_precision("cpu", False) == "fp32"
+
+
+def test_amp_times_both_precisions_and_leaves_no_trace(monkeypatch):
+    """recover.amp on a CPU with native bf16 times the fine-tune's own step in bf16 and in FP32 and keeps bf16 only
+    when it is AMP_MIN_GAIN faster (an Intel Xeon whose AMX is hidden ran it 0.83x as fast). The CPU is made to
+    report AVX512-BF16 (PyTorch emulates bf16 where it lacks it, so the timing runs on any CPU) and the probe's
+    floor lowered to this short fine-tune. The probe's steps change nothing: the fine-tune then matches, bit for
+    bit, one told that precision without a probe."""
+    monkeypatch.setattr(environment, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    teacher, student, train, _ = setup_pruned()
+    other = copy.deepcopy(student)
+    opts = RecoverOptions(epochs=1, train_images=256, batch_size=64, lr=0.02)
+    steps = 256 // 64
+    notes: list[str] = []
+    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", steps)
+    probed = finetune(student, teacher, train, None, opts, Runtime(), seed=1, log=notes.append)
+    seconds = probed.precision_step_s
+    assert set(seconds) == {"bf16", "fp32"} and all(s > 0 for s in seconds.values()), seconds
+    assert probed.precision == ("bf16" if seconds["bf16"] < seconds["fp32"] * (1 - recover.AMP_MIN_GAIN) else "fp32")
+    assert [e.precision for e in probed.epochs] == [probed.precision]
+    assert notes == [recover.precision_note(probed.precision, seconds)] and "timed side by side" in notes[0]
+
+    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", steps + 1)  # too short to time: bf16 where native
+    told = finetune(other, teacher, train, None, opts.model_copy(update={"amp": probed.precision == "bf16"}),
+                    Runtime(), seed=1, log=notes.append)
+    assert told.precision == probed.precision and told.precision_step_s is None
+    assert notes[-1] == f"fine-tuning in {told.precision}"
+    assert told.epochs[0].loss == probed.epochs[0].loss
+    for (name, a), b in zip(student.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 class Flattens(torch.nn.Module):

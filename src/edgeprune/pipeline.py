@@ -33,7 +33,7 @@ from .pruning.schedule import epoch_shares, layer_widths, prune_to_widths, step_
 from .pruning.sensitivity import Sensitivity
 from .quantize import calibration_data, compare_int8, quantize_int8, reduce_range, top1_of
 from .recipe import Recipe, apply_overrides, build, same_recipe
-from .recover import finetune, recalibrate_bn, recalibrate_bn_on, training_precision
+from .recover import finetune, recalibrate_bn, recalibrate_bn_on
 from .results import (
     Diagnosis,
     ExportResult,
@@ -196,8 +196,7 @@ class Runner:
         unpruned model when asked; checkpointed each epoch under `tag` (what the fine-tune started from)."""
         opts = self.recipe.recover.model_copy(update={"epochs": epochs})
         teacher = self.baseline if opts.distill else None
-        precision = training_precision("cpu" if self.detection else self.rt.device, opts.amp)
-        self.log(f"fine-tuning {epochs} epoch(s) on {self.rt.world_size} process(es) in {precision}, "
+        self.log(f"fine-tuning {epochs} epoch(s) on {self.rt.world_size} process(es), "
                  f"{'distilling from the unpruned model' if teacher else 'cross-entropy only'}")
         checkpoint = self.root / FINETUNE_CHECKPOINT
         if self.detection:
@@ -206,10 +205,11 @@ class Runner:
             training = finetune_detector(model, teacher, self.detection_data(), opts, checkpoint, self.resume,
                                          self.recipe.seed, self.quiet, tag=tag,
                                          evaluate=(lambda m: self.accuracy(m, "the EMA model"))
-                                         if opts.eval_every_epoch else None)
+                                         if opts.eval_every_epoch else None, log=self.log)
         else:
             training = finetune(model, teacher, self.split(True), self.eval_set() if opts.eval_every_epoch else None,
-                                opts, self.rt, checkpoint, self.resume, self.recipe.seed, self.quiet, tag=tag)
+                                opts, self.rt, checkpoint, self.resume, self.recipe.seed, self.quiet, tag=tag,
+                                log=self.log)
         self.rt.barrier()
         if self.rt.is_main:
             checkpoint.unlink(missing_ok=True)  # the caller's stored result supersedes it

@@ -251,12 +251,14 @@ class RecoverOptions(_Strict):
                                 "against Ultralytics' detection loss")
     close_mosaic: int = Field(default=2, ge=0, description="detectors: last epochs trained without mosaic "
                               "augmentation")
-    amp: bool = Field(default=True, description="mixed precision fine-tuning (bf16 autocast) on CPUs with native "
-                      "bf16 (AVX512-BF16 or AMX), and for classifiers on CUDA (fp16 with loss scaling where bf16 is "
-                      "missing); FP32 elsewhere, and for re-calibration, evaluation and export everywhere; "
-                      "detectors keep their loss, distillation and EMA in FP32 (measured on 2 cores of an Intel "
-                      "Xeon with AMX: the default run's epoch 1.71x faster, the pruned YOLOv8n's fine-tuning 1.6-1.9x "
-                      "with channels-last and the packed batch norm; AVX512-BF16 without AMX not measured)")
+    amp: bool = Field(default=True, description="mixed precision fine-tuning (bf16 autocast) where it is faster: "
+                      "on CPUs with native bf16 (AVX512-BF16 or AMX) a fine-tune of 100 steps or more first times its "
+                      "own training step in bf16 and in FP32 and keeps bf16 only when it is 5% faster (report.json: "
+                      "finetuned.precision_step_s; a shorter one runs bf16 there untimed); for classifiers on CUDA "
+                      "bf16 (fp16 with loss scaling where bf16 is missing); FP32 elsewhere, and for re-calibration, "
+                      "evaluation and export everywhere; detectors keep their loss, distillation and EMA in FP32 "
+                      "(measured on 2 cores: bf16 fine-tuning 1.5-1.7x faster than FP32 on an Intel Xeon with AMX "
+                      "and an AMD EPYC with AVX512-BF16, 0.83x on an Intel Xeon with AVX512-BF16 but no AMX)")
     channels_last: bool = Field(default=True, description="fine-tune (student and teacher) in the "
                                 "channels-last memory layout, which oneDNN and cuDNN convolutions run faster "
                                 "(measured in FP32 on 2 cores of an AMD EPYC: 1.14-1.20x faster fine-tuning)")

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -115,6 +116,9 @@ class FinetuneResult:
     packed_batchnorms: int = 0  # of them, BatchNorm layers trained by `batchnorm.packed_batch_norm`
     teacher_folded_batchnorms: int = 0  # the teacher's BatchNorm layers folded into its convolutions
     precision: str = "fp32"  # the arithmetic of the forward and backward passes: fp32, or bf16/fp16 under autocast
+    # recover.amp on a CPU with native bf16: the median seconds of a training step in each precision, as timed to
+    # choose (`choose_precision`); None when nothing was timed
+    precision_step_s: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,11 +126,13 @@ class FinetuneResult:
 
 def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, eval_ds: Dataset | None,
              opts: RecoverOptions, rt: Runtime, checkpoint: Path | None = None, resume: bool = False,
-             seed: int = 0, quiet: bool = True, tag: str | None = None) -> FinetuneResult:
+             seed: int = 0, quiet: bool = True, tag: str | None = None,
+             log: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune `student` in place (distilling from `teacher` when given); returns per-epoch results.
 
     `checkpoint` is written after every epoch with `tag` (what the fine-tune started from); one
-    with another tag belongs to other inputs and is discarded rather than resumed."""
+    with another tag belongs to other inputs and is discarded rather than resumed. `log` hears the arithmetic
+    chosen, and why."""
     device = rt.device
     student.to(device)
     sample = _sample_batch(train_ds, device)  # one image batch, or None when the samples are not images
@@ -134,7 +140,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, e
         folded = 0
         if teacher is not None and opts.fold_teacher and sample is not None:
             teacher, folded = fold_batchnorms(teacher, sample, layout)
-        result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag, layout)
+        result = _finetune(student, teacher, train_ds, eval_ds, opts, rt, checkpoint, resume, seed, quiet, tag, layout,
+                           log)
     result.channels_last, result.packed_batchnorms = layout == torch.channels_last, packed
     result.teacher_folded_batchnorms = folded
     return result
@@ -256,6 +263,63 @@ def training_precision(device: str, amp: bool) -> str:
     return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
 
 
+# recover.amp on a CPU with native bf16 instructions: bf16 autocast is not faster everywhere. The pruned CIFAR
+# ResNet-56's fine-tuning steps, timed side by side (bench/allocation.py --train-rate), ran 1.5x faster in bf16
+# than in FP32 on an AMD EPYC with AVX512-BF16 and 1.6x on an Intel Xeon with AMX, but 0.83x on an Intel Xeon whose
+# AMX the hypervisor hides (AVX512-BF16 alone, beside two full-width FP32 FMA units). So the fine-tune times it.
+AMP_PROBE_STEPS = 3  # timed training steps in each precision, taking turns, after one untimed step of each
+AMP_PROBE_MIN_STEPS = 100  # a shorter fine-tune is not worth timing (the probe costs 8 steps): bf16 where native
+AMP_MIN_GAIN = 0.05  # bf16 must be this much faster than FP32 to be chosen: FP32 is the exact arithmetic
+
+
+def choose_precision(device: str, amp: bool, steps: int, step: Callable[[str], None], model: nn.Module,
+                     rt: Runtime | None = None) -> tuple[str, dict[str, float] | None]:
+    """The fine-tune's arithmetic: `training_precision`, except on a CPU with native bf16, where a fine-tune of at
+    least AMP_PROBE_MIN_STEPS `steps` times `step` (one training step of its own on `model`, in the precision
+    given) in FP32 and in bf16, and keeps bf16 only when it is AMP_MIN_GAIN faster. With `rt`, every process's
+    times are summed, so that all choose alike. Returns (the precision, the median seconds of a step in each, or
+    None when nothing was timed)."""
+    precision = training_precision(device, amp)
+    if precision != "bf16" or device.split(":")[0] != "cpu" or steps < AMP_PROBE_MIN_STEPS:
+        return precision, None
+    times = time_steps(step, model, ("fp32", "bf16"))
+    if rt is not None:
+        times = dict(zip(times, rt.all_sum(list(times.values())), strict=True))
+    seconds = {p: round(t / (rt.world_size if rt is not None else 1), 4) for p, t in times.items()}
+    return ("bf16" if times["bf16"] < times["fp32"] * (1 - AMP_MIN_GAIN) else "fp32"), seconds
+
+
+def time_steps(step: Callable[[str], None], model: nn.Module, precisions: Iterable[str],
+               repeats: int = AMP_PROBE_STEPS) -> dict[str, float]:
+    """The median seconds of `step(precision)` for each of `precisions`, taking turns after one untimed step of
+    each; `model`'s weights and BatchNorm statistics are restored afterwards and its gradients cleared, so that
+    the steps leave no trace on the fine-tune."""
+    saved = copy.deepcopy(model.state_dict())
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    try:
+        for precision in times:
+            step(precision)
+        for _ in range(repeats):
+            for precision, seconds in times.items():
+                t0 = time.perf_counter()
+                step(precision)
+                seconds.append(time.perf_counter() - t0)
+    finally:
+        model.load_state_dict(saved)
+        for p in model.parameters():
+            p.grad = None
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
+def precision_note(precision: str, seconds: dict[str, float] | None) -> str:
+    """One line on the fine-tune's arithmetic and, when it was timed, why."""
+    if seconds is None:
+        return f"fine-tuning in {precision}"
+    return (f"fine-tuning in {precision}: a training step took {seconds['bf16']:.3f} s under bf16 autocast and "
+            f"{seconds['fp32']:.3f} s in FP32, timed side by side (recover.amp keeps bf16 only when it is at least "
+            f"{AMP_MIN_GAIN:.0%} faster)")
+
+
 def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None,
                       x: torch.Tensor | None) -> tuple[bool, nn.Module | None]:
     """Convert `student` in place to the channels-last layout, and return (True, a channels-last copy of
@@ -275,11 +339,8 @@ def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Modu
 
 def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, eval_ds: Dataset | None,
               opts: RecoverOptions, rt: Runtime, checkpoint: Path | None, resume: bool, seed: int, quiet: bool,
-              tag: str | None, layout: torch.memory_format) -> FinetuneResult:
+              tag: str | None, layout: torch.memory_format, log: Callable[[str], None] | None) -> FinetuneResult:
     device = rt.device
-    model = student
-    if rt.distributed:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device != "cpu" else None)
     per_rank_batch = max(1, opts.batch_size // rt.world_size)
     train_images = min(opts.train_images or len(train_ds), len(train_ds))
     steps_per_epoch = math.ceil(math.ceil(train_images / rt.world_size) / per_rank_batch)
@@ -305,7 +366,35 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
         scheduler.load_state_dict(state["scheduler"])
         start = result.resumed_from_epoch = int(state["epoch"])
         result.epochs = [EpochResult(**e) for e in state["epochs"]]
-    result.precision = training_precision(device, opts.amp)
+
+    def loss_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> torch.Tensor:
+        with autocast():
+            with torch.no_grad():
+                t_logits = teacher(x).float() if teacher is not None else None
+            return distillation_loss(net(x).float(), t_logits, y, opts.distill_alpha if teacher is not None else 0,
+                                     opts.temperature, opts.label_smoothing)
+
+    probe_batch: list = []
+
+    def probe(precision: str) -> None:  # one step on the student itself, before DistributedDataParallel wraps it
+        if not probe_batch:  # the training set's first images, as the epochs load them
+            x, y = next(iter(loader(Subset(train_ds, range(min(per_rank_batch, len(train_ds)))), per_rank_batch)))
+            probe_batch.extend([x.to(device).contiguous(memory_format=layout) if x.dim() == 4 else x.to(device),
+                                y.to(device), _optimizer(student.parameters(), opts)])  # its state is thrown away
+        x, y, opt = probe_batch
+        loss = loss_of(student, x, y, autocast_context(precision, device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    student.train()
+    result.precision, result.precision_step_s = choose_precision(
+        device, opts.amp, (opts.epochs - start) * steps_per_epoch, probe, student, rt)
+    if log and rt.is_main:
+        log(precision_note(result.precision, result.precision_step_s))
+    model = student
+    if rt.distributed:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device != "cpu" else None)
     # Weights, optimizer state and BatchNorm statistics stay FP32; autocast runs convolutions in 16 bits.
     autocast = autocast_context(result.precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=result.precision == "fp16")
@@ -324,12 +413,7 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=layout)
-            with autocast():
-                with torch.no_grad():
-                    t_logits = teacher(x).float() if teacher is not None else None
-                loss = distillation_loss(model(x).float(), t_logits, y,
-                                         opts.distill_alpha if teacher is not None else 0, opts.temperature,
-                                         opts.label_smoothing)
+            loss = loss_of(model, x, y, autocast)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

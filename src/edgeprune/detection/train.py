@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,9 +39,10 @@ from ..recover import (
     EpochResult,
     FinetuneResult,
     autocast_context,
+    choose_precision,
+    precision_note,
     recalibrate_bn_on,
     training_layout,
-    training_precision,
     warmup_cosine,
 )
 from .data import DetectionData, dataset, loader
@@ -101,10 +103,18 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _optimizer(model: nn.Module, opts: RecoverOptions) -> torch.optim.Optimizer:
+    groups = _param_groups(model, opts.weight_decay)
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.nesterov)
+
+
 def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData, opts: RecoverOptions,
              checkpoint: Path | None = None, resume: bool = False, seed: int = 0, quiet: bool = True,
-             tag: str | None = None, evaluate=None) -> FinetuneResult:
-    """Fine-tune `student` in place; the EMA of its weights is what it ends with."""
+             tag: str | None = None, evaluate=None, log: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Fine-tune `student` in place; the EMA of its weights is what it ends with. `log` hears the arithmetic
+    chosen (`recover.choose_precision`), and why."""
     ultralytics()
     from ultralytics.cfg import get_cfg
     from ultralytics.utils.loss import v8DetectionLoss
@@ -121,11 +131,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
     reg_max = detect_head(student).reg_max
     images = min(opts.train_images or len(train), len(train))
     steps = math.ceil(images / opts.batch_size)
-    groups = _param_groups(student, opts.weight_decay)
-    if opts.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.momentum, 0.999))
-    else:
-        optimizer = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=opts.nesterov)
+    optimizer = _optimizer(student, opts)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.epochs * steps, opts.warmup))
     ema = ModelEMA(student)
     result, start = FinetuneResult(), 0
@@ -146,13 +152,45 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
         scheduler.load_state_dict(state["scheduler"])
         start = result.resumed_from_epoch = int(state["epoch"])
         result.epochs = [EpochResult(**e) for e in state["epochs"]]
-    result.precision = training_precision("cpu", opts.amp)
-    autocast = autocast_context(result.precision, "cpu")
     distill = teacher is not None and opts.distill_alpha > 0
     # after the EMA copied the student and before its first update, which binds it to the student's tensors
     sample = student.edgeprune_spec.example_input()
     with training_layout(opts, student, teacher, sample, "cpu") as (layout, teacher, packed):
         result.channels_last, result.packed_batchnorms = layout == torch.channels_last, packed
+
+        def loss_of(batch: dict, autocast) -> torch.Tensor:  # the loss, with its forward passes under autocast
+            x = _images(batch).contiguous(memory_format=layout)
+            with autocast():
+                preds = _raw_head(student, x, train=True)
+                with torch.no_grad():
+                    t_preds = _raw_head(teacher, x, train=False) if distill else None
+            preds = _fp32(preds)
+            loss, _ = criterion(preds, batch)
+            loss = loss.sum()
+            if distill:
+                kd = distillation(preds, _fp32(t_preds, feats=False), reg_max, opts.temperature) * len(x)
+                loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
+            return loss
+
+        probe_batch: list = []
+
+        def probe(precision: str) -> None:  # one training step without the EMA's update
+            if not probe_batch:  # the training set's first images, and an optimizer whose state is thrown away
+                first = torch.utils.data.Subset(train, range(min(opts.batch_size, len(train))))
+                probe_batch.extend([next(iter(loader(first, opts.batch_size))), _optimizer(student, opts)])
+            batch, opt = probe_batch
+            loss = loss_of(batch, autocast_context(precision, "cpu"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+            opt.step()
+
+        student.train()
+        result.precision, result.precision_step_s = choose_precision("cpu", opts.amp, (opts.epochs - start) * steps,
+                                                                     probe, student)
+        if log:
+            log(precision_note(result.precision, result.precision_step_s))
+        autocast = autocast_context(result.precision, "cpu")
         for epoch in range(start, opts.epochs):
             if epoch >= opts.epochs - close:
                 train.close_mosaic(hyp)
@@ -164,24 +202,14 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
             student.train()
             t0, total, seen = time.time(), 0.0, 0
             for batch in tqdm(batches, desc=f"fine-tune {epoch + 1}/{opts.epochs}", disable=quiet, leave=False):
-                x = _images(batch).contiguous(memory_format=layout)
-                with autocast():  # the forward passes only
-                    preds = _raw_head(student, x, train=True)
-                    with torch.no_grad():
-                        t_preds = _raw_head(teacher, x, train=False) if distill else None
-                preds = _fp32(preds)
-                loss, _ = criterion(preds, batch)
-                loss = loss.sum()
-                if distill:
-                    kd = distillation(preds, _fp32(t_preds, feats=False), reg_max, opts.temperature) * len(x)
-                    loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
+                loss = loss_of(batch, autocast)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
                 optimizer.step()
                 scheduler.step()
                 ema.update(student)
-                total, seen = total + loss.item(), seen + len(x)
+                total, seen = total + loss.item(), seen + len(batch["img"])
             epoch_result = EpochResult(epoch=epoch + 1, loss=total / max(seen, 1), lr=scheduler.get_last_lr()[0],
                                        seconds=round(time.time() - t0, 2), precision=result.precision)
             if evaluate is not None:
