@@ -191,7 +191,7 @@ def prune_cmd(
                                                 help="fraction of MACs to remove, in (0, 1); 0.5 halves them"),
     target_latency_ms: float | None = typer.Option(
         None, "--target-latency-ms", help="prune until the exported model runs in at most X ms (measured on "
-        "--latency-runtime with --threads); round_to is chosen among 1, 8, 16, 32 unless --round-to is given"),
+        "--latency-runtime with --threads); channel rounding as --round-to says"),
     target_speedup: float | None = typer.Option(
         None, "--target-speedup", help="prune until the exported model runs at least X times faster than the "
         "unpruned one on --latency-runtime (X > 1; both timed side by side in this run, so a loaded machine does "
