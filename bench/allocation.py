@@ -92,7 +92,8 @@ def _rate_line(rate: dict) -> str:
     return (f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images per "
             f"timing, {rate['threads']} threads on {_cpu(rate)}, median of {len(rate['rounds']['pruned_ce'])} "
             "rounds, every setting once per round in turn, the ratios taken within each round): "
-            f"channels-last in {precision} (the default): unpruned CE {r['unpruned_ce']:.0f} img/s, pruned "
+            f"channels-last in {precision} (recover.amp untimed: bf16 where the CPU has it): unpruned CE "
+            f"{r['unpruned_ce']:.0f} img/s, pruned "
             f"({rate['macs_factor']:.2f}x fewer MACs) CE {r['pruned_ce']:.0f} ({ce('')}), pruned with distillation "
             f"{r['pruned_kd']:.0f}; in FP32 {r['unpruned_ce_fp32']:.0f}, {r['pruned_ce_fp32']:.0f} ({ce('_fp32')}) "
             f"and {r['pruned_kd_fp32']:.0f}; in FP32 in the contiguous layout {r['unpruned_ce_contiguous']:.0f}, "
@@ -113,9 +114,10 @@ def _rate_line(rate: dict) -> str:
             f"top-1 {f['top1']['fp32']:.2f}% in FP32, {f['top1']['unfolded']:.2f}% and {f['top1']['folded']:.2f}%.")
 
 
-# Fine-tuning settings the rate bench (and bench/train_profile.py) time: as the recipe trains (bf16 autocast on CPUs
-# with bf16), in FP32 (recover.amp false; the default before 2026-11-30), and in FP32 in the contiguous layout
-# (recover.channels_last false too; before 2026-11-29)
+# Fine-tuning settings the rate bench (and bench/train_profile.py) time: recover.amp on, untimed at 1280 images (bf16
+# autocast on CPUs with bf16; a recipe's fine-tune of 100 steps or more keeps the faster of it and FP32), in FP32
+# (recover.amp false; the default before 2026-11-30), and in FP32 in the contiguous layout (recover.channels_last
+# false too; before 2026-11-29)
 RATE_SETTINGS = {"": {}, "_fp32": {"amp": False}, "_contiguous": {"amp": False, "channels_last": False}}
 
 

@@ -13,6 +13,7 @@ from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
 from edgeprune.environment import cpu_has_bf16
+from edgeprune.pruning.core import _choose
 
 FAST = ("--warmup", "2", "--repeats", "5")
 RESNET50_R07_MACS = 397_290_678  # deterministic: a uniform ratio on a fixed architecture
@@ -53,6 +54,9 @@ def test_resnet50_at_ratio_07_is_ten_times_smaller_and_its_time_is_explained(tmp
     assert all(c["params"] <= 0.115 * base["params"] for c in tried.values()), tried
     fastest = min((c for c in tried.values() if c["meets_target"]), key=lambda c: c["latency_ms"])
     assert tried[rounding["chosen"]]["latency_ms"] <= fastest["latency_ms"] / (1 - 0.03)
+    eligible = sorted(m for m, c in tried.items() if c["meets_target"])  # the choice follows the rule on these times
+    assert _choose(eligible, {m: tried[m]["latency_ms"] for m in eligible},
+                   {m: tried[m]["macs"] for m in eligible})[0] == rounding["chosen"]
     assert rounding["why"] in report["prune"]["notes"] and rounding["why"] in (out / "report.md").read_text()
     # Fast by default: against ratio 0.7's own MACs reduction (10.38x), ONNX Runtime is at least 0.6x as much
     # faster (6.9-7.6x, 0.66-0.73, across test runs here on quiet cores; unrounded it is about 0.5x)

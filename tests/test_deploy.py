@@ -211,6 +211,42 @@ def test_round_to_auto_keeps_the_fastest_multiple_that_meets_the_target():
         prune(model, PruneOptions(ratio=0.4, round_to="auto"))
 
 
+class BlockProbe(MacsProbe):
+    """Every model whose widths are all multiples of 8 takes 1 ms, any other 2 ms: the rounded candidates are
+    equally fast."""
+
+    def ms(self, model) -> float:
+        return 1.0 if all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d)) else 2.0
+
+
+def test_round_to_auto_keeps_the_least_pruned_of_equally_fast_multiples():
+    """When rounded candidates time within 3% of each other, the one keeping the most MACs wins: as fast, with
+    more of the model (an Intel Xeon timed 16 and 32 at 4.62 and 4.64 ms on ResNet-50 at ratio 0.7)."""
+    model = create_model("cifar_resnet20", "none")
+    probe = BlockProbe(model.edgeprune_spec.example_input())
+    pruned, result = prune(model, PruneOptions(ratio=0.3, round_to="auto", round_to_candidates=[1, 8, 16]),
+                           latency_probe=probe)
+    by = {c["round_to"]: c for c in result.rounding["candidates"]}
+    assert by[8]["latency_ms"] == by[16]["latency_ms"] == 1.0 and by[1]["latency_ms"] == 2.0
+    assert by[8]["macs"] < by[16]["macs"]  # as in the test above: 8, 24, 48 against 16, 16, 32 channels
+    assert result.rounding["chosen"] == result.round_to == 16
+    assert probe.count(pruned, probe.example) == by[16]["macs"]
+    assert "8 timed within 3% of it but keeps fewer MACs" in result.rounding["why"]
+
+
+def test_round_to_auto_choice_rule():
+    """`_choose` on the timings of real runs: rounding must buy 3% over unrounded; among the multiples that do,
+    those within 3% of the fastest are equally fast and the one keeping the most MACs wins."""
+    from edgeprune.pruning.core import _choose
+
+    macs = {1: 397, 8: 346, 16: 400, 32: 416}  # ResNet-50 at ratio 0.7, millions
+    assert _choose([1, 8, 16, 32], {1: 8.13, 8: 5.49, 16: 4.62, 32: 4.64}, macs) == (32, [16, 32])
+    assert _choose([1, 8, 16, 32], {1: 6.82, 8: 4.13, 16: 3.83, 32: 3.21}, macs) == (32, [32])
+    assert _choose([1, 8, 16, 32], {1: 6.8, 8: 3.2, 16: 3.25, 32: 4.0}, macs) == (16, [8, 16])
+    assert _choose([1, 8, 16], {1: 5.0, 8: 4.9, 16: 4.95}, macs) == (1, [1])  # rounding bought under 3%
+    assert _choose([8, 16], {8: 3.0, 16: 2.95}, macs) == (8, [8])  # unrounded missed: 8 is the reference
+
+
 class AlignedProbe(MacsProbe):
     """MACs, and half as long again for a model with widths that are not multiples of 16 (as ONNX Runtime's
     blocked layout is on AVX-512): the multiple that fills the blocks wins."""

@@ -117,7 +117,8 @@ class PruneOptions(_Strict):
     round_to: int | Literal["auto"] | None = Field(
         default=None, description="keep each pruned layer's channel count a multiple of this (1 or null: any "
         "count); auto: prune at each of round_to_candidates, time them on latency_runtime and keep the fastest "
-        "(the default in recipes and on the command line)")
+        "(of those within 3% of it, the one keeping the most MACs; unrounded unless rounding is 3% faster; the "
+        "default in recipes and on the command line)")
     steps: int = Field(default=1, ge=1, le=50, description="prune in this many steps, each followed by BN "
                        "re-calibration and its share of recover.epochs (distilled); the last step lands on the "
                        "one-shot plan's widths")

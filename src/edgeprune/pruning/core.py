@@ -146,7 +146,8 @@ def prune(model: nn.Module, opts: PruneOptions, example: torch.Tensor | None = N
     return pruned.eval(), result
 
 
-AUTO_MIN_GAIN = 0.03  # round_to auto: a larger multiple must be this much faster than the best smaller one
+AUTO_MIN_GAIN = 0.03  # round_to auto: rounding must make the model this much faster than unrounded; rounded
+# candidates timed within it of the fastest count as equally fast
 AUTO_MACS_SLACK = 0.05  # round_to auto: a rounded model's MACs within this share of the target's, either way
 
 
@@ -156,9 +157,7 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     rounded to a multiple of each candidate (at least one multiple, at most its unpruned width), so that the
     allocation stays the target's: to the nearest multiple, or when that moves the MACs more than
     AUTO_MACS_SLACK from the target's, some widths the other way (`_balanced_widths`); a candidate that still
-    misses does not meet the target. The others are timed side by side on the probe's runtime; the fastest
-    wins, a larger multiple only when it is at least AUTO_MIN_GAIN faster (rounding moves the target, so it
-    must buy speed)."""
+    misses does not meet the target. The others are timed side by side on the probe's runtime (`_choose`)."""
     if opts.allocation == "sensitivity":  # its curves are scored without rounding
         pruned, result = prune(model, opts.model_copy(update={"round_to": None}), example, calibration, None, log,
                                sensitivity)
@@ -213,10 +212,8 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
     compare = getattr(probe, "compare", None)
     models = {str(m): tried[m][0] for m in eligible}
     times = compare(models) if compare else {k: probe(m) for k, m in models.items()}
-    chosen = first = eligible[0]
-    for multiple in eligible:
-        if times[str(multiple)] < times[str(chosen)] * (1 - AUTO_MIN_GAIN):
-            chosen = multiple
+    first = eligible[0]
+    chosen, tied = _choose(eligible, {m: times[str(m)] for m in eligible}, macs)
 
     params = {m: count_params(tried[m][0]) for m in tried}
 
@@ -238,10 +235,14 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
         why = (f"round_to auto kept {'no rounding' if first == 1 else first} ({listed}): no "
                f"larger multiple was {AUTO_MIN_GAIN:.0%} faster{how}")
     else:
+        others = [m for m in tied if m != chosen]
+        tie = "" if not others else (
+            f"; {', '.join(map(str, others))} timed within {AUTO_MIN_GAIN:.0%} of it but "
+            f"{'keeps' if len(others) == 1 else 'keep'} fewer MACs: as fast, the least pruned won")
         why = (f"round_to auto chose {chosen}: {times[str(chosen)]:.2f} ms on {probe.runtime} against "
                f"{times[str(first)]:.2f} ms {'unrounded' if first == 1 else f'at {first}'} ({listed}); rounding "
                f"removes {removed(chosen)} against {removed(first)}, and {removed_params(chosen)} against "
-               f"{removed_params(first)}{how}")
+               f"{removed_params(first)}{tie}{how}")
     if log:
         log(why)
     pruned, result = tried[chosen]
@@ -252,6 +253,21 @@ def _auto_round_to(model: nn.Module, opts: PruneOptions, example, calibration, p
                                       for m in sorted(tried)]}
     result.notes.append(why)
     return pruned, result
+
+
+def _choose(eligible: list[int], ms: dict[int, float], macs: dict[int, int]) -> tuple[int, list[int]]:
+    """round_to auto's choice among the multiples that meet the target (`eligible`, smallest first; 1, unrounded,
+    when it is one) from their timed `ms`: the first when no other is AUTO_MIN_GAIN faster than it (rounding
+    moves the target, so it must buy speed); else, of the others that are, those timed within AUTO_MIN_GAIN of
+    the fastest count as equally fast, and the one keeping the most MACs (the least pruned; on a tie, the
+    smaller multiple) wins: as fast, with more of the model. Returns (the choice, those equally fast)."""
+    first = eligible[0]
+    faster = [m for m in eligible[1:] if ms[m] < ms[first] * (1 - AUTO_MIN_GAIN)]
+    if not faster:
+        return first, [first]
+    best = min(ms[m] for m in faster)
+    tied = [m for m in faster if ms[m] * (1 - AUTO_MIN_GAIN) <= best]
+    return max(tied, key=lambda m: (macs[m], -m)), tied
 
 
 class _Built(NamedTuple):
