@@ -245,6 +245,8 @@ def test_round_to_auto_choice_rule():
     assert _choose([1, 8, 16, 32], {1: 6.8, 8: 3.2, 16: 3.25, 32: 4.0}, macs) == (16, [8, 16])
     assert _choose([1, 8, 16], {1: 5.0, 8: 4.9, 16: 4.95}, macs) == (1, [1])  # rounding bought under 3%
     assert _choose([8, 16], {8: 3.0, 16: 2.95}, macs) == (8, [8])  # unrounded missed: 8 is the reference
+    assert _choose([1], {1: 5.0}, macs) == (1, [1])
+    assert _choose([1, 8, 16], {1: 5.0, 8: 3.0, 16: 3.0}, {1: 400, 8: 350, 16: 350}) == (8, [8, 16])  # same MACs
 
 
 class AlignedProbe(MacsProbe):

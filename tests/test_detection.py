@@ -304,15 +304,16 @@ def test_amp_timing_of_a_detector_leaves_no_trace(tmp_path, det_data, yolo_weigh
     teacher = edgeprune.create_model("yolov8n.yaml", yolo_weights)
     pruned, _ = edgeprune.prune(teacher, PruneOptions(ratio=0.2, round_to=8))
     other = copy.deepcopy(pruned)
-    opts = RecoverOptions(epochs=1, batch_size=4, optimizer="adamw", lr=0.001, distill_alpha=0.5, close_mosaic=1)
-    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", 2)  # 8 images in batches of 4
+    # the first epoch with mosaic augmentation, whose partner images come from the images loaded before
+    opts = RecoverOptions(epochs=2, batch_size=4, optimizer="adamw", lr=0.001, distill_alpha=0.5, close_mosaic=1)
+    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", 4)  # 8 images in batches of 4, two epochs
     notes: list[str] = []
     probed = finetune(pruned, teacher, data, opts, seed=0, log=notes.append)
     seconds = probed.precision_step_s
     assert set(seconds) == {"bf16", "fp32"}, seconds
     assert probed.precision == ("bf16" if seconds["bf16"] < seconds["fp32"] * (1 - recover.AMP_MIN_GAIN) else "fp32")
     assert notes == [recover.precision_note(probed.precision, seconds)]
-    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", 3)
+    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", 5)
     told = finetune(other, teacher, data, opts.model_copy(update={"amp": probed.precision == "bf16"}), seed=0)
     assert told.precision == probed.precision and told.precision_step_s is None
     for name, value in other.state_dict().items():

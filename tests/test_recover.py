@@ -153,7 +153,7 @@ def test_training_precision_follows_the_device_and_amp(monkeypatch):
         assert training_precision("cpu", True) == expected and training_precision("cpu", False) == "fp32"
 
 
-def test_amp_times_both_precisions_and_leaves_no_trace(monkeypatch):
+def test_amp_times_both_precisions_and_leaves_no_trace(monkeypatch, tmp_path):
     """recover.amp on a CPU with native bf16 times the fine-tune's own step in bf16 and in FP32 and keeps bf16 only
     when it is AMP_MIN_GAIN faster (an Intel Xeon whose AMX is hidden ran it 0.83x as fast). The CPU is made to
     report AVX512-BF16 (PyTorch emulates bf16 where it lacks it, so the timing runs on any CPU) and the probe's
@@ -180,6 +180,24 @@ def test_amp_times_both_precisions_and_leaves_no_trace(monkeypatch):
     assert notes[-1] == f"fine-tuning in {told.precision}"
     assert told.epochs[0].loss == probed.epochs[0].loss
     for (name, a), b in zip(student.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    # Interrupted in its second epoch, a timed fine-tune resumes with the arithmetic its checkpoint recorded, not
+    # timed again, and ends where one told that precision from the start does.
+    two = opts.model_copy(update={"epochs": 2})
+    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", 2 * steps)
+    resumed, uninterrupted = copy.deepcopy(student), copy.deepcopy(student)
+    ckpt = tmp_path / "ft.pt"
+    with pytest.raises(KeyboardInterrupt):  # the probe's batch (64 images), epoch 1, then 100 of epoch 2
+        finetune(resumed, teacher, InterruptAfter(train, 64 + 256 + 100), None, two, Runtime(), ckpt, seed=2)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 1 and set(saved["precision_step_s"]) == {"bf16", "fp32"}
+    again = finetune(resumed, teacher, train, None, two, Runtime(), ckpt, resume=True, seed=2)
+    assert (again.precision, again.precision_step_s) == (saved["precision"], saved["precision_step_s"])
+    monkeypatch.setattr(recover, "AMP_PROBE_MIN_STEPS", 2 * steps + 1)
+    finetune(uninterrupted, teacher, train, None, two.model_copy(update={"amp": saved["precision"] == "bf16"}),
+             Runtime(), seed=2)
+    for (name, a), b in zip(resumed.state_dict().items(), uninterrupted.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -94,7 +94,7 @@ class PruneOptions(_Strict):
                                   "the target, so that re-measuring on a noisy machine stays under it")
     round_to_candidates: list[int] = Field(
         default_factory=lambda: [1, 8, 16, 32], description="round_to auto: the channel multiples tried (1: none); "
-        "with a latency target the one keeping the most MACs within it wins, otherwise the fastest")
+        "with a latency target the one keeping the most MACs within it wins, otherwise the fastest (see round_to)")
     importance: Importance = "l2"
     allocation: Literal["uniform", "global", "sensitivity"] = Field(
         default="uniform", description="how the target is spread over the layers: one ratio for every layer "
@@ -117,8 +117,8 @@ class PruneOptions(_Strict):
     round_to: int | Literal["auto"] | None = Field(
         default=None, description="keep each pruned layer's channel count a multiple of this (1 or null: any "
         "count); auto: prune at each of round_to_candidates, time them on latency_runtime and keep the fastest "
-        "(of those within 3% of it, the one keeping the most MACs; unrounded unless rounding is 3% faster; the "
-        "default in recipes and on the command line)")
+        "(of those within 3% of it, the one keeping the most MACs; a multiple only when it is 3% faster than the "
+        "smallest candidate that meets the target, normally 1; the default in recipes and on the command line)")
     steps: int = Field(default=1, ge=1, le=50, description="prune in this many steps, each followed by BN "
                        "re-calibration and its share of recover.epochs (distilled); the last step lands on the "
                        "one-shot plan's widths")

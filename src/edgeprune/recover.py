@@ -273,14 +273,21 @@ AMP_MIN_GAIN = 0.05  # bf16 must be this much faster than FP32 to be chosen: FP3
 
 
 def choose_precision(device: str, amp: bool, steps: int, step: Callable[[str], None], model: nn.Module,
-                     rt: Runtime | None = None) -> tuple[str, dict[str, float] | None]:
+                     rt: Runtime | None = None, resumed: dict | None = None) -> tuple[str, dict[str, float] | None]:
     """The fine-tune's arithmetic: `training_precision`, except on a CPU with native bf16, where a fine-tune of at
-    least AMP_PROBE_MIN_STEPS `steps` times `step` (one training step of its own on `model`, in the precision
-    given) in FP32 and in bf16, and keeps bf16 only when it is AMP_MIN_GAIN faster. With `rt`, every process's
-    times are summed, so that all choose alike. Returns (the precision, the median seconds of a step in each, or
-    None when nothing was timed)."""
+    least AMP_PROBE_MIN_STEPS `steps` (all its epochs') times `step` (one training step of its own on `model`, in
+    the precision given) in FP32 and in bf16, and keeps bf16 only when it is AMP_MIN_GAIN faster. A fine-tune
+    `resumed` from a checkpoint that recorded its choice (`precision`, `precision_step_s`) keeps it when this
+    machine can run it, so that it ends where an uninterrupted one would. With `rt`, every process times (or none
+    does) and the times are summed, so that all choose alike. Returns (the precision, the median seconds of a
+    step in each, or None when nothing was timed)."""
     precision = training_precision(device, amp)
-    if precision != "bf16" or device.split(":")[0] != "cpu" or steps < AMP_PROBE_MIN_STEPS:
+    if resumed is not None and resumed.get("precision") in ("fp32", precision):
+        return resumed["precision"], resumed.get("precision_step_s")
+    wanted = precision == "bf16" and device.split(":")[0] == "cpu" and steps >= AMP_PROBE_MIN_STEPS
+    if rt is not None and rt.distributed:  # a process whose CPU differs must not leave the others waiting
+        wanted = rt.all_sum([float(wanted)])[0] == rt.world_size
+    if not wanted:
         return precision, None
     times = time_steps(step, model, ("fp32", "bf16"))
     if rt is not None:
@@ -389,7 +396,7 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
 
     student.train()
     result.precision, result.precision_step_s = choose_precision(
-        device, opts.amp, (opts.epochs - start) * steps_per_epoch, probe, student, rt)
+        device, opts.amp, opts.epochs * steps_per_epoch, probe, student, rt, state)
     if log and rt.is_main:
         log(precision_note(result.precision, result.precision_step_s))
     model = student
@@ -432,6 +439,7 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
                 torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                             "scaler": scaler.state_dict(), "epochs": [asdict(e) for e in result.epochs],
+                            "precision": result.precision, "precision_step_s": result.precision_step_s,
                             "tag": tag}, tmp)
         rt.barrier()
     student.eval()

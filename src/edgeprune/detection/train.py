@@ -176,7 +176,9 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
 
         def probe(precision: str) -> None:  # one training step without the EMA's update
             if not probe_batch:  # the training set's first images, and an optimizer whose state is thrown away
-                first = torch.utils.data.Subset(train, range(min(opts.batch_size, len(train))))
+                # from a dataset of its own: loading images fills Ultralytics' mosaic buffer, which the epochs draw from
+                own = dataset(data, "train", imgsz, train=True, hyp=hyp)
+                first = torch.utils.data.Subset(own, range(min(opts.batch_size, len(own))))
                 probe_batch.extend([next(iter(loader(first, opts.batch_size))), _optimizer(student, opts)])
             batch, opt = probe_batch
             loss = loss_of(batch, autocast_context(precision, "cpu"))
@@ -186,8 +188,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
             opt.step()
 
         student.train()
-        result.precision, result.precision_step_s = choose_precision("cpu", opts.amp, (opts.epochs - start) * steps,
-                                                                     probe, student)
+        result.precision, result.precision_step_s = choose_precision("cpu", opts.amp, opts.epochs * steps, probe,
+                                                                     student, resumed=state)
         if log:
             log(precision_note(result.precision, result.precision_step_s))
         autocast = autocast_context(result.precision, "cpu")
@@ -221,7 +223,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
                     torch.save({"model": student.state_dict(), "ema": ema.ema.state_dict(),
                                 "ema_updates": ema.updates, "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                                "epochs": [asdict(e) for e in result.epochs], "tag": tag}, tmp)
+                                "epochs": [asdict(e) for e in result.epochs], "precision": result.precision,
+                                "precision_step_s": result.precision_step_s, "tag": tag}, tmp)
         student.load_state_dict(ema.ema.state_dict())
     student.eval()
     return result
