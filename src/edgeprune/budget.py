@@ -119,7 +119,8 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
         assert report is not None  # one process
         trials.append(_trial(name, fraction, overrides, report, opts.max_drop, opts.latency_runtime))
         t = trials[-1]
-        log(f"{name}: {t.recovered:.2f} ({t.drop:+.2f} points below the unpruned model): "
+        log(f"{name}: {t.recovered:.2f} ({abs(t.drop):.2f} points {'below' if t.drop >= 0 else 'above'} the "
+            "unpruned model): "
             f"{'within' if t.within else 'over'} the {opts.max_drop:g}-point budget")
     passing = [t for t in trials if t.within]
     summary = {"max_drop": opts.max_drop, "by": opts.max_drop_by, "metric": None, "baseline": None,
