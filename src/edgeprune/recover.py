@@ -272,15 +272,17 @@ AMP_PROBE_MIN_STEPS = 100  # a shorter fine-tune is not worth timing (the probe 
 AMP_MIN_GAIN = 0.05  # bf16 must be this much faster than FP32 to be chosen: FP32 is the exact arithmetic
 
 
-def choose_precision(device: str, amp: bool, steps: int, step: Callable[[str], None], model: nn.Module,
-                     rt: Runtime | None = None, resumed: dict | None = None) -> tuple[str, dict[str, float] | None]:
+def choose_precision(device: str, amp: bool, steps: int, make_step: Callable[[], Callable[[str], None]],
+                     model: nn.Module, rt: Runtime | None = None,
+                     resumed: dict | None = None) -> tuple[str, dict[str, float] | None]:
     """The fine-tune's arithmetic: `training_precision`, except on a CPU with native bf16, where a fine-tune of at
-    least AMP_PROBE_MIN_STEPS `steps` (all its epochs') times `step` (one training step of its own on `model`, in
-    the precision given) in FP32 and in bf16, and keeps bf16 only when it is AMP_MIN_GAIN faster. A fine-tune
-    `resumed` from a checkpoint that recorded its choice (`precision`, `precision_step_s`) keeps it when this
-    machine can run it, so that it ends where an uninterrupted one would. With `rt`, every process times (or none
-    does) and the times are summed, so that all choose alike. Returns (the precision, the median seconds of a
-    step in each, or None when nothing was timed)."""
+    least AMP_PROBE_MIN_STEPS `steps` (all its epochs') times the step `make_step()` returns (one training step of
+    its own on `model`, in the precision given; built only when it is timed) in FP32 and in bf16, and keeps bf16
+    only when it is AMP_MIN_GAIN faster. A fine-tune `resumed` from a checkpoint that recorded its choice
+    (`precision`, `precision_step_s`) keeps it when this machine can run it, so that it ends where an
+    uninterrupted one would. With `rt`, every process times (or none does) and the times are summed, so that all
+    choose alike. Returns (the precision, the median seconds of a step in each, or None when nothing was
+    timed)."""
     precision = training_precision(device, amp)
     if resumed is not None and resumed.get("precision") in ("fp32", precision):
         return resumed["precision"], resumed.get("precision_step_s")
@@ -289,7 +291,7 @@ def choose_precision(device: str, amp: bool, steps: int, step: Callable[[str], N
         wanted = rt.all_sum([float(wanted)])[0] == rt.world_size
     if not wanted:
         return precision, None
-    times = time_steps(step, model, ("fp32", "bf16"))
+    times = time_steps(make_step(), model, ("fp32", "bf16"))
     if rt is not None:
         times = dict(zip(times, rt.all_sum(list(times.values())), strict=True))
     seconds = {p: round(t / (rt.world_size if rt is not None else 1), 4) for p, t in times.items()}
@@ -381,22 +383,21 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
             return distillation_loss(net(x).float(), t_logits, y, opts.distill_alpha if teacher is not None else 0,
                                      opts.temperature, opts.label_smoothing)
 
-    probe_batch: list = []
+    def make_probe() -> Callable[[str], None]:  # steps on the student itself, before DistributedDataParallel wraps it
+        x, y = next(iter(loader(Subset(train_ds, range(min(per_rank_batch, len(train_ds)))), per_rank_batch)))
+        x, y = (x.to(device).contiguous(memory_format=layout) if x.dim() == 4 else x.to(device)), y.to(device)
+        opt = _optimizer(student.parameters(), opts)  # its state is thrown away
 
-    def probe(precision: str) -> None:  # one step on the student itself, before DistributedDataParallel wraps it
-        if not probe_batch:  # the training set's first images, as the epochs load them
-            x, y = next(iter(loader(Subset(train_ds, range(min(per_rank_batch, len(train_ds)))), per_rank_batch)))
-            probe_batch.extend([x.to(device).contiguous(memory_format=layout) if x.dim() == 4 else x.to(device),
-                                y.to(device), _optimizer(student.parameters(), opts)])  # its state is thrown away
-        x, y, opt = probe_batch
-        loss = loss_of(student, x, y, autocast_context(precision, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def step(precision: str) -> None:
+            loss = loss_of(student, x, y, autocast_context(precision, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
 
     student.train()
     result.precision, result.precision_step_s = choose_precision(
-        device, opts.amp, opts.epochs * steps_per_epoch, probe, student, rt, state)
+        device, opts.amp, opts.epochs * steps_per_epoch, make_probe, student, rt, state)
     if log and rt.is_main:
         log(precision_note(result.precision, result.precision_step_s))
     model = student

@@ -172,24 +172,25 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
                 loss = (1 - opts.distill_alpha) * loss + opts.distill_alpha * opts.distill_gain * kd
             return loss
 
-        probe_batch: list = []
+        def make_probe() -> Callable[[str], None]:  # training steps without the EMA's update
+            # the training set's first images from a dataset of its own (loading images fills Ultralytics' mosaic
+            # buffer, which the epochs draw from), and an optimizer whose state is thrown away
+            own = dataset(data, "train", imgsz, train=True, hyp=hyp)
+            batch = next(iter(loader(torch.utils.data.Subset(own, range(min(opts.batch_size, len(own)))),
+                                     opts.batch_size)))
+            opt = _optimizer(student, opts)
 
-        def probe(precision: str) -> None:  # one training step without the EMA's update
-            if not probe_batch:  # the training set's first images, and an optimizer whose state is thrown away
-                # from a dataset of its own: loading images fills Ultralytics' mosaic buffer, which the epochs draw from
-                own = dataset(data, "train", imgsz, train=True, hyp=hyp)
-                first = torch.utils.data.Subset(own, range(min(opts.batch_size, len(own))))
-                probe_batch.extend([next(iter(loader(first, opts.batch_size))), _optimizer(student, opts)])
-            batch, opt = probe_batch
-            loss = loss_of(batch, autocast_context(precision, "cpu"))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-            opt.step()
+            def step(precision: str) -> None:
+                loss = loss_of(batch, autocast_context(precision, "cpu"))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+                opt.step()
+            return step
 
         student.train()
-        result.precision, result.precision_step_s = choose_precision("cpu", opts.amp, opts.epochs * steps, probe,
-                                                                     student, resumed=state)
+        result.precision, result.precision_step_s = choose_precision("cpu", opts.amp, opts.epochs * steps,
+                                                                     make_probe, student, resumed=state)
         if log:
             log(precision_note(result.precision, result.precision_step_s))
         autocast = autocast_context(result.precision, "cpu")
