@@ -104,6 +104,7 @@ def _rate_line(rate: dict) -> str:
             f"layers whose width is not a multiple of 16 (recover.packed_batchnorm false): "
             f"{r['pruned_ce_unpacked']:.0f} img/s, {r['pruned_ce_fp32_unpacked']:.0f} in FP32 (packed against "
             f"PyTorch's: {pack('')} in {precision}, {pack('_fp32')} in FP32). "
+            f"{_compiled_line(rate)}"
             f"The augmented data loader alone: {r['data_loader']:.0f} img/s. "
             f"The teacher's forward alone (batch 128, channels-last, {t['runs']} runs of each timed in turns): "
             f"{t['img_per_s']['unfolded']:.0f} img/s in {precision}, {t['img_per_s']['unfolded_fp32']:.0f} in FP32; "
@@ -114,11 +115,33 @@ def _rate_line(rate: dict) -> str:
             f"top-1 {f['top1']['fp32']:.2f}% in FP32, {f['top1']['unfolded']:.2f}% and {f['top1']['folded']:.2f}%.")
 
 
+def _compiled_line(rate: dict) -> str:
+    """The compiled settings' sentences of the speed paragraph (rates measured before 2026-12-02 have none)."""
+    if "compiled_vs_eager_rounds" not in rate:
+        return ""
+    r, precision = rate["img_per_s"], rate["precision"]
+
+    def within(rounds: list[float]) -> str:
+        return f"{statistics.median(rounds):.2f}x, rounds {min(rounds):.2f}-{max(rounds):.2f}"
+    ce, comp = rate["pruned_ce_vs_unpruned_ce_rounds"], rate["compiled_vs_eager_rounds"]
+    return (f"Compiled (recover.compile true, torch.compile): in {precision} unpruned CE "
+            f"{r['unpruned_ce_compiled']:.0f} img/s, pruned CE {r['pruned_ce_compiled']:.0f} ({within(ce['_compiled'])}"
+            f"), pruned with distillation {r['pruned_kd_compiled']:.0f}; in FP32 {r['unpruned_ce_fp32_compiled']:.0f}, "
+            f"{r['pruned_ce_fp32_compiled']:.0f} ({within(ce['_fp32_compiled'])}) and "
+            f"{r['pruned_kd_fp32_compiled']:.0f} (compiled against eager: unpruned CE {within(comp['unpruned_ce'])}, "
+            f"pruned CE {within(comp['pruned_ce'])}, distilling {within(comp['pruned_kd'])} in {precision}; "
+            f"{within(comp['unpruned_ce_fp32'])}, {within(comp['pruned_ce_fp32'])} and "
+            f"{within(comp['pruned_kd_fp32'])} in FP32). ")
+
+
 # Fine-tuning settings the rate bench (and bench/train_profile.py) time: recover.amp on, untimed at 1280 images (bf16
 # autocast on CPUs with bf16; a recipe's fine-tune of 100 steps or more keeps the faster of it and FP32), in FP32
 # (recover.amp false; the default before 2026-11-30), and in FP32 in the contiguous layout (recover.channels_last
 # false too; before 2026-11-29)
 RATE_SETTINGS = {"": {}, "_fp32": {"amp": False}, "_contiguous": {"amp": False, "channels_last": False}}
+# ... and both channels-last settings compiled (recover.compile true: the training step through torch.compile, which
+# recover.compile auto does for a fine-tune of 1000 steps or more where it times faster; since 2026-12-02)
+COMPILED_SETTINGS = {"_compiled": {"compile": True}, "_fp32_compiled": {"amp": False, "compile": True}}
 
 
 def rate_models():
@@ -156,7 +179,7 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     recipe, model, pruned, train = rate_models()
     example = model.edgeprune_spec.example_input()
     models = {"unpruned_ce": (model, None), "pruned_ce": (pruned, None), "pruned_kd": (pruned, model)}
-    settings = RATE_SETTINGS
+    settings = RATE_SETTINGS | COMPILED_SETTINGS
     runs = {f"{k}{suffix}": (*m, setting) for suffix, setting in settings.items() for k, m in models.items()}
     # distilling from the teacher as given, its BatchNorm layers not folded (recover.fold_teacher false; the
     # default before 2026-12-01)
@@ -185,6 +208,8 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     ratios = {suffix: per_round(f"pruned_ce{suffix}", f"unpruned_ce{suffix}") for suffix in settings}
     folding = {suffix: per_round(f"pruned_kd{suffix}", f"pruned_kd{suffix}_unfolded") for suffix in ("", "_fp32")}
     packing = {suffix: per_round(f"pruned_ce{suffix}", f"pruned_ce{suffix}_unpacked") for suffix in ("", "_fp32")}
+    compiling = {f"{m}{suffix}": per_round(f"{m}{suffix}_compiled", f"{m}{suffix}")
+                 for m in ("unpruned_ce", "pruned_ce", "pruned_kd") for suffix in ("", "_fp32")}
     # the augmented batches alone
     t0, seen = time.perf_counter(), 0
     for _, y in loader(train, opts.batch_size, shuffle=True, limit=images):
@@ -201,6 +226,8 @@ def train_rates(images: int, rounds: int = 5) -> dict:
             "folded_vs_unfolded": {k: statistics.median(r) for k, r in folding.items()},
             "packed_vs_unpacked_rounds": packing,
             "packed_vs_unpacked": {k: statistics.median(r) for k, r in packing.items()},
+            "compiled_vs_eager_rounds": compiling,
+            "compiled_vs_eager": {k: statistics.median(r) for k, r in compiling.items()},
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
 
 

@@ -1,4 +1,8 @@
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,6 +203,71 @@ def test_amp_times_both_precisions_and_leaves_no_trace(monkeypatch, tmp_path):
              Runtime(), seed=2)
     for (name, a), b in zip(resumed.state_dict().items(), uninterrupted.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_compiled_fine_tune_trains_like_eager_and_resumes_exactly(tmp_path):
+    """recover.compile: the student's full batches train through torch.compile (Inductor's fused kernels), the
+    epoch's last, smaller batch eagerly (no recompiling); FP32 lands where the eager fine-tune does to round-off.
+    The checkpoint records the choice: a compiled fine-tune interrupted in its second epoch compiles again when
+    resumed, even where recover.compile auto would not for so short a fine-tune, and ends bit for bit where the
+    uninterrupted compiled one does."""
+    teacher, student, train, _ = setup_pruned()
+    eager, resumed, start = copy.deepcopy(student), copy.deepcopy(student), copy.deepcopy(student.state_dict())
+    opts = RecoverOptions(epochs=2, train_images=288, batch_size=64, lr=0.02, amp=False, compile=True)  # 4 + 1 of 32
+    notes: list[str] = []
+    full = finetune(student, teacher, train, None, opts, Runtime(), seed=4, log=notes.append)
+    seconds = full.compile_step_s
+    assert full.compiled and set(seconds) == {"eager", "compiled"} and all(s > 0 for s in seconds.values())
+    assert "torch.compile" in notes[1] and notes[2] == recover.compile_note(True, seconds), notes
+    auto = finetune(eager, teacher, train, None, opts.model_copy(update={"compile": "auto"}), Runtime(), seed=4)
+    assert not auto.compiled and auto.compile_step_s is None  # 10 steps: far below COMPILE_MIN_STEPS
+    assert [e.loss for e in full.epochs] == pytest.approx([e.loss for e in auto.epochs], rel=1e-3)
+    # Inductor fuses and reorders the sums: the weights part by round-off, amplified over 10 steps, far less than
+    # training moved them (eager in the contiguous layout parts from channels-last by as much: up to 0.11 of a
+    # small BatchNorm's update)
+    moved = parted = 0.0
+    for a, b, c in zip(student.state_dict().values(), eager.state_dict().values(), start.values(), strict=True):
+        if a.is_floating_point():
+            moved, parted = moved + (b - c).square().sum(), parted + (a - b).square().sum()
+    assert parted.sqrt() < 0.1 * moved.sqrt(), (parted.sqrt(), moved.sqrt())
+
+    ckpt = tmp_path / "ft.pt"
+    with pytest.raises(KeyboardInterrupt):  # the probe's batch (64 images), epoch 1, then 100 of epoch 2
+        finetune(resumed, teacher, InterruptAfter(train, 64 + 288 + 100), None, opts, Runtime(), ckpt, seed=4)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 1 and saved["compiled"] and not any("_orig_mod" in k for k in saved["model"])
+    again = finetune(resumed, teacher, train, None, opts.model_copy(update={"compile": "auto"}), Runtime(), ckpt,
+                     resume=True, seed=4)
+    assert again.compiled and again.resumed_from_epoch == 1
+    for (name, a), b in zip(resumed.state_dict().items(), student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_machine_that_cannot_compile_fine_tunes_eagerly(tmp_path):
+    """Where Inductor finds no C++ compiler (CXX pointing nowhere, an empty kernel cache), recover.compile true
+    fine-tunes eagerly and the log says why, in a real process."""
+    script = """
+import json
+from edgeprune import create_model
+from edgeprune.data import load_split
+from edgeprune.distributed import Runtime
+from edgeprune.recipe import RecoverOptions
+from edgeprune.recover import finetune
+model = create_model("cifar_resnet20", weights="cifar10-jpeg")
+train = load_split("cifar10", model.edgeprune_spec, True)
+notes = []
+opts = RecoverOptions(epochs=1, train_images=128, batch_size=64, amp=False, compile=True)
+result = finetune(model, None, train, None, opts, Runtime(), log=notes.append)
+print(json.dumps({"compiled": result.compiled, "seconds": result.compile_step_s, "notes": notes,
+                  "epochs": len(result.epochs)}))
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["compiled"] and result["seconds"] is None and result["epochs"] == 1
+    assert result["notes"][-1].startswith("torch.compile failed, fine-tuning eagerly: ") and \
+        "C++ compiler" in result["notes"][-1], result["notes"]
 
 
 class Flattens(torch.nn.Module):

@@ -14,6 +14,7 @@ with FP32 coefficients, rounded once to the input's precision.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -69,7 +70,9 @@ def packed_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     if pixels < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     k = math.gcd(ROW // math.gcd(c, ROW), pixels)  # pixels per row: rows of k * c values (ROW's multiple if it can)
-    with torch.profiler.record_function("edgeprune::packed_batch_norm"):  # a name in profiles (bench/train_profile.py)
+    # a name in profiles (bench/train_profile.py); torch.compile ignores it, and says so
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else \
+            torch.profiler.record_function("edgeprune::packed_batch_norm"):
         y, mean, var = _PackedBatchNorm.apply(x.contiguous(memory_format=torch.channels_last), bn.weight, bn.bias,
                                               bn.eps, k)
     if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None \

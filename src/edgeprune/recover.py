@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 import math
 import statistics
 import time
@@ -119,6 +120,10 @@ class FinetuneResult:
     # recover.amp on a CPU with native bf16: the median seconds of a training step in each precision, as timed to
     # choose (`choose_precision`); None when nothing was timed
     precision_step_s: dict[str, float] | None = None
+    compiled: bool = False  # the training steps ran through torch.compile (`choose_compile`)
+    # recover.compile when it compiled: the median seconds of an eager and a compiled training step, timed side by
+    # side; None when nothing was timed
+    compile_step_s: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -329,6 +334,74 @@ def precision_note(precision: str, seconds: dict[str, float] | None) -> str:
             f"{AMP_MIN_GAIN:.0%} faster)")
 
 
+# recover.compile: torch.compile (Inductor) generates fused kernels for the memory-bound batch norm, ReLU and
+# residual-add work of a training step, which pruning inside the blocks leaves at full width. On 2 cores of an Intel
+# Xeon with AVX-512 (no AMX) a FP32 channels-last step of the CIFAR ResNet-56 ran 15-18% faster compiled, pruned
+# (2x fewer MACs) and unpruned alike (/tmp scripts, then bench/allocation.py --train-rate); compiling took 40-65 s
+# the first time and about 5 s from Inductor's cache. So a long fine-tune compiles and times it.
+COMPILE_MIN_STEPS = 1000  # a shorter fine-tune would not win back the compile (about 0.1 s saved a step)
+COMPILE_MIN_GAIN = 0.05  # the compiled step must be this much faster than the eager one to be kept
+
+
+def choose_compile(setting: bool | str, steps: int, make_step: Callable[[], Callable[[nn.Module], None]],
+                   model: nn.Module, rt: Runtime, resumed: dict | None = None,
+                   log: Callable[[str], None] | None = None) -> tuple[nn.Module | None, dict[str, float] | None]:
+    """The module the fine-tune's full batches train through: `torch.compile(model)` or None (eager).
+    `setting` is recover.compile: "auto" compiles a fine-tune on the CPU of at least COMPILE_MIN_STEPS `steps` (all
+    its epochs'), times `make_step()(net)` (one training step of the fine-tune's own on its first batch) eager and
+    compiled (`time_steps`: the first compiled step compiles, untimed), and keeps the compiled module only when it is
+    COMPILE_MIN_GAIN faster; True compiles and times whatever the length and keeps it; False never compiles.
+    Single processes only: under torchrun (DistributedDataParallel) the fine-tune runs eager. A fine-tune
+    `resumed` from a checkpoint that recorded its choice keeps it, so that it ends as an uninterrupted one would. A
+    machine that cannot compile falls back to eager, and `log` hears why. Returns (the module or None, the median
+    seconds of an eager and a compiled step, or None when nothing was timed)."""
+    wanted = setting is True or (setting == "auto" and steps >= COMPILE_MIN_STEPS and rt.device == "cpu")
+    if resumed is not None and "compiled" in resumed:
+        wanted = bool(resumed["compiled"])
+    if not wanted or rt.distributed:
+        if wanted and setting is True and log and rt.is_main:
+            log("recover.compile: torchrun fine-tunes eagerly (torch.compile is for one process)")
+        return None, None
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    compile_errors = (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError)  # no C++ compiler
+    compiled = torch.compile(model, dynamic=False)  # the last, smaller batch of an epoch runs eager: no recompiling
+    step = make_step()
+    if log:
+        log("compiling the training step (torch.compile: about a minute the first time, then cached)")
+    try:
+        with _quiet_inductor():
+            times = time_steps(lambda mode: step(compiled if mode == "compiled" else model), model,
+                               ("eager", "compiled"))
+    except compile_errors as e:
+        if log:
+            log(f"torch.compile failed, fine-tuning eagerly: {str(e).strip().splitlines()[0][:200]}")
+        return None, None
+    seconds = {mode: round(t, 4) for mode, t in times.items()}
+    keep = setting is True or (resumed is not None and "compiled" in resumed) or \
+        times["compiled"] < times["eager"] * (1 - COMPILE_MIN_GAIN)
+    return (compiled if keep else None), seconds
+
+
+@contextlib.contextmanager
+def _quiet_inductor():
+    """Inductor's C++ build warns that it found no CUDA runtime, which a CPU fine-tune does not need."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def compile_note(compiled: bool, seconds: dict[str, float] | None) -> str:
+    """One line on whether the training step runs compiled and, when it was timed, why."""
+    return (f"training step {'compiled' if compiled else 'eager'}: {seconds['compiled']:.3f} s compiled against "
+            f"{seconds['eager']:.3f} s eager, timed side by side (recover.compile keeps the compiled step when it is "
+            f"at least {COMPILE_MIN_GAIN:.0%} faster)") if seconds else ""
+
+
 def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None,
                       x: torch.Tensor | None) -> tuple[bool, nn.Module | None]:
     """Convert `student` in place to the channels-last layout, and return (True, a channels-last copy of
@@ -388,8 +461,8 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
         x, y = (x.to(device).contiguous(memory_format=layout) if x.dim() == 4 else x.to(device)), y.to(device)
         opt = _optimizer(student.parameters(), opts)  # its state is thrown away
 
-        def step(precision: str) -> None:
-            loss = loss_of(student, x, y, autocast_context(precision, device))
+        def step(precision: str, net: nn.Module = student) -> None:
+            loss = loss_of(net, x, y, autocast_context(precision, device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -400,6 +473,12 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
         device, opts.amp, opts.epochs * steps_per_epoch, make_probe, student, rt, state)
     if log and rt.is_main:
         log(precision_note(result.precision, result.precision_step_s))
+    compiled, result.compile_step_s = choose_compile(
+        opts.compile, opts.epochs * steps_per_epoch,
+        lambda: functools.partial(make_probe(), result.precision), student, rt, state, log)
+    result.compiled = compiled is not None
+    if log and result.compile_step_s:
+        log(compile_note(result.compiled, result.compile_step_s))
     model = student
     if rt.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device != "cpu" else None)
@@ -421,7 +500,8 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=layout)
-            loss = loss_of(model, x, y, autocast)
+            net = compiled if compiled is not None and len(y) == per_rank_batch else model
+            loss = loss_of(net, x, y, autocast)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -441,6 +521,7 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                             "scaler": scaler.state_dict(), "epochs": [asdict(e) for e in result.epochs],
                             "precision": result.precision, "precision_step_s": result.precision_step_s,
+                            "compiled": result.compiled, "compile_step_s": result.compile_step_s,
                             "tag": tag}, tmp)
         rt.barrier()
     student.eval()
