@@ -161,10 +161,11 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     the unpruned ResNet-56 and the 2x-pruned one (uniform, macs_reduction 0.5) in plain cross-entropy, and the
     pruned one distilling from the unpruned (its BatchNorm layers folded, and as given), in each precision and
     layout; the pruned one in CE with PyTorch's own batch norm (recover.packed_batchnorm false); and the teacher
-    alone (`_teacher_checks`). Every setting runs `images` images per round, all settings in turn within a round
-    (each round starting one setting later), `rounds` rounds: load on a shared machine moves a round's settings
-    together, so the ratios (pruned/unpruned, folded/unfolded, packed/unpacked) are taken within each round and
-    their medians reported, beside each setting's median rate."""
+    alone (`_teacher_checks`); and the three runs compiled (recover.compile true) in both channels-last settings,
+    each compiling before its timing starts. Every setting runs `images` images per round, all settings in turn
+    within a round (each round starting one setting later), `rounds` rounds: load on a shared machine moves a
+    round's settings together, so the ratios (pruned/unpruned, folded/unfolded, packed/unpacked, compiled/eager)
+    are taken within each round and their medians reported, beside each setting's median rate."""
     import copy
 
     import torch
