@@ -101,6 +101,18 @@ def test_packed_batch_norm_at_its_default_keeps_earlier_fine_tunes(tmp_path):
         "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
 
 
+def test_compile_at_auto_keeps_earlier_fine_tunes(tmp_path):
+    """recover.compile is one of ADDED_FIELDS: at auto (whether to compile is the machine's timing) a run folder
+    from before it keeps its fine-tune; told true or false, the fine-tune runs again."""
+    store = StageStore(tmp_path)
+    fill(store, FULL)
+    assert FULL.recover.compile == "auto"
+    assert "recover.compile" in _settled(FULL.model_dump(mode="json"))[1]
+    for setting in (True, False):
+        assert stale(store, apply_overrides(FULL, {"recover.compile": setting})) == [
+            "finetuned", "export", "accuracy_onnx", "int8", "measure", "diagnose"]
+
+
 def test_a_run_timed_before_bounded_spinning_or_settled_turns_measures_again_but_keeps_its_pruning(tmp_path):
     """latency.ort_spin_us, turn_runs and settle_runs are ADDED_FIELDS, so a timed pruning decision (a latency
     target's) from before them stands; the measure stage's version makes the run's figures be taken again."""

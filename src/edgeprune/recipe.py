@@ -277,7 +277,8 @@ class RecoverOptions(_Strict):
         "blocks leaves at full width). auto: a fine-tune of 1000 steps or more compiles (about a minute the first "
         "time, then cached) and times the compiled step against the eager one side by side, keeping it only when "
         "it is 5% faster (report.json: finetuned.compile_step_s); true: compile whatever the length, timed but "
-        "kept; false: never. A machine that cannot compile (no C++ compiler) fine-tunes eagerly and says why")
+        "kept; false: never. A machine that cannot compile (no C++ compiler), or a model Dynamo cannot trace, "
+        "fine-tunes eagerly and says why; a resumed fine-tune keeps its checkpoint's choice")
     eval_every_epoch: bool = Field(default=False, description="evaluate after every epoch, not only the last")
     workers: int = Field(default=0, ge=0)
 

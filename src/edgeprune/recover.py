@@ -310,14 +310,20 @@ def time_steps(step: Callable[[str], None], model: nn.Module, precisions: Iterab
     the steps leave no trace on the fine-tune."""
     saved = copy.deepcopy(model.state_dict())
     times: dict[str, list[float]] = {p: [] for p in precisions}
+    cuda = any(p.is_cuda for p in model.parameters())  # a GPU step ends when its kernels have
+
+    def timed(precision: str) -> float:
+        t0 = time.perf_counter()
+        step(precision)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
     try:
         for precision in times:
-            step(precision)
+            timed(precision)
         for _ in range(repeats):
             for precision, seconds in times.items():
-                t0 = time.perf_counter()
-                step(precision)
-                seconds.append(time.perf_counter() - t0)
+                seconds.append(timed(precision))
     finally:
         model.load_state_dict(saved)
         for p in model.parameters():
@@ -349,38 +355,47 @@ def choose_compile(setting: bool | str, steps: int, make_step: Callable[[], Call
                    log: Callable[[str], None] | None = None) -> tuple[nn.Module | None, dict[str, float] | None]:
     """The module the fine-tune's full batches train through: `torch.compile(model)` or None (eager).
     `setting` is recover.compile: "auto" compiles a fine-tune on the CPU of at least COMPILE_MIN_STEPS `steps` (all
-    its epochs'), times `make_step()(net)` (one training step of the fine-tune's own on its first batch) eager and
-    compiled (`time_steps`: the first compiled step compiles, untimed), and keeps the compiled module only when it is
-    COMPILE_MIN_GAIN faster; True compiles and times whatever the length and keeps it; False never compiles.
-    Single processes only: under torchrun (DistributedDataParallel) the fine-tune runs eager. A fine-tune
-    `resumed` from a checkpoint that recorded its choice keeps it, so that it ends as an uninterrupted one would. A
-    machine that cannot compile falls back to eager, and `log` hears why. Returns (the module or None, the median
-    seconds of an eager and a compiled step, or None when nothing was timed)."""
-    wanted = setting is True or (setting == "auto" and steps >= COMPILE_MIN_STEPS and rt.device == "cpu")
-    if resumed is not None and "compiled" in resumed:
-        wanted = bool(resumed["compiled"])
-    if not wanted or rt.distributed:
-        if wanted and setting is True and log and rt.is_main:
-            log("recover.compile: torchrun fine-tunes eagerly (torch.compile is for one process)")
+    its epochs' full batches), times `make_step()(net)` (one training step of the fine-tune's own on its first
+    batch) eager and compiled (`time_steps`: the first compiled step compiles, untimed), and keeps the compiled
+    module only when it is COMPILE_MIN_GAIN faster; True compiles and times whatever the length and keeps it;
+    False never compiles. Single processes only: under torchrun (DistributedDataParallel) the fine-tune runs
+    eager. A fine-tune `resumed` from a checkpoint keeps the choice it recorded (eager for one written before
+    recover.compile existed) and its times, so that it ends as an uninterrupted one would. A machine that cannot
+    compile (no C++ compiler, a model Dynamo cannot trace) falls back to eager. `log` hears what was chosen and
+    why. Returns (the module or None, the median seconds of an eager and a compiled step, or None when nothing was
+    timed)."""
+    say = log if log is not None and rt.is_main else (lambda _: None)
+    if resumed is not None:
+        wanted, why = bool(resumed.get("compiled", False)), "as the interrupted fine-tune did"
+    else:
+        wanted = setting is True or (setting == "auto" and steps >= COMPILE_MIN_STEPS and rt.device == "cpu")
+        why = "recover.compile true" if setting is True else \
+            f"recover.compile keeps it when it is at least {COMPILE_MIN_GAIN:.0%} faster"
+    if wanted and rt.distributed:
+        say("training step eager: torchrun fine-tunes without torch.compile (it is for one process)")
+        return None, None
+    if not wanted:
+        if resumed is not None and setting is True:
+            say("training step eager, as the interrupted fine-tune ran")
         return None, None
     import torch._dynamo.exc
-    import torch._inductor.exc
-    compile_errors = (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError)  # no C++ compiler
     compiled = torch.compile(model, dynamic=False)  # the last, smaller batch of an epoch runs eager: no recompiling
     step = make_step()
-    if log:
-        log("compiling the training step (torch.compile: about a minute the first time, then cached)")
+    say("compiling the training step (torch.compile: about a minute the first time, then cached)")
     try:
         with _quiet_inductor():
             times = time_steps(lambda mode: step(compiled if mode == "compiled" else model), model,
                                ("eager", "compiled"))
-    except compile_errors as e:
-        if log:
-            log(f"torch.compile failed, fine-tuning eagerly: {str(e).strip().splitlines()[0][:200]}")
+    except torch._dynamo.exc.TorchDynamoException as e:  # Inductor's build (no C++ compiler), Dynamo's tracing
+        say(f"torch.compile failed, fine-tuning eagerly: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
         return None, None
     seconds = {mode: round(t, 4) for mode, t in times.items()}
-    keep = setting is True or (resumed is not None and "compiled" in resumed) or \
-        times["compiled"] < times["eager"] * (1 - COMPILE_MIN_GAIN)
+    keep = setting is True or resumed is not None or times["compiled"] < times["eager"] * (1 - COMPILE_MIN_GAIN)
+    if resumed is not None and resumed.get("compile_step_s"):
+        seconds = resumed["compile_step_s"]
+    say(f"training step {'compiled' if keep else 'eager'}: {seconds['compiled']:.3f} s compiled against "
+        f"{seconds['eager']:.3f} s eager, timed side by side ({why})")
     return (compiled if keep else None), seconds
 
 
@@ -394,13 +409,6 @@ def _quiet_inductor():
         yield
     finally:
         logger.setLevel(level)
-
-
-def compile_note(compiled: bool, seconds: dict[str, float] | None) -> str:
-    """One line on whether the training step runs compiled and, when it was timed, why."""
-    return (f"training step {'compiled' if compiled else 'eager'}: {seconds['compiled']:.3f} s compiled against "
-            f"{seconds['eager']:.3f} s eager, timed side by side (recover.compile keeps the compiled step when it is "
-            f"at least {COMPILE_MIN_GAIN:.0%} faster)") if seconds else ""
 
 
 def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None,
@@ -474,12 +482,11 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
         device, opts.amp, opts.epochs * steps_per_epoch, make_probe, student, rt, state)
     if log and rt.is_main:
         log(precision_note(result.precision, result.precision_step_s))
+    full_batches = opts.epochs * (math.ceil(train_images / rt.world_size) // per_rank_batch)  # what would compile
     compiled, result.compile_step_s = choose_compile(
-        opts.compile, opts.epochs * steps_per_epoch,
+        opts.compile if full_batches else False, full_batches,
         lambda: functools.partial(make_probe(), result.precision), student, rt, state, log)
     result.compiled = compiled is not None
-    if log and result.compile_step_s:
-        log(compile_note(result.compiled, result.compile_step_s))
     model = student
     if rt.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device != "cpu" else None)
@@ -526,4 +533,6 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
                             "tag": tag}, tmp)
         rt.barrier()
     student.eval()
+    if compiled is not None:  # Dynamo's cache on the model's code: the next student (a trial, a step) starts afresh
+        torch.compiler.reset()
     return result

@@ -143,8 +143,11 @@ def final_model_stage(recipe: Recipe) -> str:
 # latency.ort_spin_us (2026-12-01) is one: a pruning decision timed before it (round_to auto, a latency target)
 # stands, as one timed on a quieter machine would; the measure stage's version makes its figures be taken again.
 # latency.turn_runs and settle_runs (2026-12-01), the same way.
+# recover.compile (2026-12-02) is one: at auto, whether a fine-tune compiles is the machine's timing, like recover.amp's
+# precision; a fine-tune from before it stands, and its interrupted checkpoint (which records no choice) resumes eager.
 ADDED_FIELDS: dict[str, Any] = {"prune.target_speedup": None, "recover.packed_batchnorm": True,
-                                "latency.ort_spin_us": 20, "latency.turn_runs": 10, "latency.settle_runs": 5}
+                                "latency.ort_spin_us": 20, "latency.turn_runs": 10, "latency.settle_runs": 5,
+                                "recover.compile": "auto"}
 
 
 def _settled(recipe_json: dict) -> tuple[dict, set[str]]:
