@@ -73,21 +73,23 @@ def _cpu(rate: dict) -> str:
     return rate["cpu"] + (f" ({rate['cpu_features']})" if rate.get("cpu_features") else "")
 
 
+def _within(rounds: list[float]) -> str:
+    """A ratio taken in each round: its median and range."""
+    return f"{statistics.median(rounds):.2f}x, rounds {min(rounds):.2f}-{max(rounds):.2f}"
+
+
 def _rate_line(rate: dict) -> str:
     """The fine-tuning speed paragraph of allocation.md, from `train_rates`'s result."""
     r, precision = rate["img_per_s"], rate["precision"]
 
-    def within(rounds: dict[str, list[float]], key: str) -> str:  # the median of the ratios taken in each round
-        return f"{statistics.median(rounds[key]):.2f}x, rounds {min(rounds[key]):.2f}-{max(rounds[key]):.2f}"
-
     def ce(key: str) -> str:
-        return within(rate["pruned_ce_vs_unpruned_ce_rounds"], key)
+        return _within(rate["pruned_ce_vs_unpruned_ce_rounds"][key])
 
     def fold(key: str) -> str:
-        return within(rate["folded_vs_unfolded_rounds"], key)
+        return _within(rate["folded_vs_unfolded_rounds"][key])
 
     def pack(key: str) -> str:
-        return within(rate["packed_vs_unpacked_rounds"], key)
+        return _within(rate["packed_vs_unpacked_rounds"][key])
     t, f = rate["teacher_forward"], rate["teacher_fidelity"]
     return (f"Fine-tuning speed (`{rate['command']}`; recover.finetune, batch 128, {rate['images']} images per "
             f"timing, {rate['threads']} threads on {_cpu(rate)}, median of {len(rate['rounds']['pruned_ce'])} "
@@ -120,18 +122,17 @@ def _compiled_line(rate: dict) -> str:
     if "compiled_vs_eager_rounds" not in rate:
         return ""
     r, precision = rate["img_per_s"], rate["precision"]
-
-    def within(rounds: list[float]) -> str:
-        return f"{statistics.median(rounds):.2f}x, rounds {min(rounds):.2f}-{max(rounds):.2f}"
     ce, comp = rate["pruned_ce_vs_unpruned_ce_rounds"], rate["compiled_vs_eager_rounds"]
     return (f"Compiled (recover.compile true, torch.compile): in {precision} unpruned CE "
-            f"{r['unpruned_ce_compiled']:.0f} img/s, pruned CE {r['pruned_ce_compiled']:.0f} ({within(ce['_compiled'])}"
-            f"), pruned with distillation {r['pruned_kd_compiled']:.0f}; in FP32 {r['unpruned_ce_fp32_compiled']:.0f}, "
-            f"{r['pruned_ce_fp32_compiled']:.0f} ({within(ce['_fp32_compiled'])}) and "
-            f"{r['pruned_kd_fp32_compiled']:.0f} (compiled against eager: unpruned CE {within(comp['unpruned_ce'])}, "
-            f"pruned CE {within(comp['pruned_ce'])}, distilling {within(comp['pruned_kd'])} in {precision}; "
-            f"{within(comp['unpruned_ce_fp32'])}, {within(comp['pruned_ce_fp32'])} and "
-            f"{within(comp['pruned_kd_fp32'])} in FP32). ")
+            f"{r['unpruned_ce_compiled']:.0f} img/s, pruned CE {r['pruned_ce_compiled']:.0f} "
+            f"({_within(ce['_compiled'])}), pruned with distillation {r['pruned_kd_compiled']:.0f}; in FP32 "
+            f"{r['unpruned_ce_fp32_compiled']:.0f}, "
+            f"{r['pruned_ce_fp32_compiled']:.0f} ({_within(ce['_fp32_compiled'])}) and "
+            f"{r['pruned_kd_fp32_compiled']:.0f} (compiled against eager: unpruned CE "
+            f"{_within(comp['unpruned_ce'])}, "
+            f"pruned CE {_within(comp['pruned_ce'])}, distilling {_within(comp['pruned_kd'])} in {precision}; "
+            f"{_within(comp['unpruned_ce_fp32'])}, {_within(comp['pruned_ce_fp32'])} and "
+            f"{_within(comp['pruned_kd_fp32'])} in FP32). ")
 
 
 # Fine-tuning settings the rate bench (and bench/train_profile.py) time: recover.amp on, untimed at 1280 images (bf16

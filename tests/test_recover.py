@@ -225,8 +225,8 @@ def test_compiled_fine_tune_trains_like_eager_and_resumes_exactly(tmp_path):
     assert not auto.compiled and auto.compile_step_s is None  # 10 steps: far below COMPILE_MIN_STEPS
     assert [e.loss for e in full.epochs] == pytest.approx([e.loss for e in auto.epochs], rel=1e-3)
     # Inductor fuses and reorders the sums: the weights part by round-off, amplified over 10 steps, far less than
-    # training moved them (eager in the contiguous layout parts from channels-last by as much: up to 0.11 of a
-    # small BatchNorm's update)
+    # training moved them (by hand, eager in the contiguous layout parted from channels-last by as much: up to 0.11
+    # of a small BatchNorm's update)
     moved = parted = 0.0
     for a, b, c in zip(student.state_dict().values(), eager.state_dict().values(), start.values(), strict=True):
         if a.is_floating_point():

@@ -7,7 +7,6 @@ graph optimization) runs first, as ONNX Runtime recommends: without it Conv+BN a
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from .data import loader, unaugmented
 from .environment import cpu_flags
 from .errors import EdgePruneError, first_line
 from .measure import onnx_bytes, onnx_runner, openvino_available, time_interleaved
-from .quiet import quiet_stdout
+from .quiet import quiet_logger, quiet_stdout
 from .recipe import Int8Options, LatencyOptions
 
 INT8_NAME = "model.int8.onnx"
@@ -108,11 +107,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[opts.method]
-    ort_logger = logging.getLogger("onnxruntime")  # the quantizer logs a note per un-quantized op
-    previous = ort_logger.level
-    ort_logger.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix=".export-int8-", dir=out_path.parent) as tmp, quiet_stdout():
+    try:  # the quantizer logs a note per un-quantized op
+        with tempfile.TemporaryDirectory(prefix=".export-int8-", dir=out_path.parent) as tmp, quiet_stdout(), \
+                quiet_logger("onnxruntime"):
             pre, quantized = Path(tmp) / "pre.onnx", Path(tmp) / out_path.name
             with _working_directory(tmp):  # ORT's shape inference leaves a file in the working directory on failure
                 quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=not symbolic_shapes)
@@ -129,8 +126,6 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             raise
         # ORT's symbolic shape inference raises a bare Exception on graphs it cannot infer
         raise _failed(fp32_path, exc) from exc
-    finally:
-        ort_logger.setLevel(previous)
     return out_path
 
 

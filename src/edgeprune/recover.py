@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import logging
 import math
 import statistics
 import time
@@ -28,8 +27,9 @@ from .batchnorm import use_packed_batch_norm
 from .data import loader, shard
 from .distributed import Runtime
 from .environment import cpu_has_bf16
-from .errors import EdgePruneError
+from .errors import EdgePruneError, first_line
 from .fsio import atomic_path
+from .quiet import quiet_logger
 from .recipe import RecoverOptions
 
 
@@ -307,7 +307,8 @@ def time_steps(step: Callable[[str], None], model: nn.Module, precisions: Iterab
                repeats: int = AMP_PROBE_STEPS) -> dict[str, float]:
     """The median seconds of `step(precision)` for each of `precisions`, taking turns after one untimed step of
     each; `model`'s weights and BatchNorm statistics are restored afterwards and its gradients cleared, so that
-    the steps leave no trace on the fine-tune."""
+    the steps leave no trace on the fine-tune. With `repeats` 0 it only takes the untimed steps (a warm-up, a
+    compile) and returns no times."""
     saved = copy.deepcopy(model.state_dict())
     times: dict[str, list[float]] = {p: [] for p in precisions}
     cuda = any(p.is_cuda for p in model.parameters())  # a GPU step ends when its kernels have
@@ -328,7 +329,7 @@ def time_steps(step: Callable[[str], None], model: nn.Module, precisions: Iterab
         model.load_state_dict(saved)
         for p in model.parameters():
             p.grad = None
-    return {p: statistics.median(t) for p, t in times.items()}
+    return {p: statistics.median(t) for p, t in times.items() if t}  # none for repeats=0 (a warm-up alone)
 
 
 def precision_note(precision: str, seconds: dict[str, float] | None) -> str:
@@ -344,8 +345,8 @@ def precision_note(precision: str, seconds: dict[str, float] | None) -> str:
 # residual-add work of a training step, which pruning inside the blocks leaves at full width. On 2 cores of an Intel
 # Xeon with AVX-512 (AMX hidden) the default recipe's distilling FP32 step ran 1.12x faster compiled (0.522 against
 # 0.586 s); in bench/allocation.py --train-rate the steps ran 1.06-1.25x faster compiled, pruned and unpruned, FP32
-# and bf16. Compiling took 40-60 s the first time and about 5 s from Inductor's cache. So a long fine-tune compiles,
-# and times it.
+# and bf16. Compiling and timing took 58 s there (Inductor then caches its kernels on disk). So a long fine-tune
+# compiles, and times it.
 COMPILE_MIN_STEPS = 1000  # at 0.06 s saved a step, 1000 steps win back a cold compile of about a minute
 COMPILE_MIN_GAIN = 0.05  # the compiled step must be this much faster than the eager one to be kept
 
@@ -358,19 +359,18 @@ def choose_compile(setting: bool | str, steps: int, make_step: Callable[[], Call
     its epochs' full batches), times `make_step()(net)` (one training step of the fine-tune's own on its first
     batch) eager and compiled (`time_steps`: the first compiled step compiles, untimed), and keeps the compiled
     module only when it is COMPILE_MIN_GAIN faster; True compiles and times whatever the length and keeps it;
-    False never compiles. Single processes only: under torchrun (DistributedDataParallel) the fine-tune runs
-    eager. A fine-tune `resumed` from a checkpoint keeps the choice it recorded (eager for one written before
-    recover.compile existed) and its times, so that it ends as an uninterrupted one would. A machine that cannot
-    compile (no C++ compiler, a model Dynamo cannot trace) falls back to eager. `log` hears what was chosen and
-    why. Returns (the module or None, the median seconds of an eager and a compiled step, or None when nothing was
-    timed)."""
+    False never compiles; nor does a fine-tune without a full batch (`steps` 0). Single processes only: under
+    torchrun (DistributedDataParallel) the fine-tune runs eager. A fine-tune `resumed` from a checkpoint keeps
+    the choice it recorded (eager for one written before recover.compile existed) and its times, compiling with
+    one untimed step, so that it ends as an uninterrupted one would. A machine that cannot compile (no C++
+    compiler, a model Dynamo cannot trace) falls back to eager. `log` hears what was chosen and why. Returns (the
+    module or None, the median seconds of an eager and a compiled step, or None when nothing was timed)."""
     say = log if log is not None and rt.is_main else (lambda _: None)
     if resumed is not None:
-        wanted, why = bool(resumed.get("compiled", False)), "as the interrupted fine-tune did"
+        wanted = bool(resumed.get("compiled", False))
     else:
-        wanted = setting is True or (setting == "auto" and steps >= COMPILE_MIN_STEPS and rt.device == "cpu")
-        why = "recover.compile true" if setting is True else \
-            f"recover.compile keeps it when it is at least {COMPILE_MIN_GAIN:.0%} faster"
+        wanted = steps > 0 and (setting is True or (setting == "auto" and steps >= COMPILE_MIN_STEPS
+                                                    and rt.device == "cpu"))
     if wanted and rt.distributed:
         say("training step eager: torchrun fine-tunes without torch.compile (it is for one process)")
         return None, None
@@ -382,33 +382,26 @@ def choose_compile(setting: bool | str, steps: int, make_step: Callable[[], Call
     compiled = torch.compile(model, dynamic=False)  # the last, smaller batch of an epoch runs eager: no recompiling
     step = make_step()
     say("compiling the training step (torch.compile: about a minute the first time, then cached)")
-    try:
-        with _quiet_inductor():
+    try:  # Inductor's C++ build warns that it found no CUDA runtime, which a CPU fine-tune does not need
+        with quiet_logger("torch.utils.cpp_extension"):
+            # a resume keeps its recorded choice and times: one untimed step compiles (or fails to)
             times = time_steps(lambda mode: step(compiled if mode == "compiled" else model), model,
-                               ("eager", "compiled"))
+                               ("compiled",) if resumed is not None else ("eager", "compiled"),
+                               repeats=0 if resumed is not None else AMP_PROBE_STEPS)
     except torch._dynamo.exc.TorchDynamoException as e:  # Inductor's build (no C++ compiler), Dynamo's tracing
-        say(f"torch.compile failed, fine-tuning eagerly: {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+        say(f"torch.compile failed, fine-tuning eagerly: {type(e).__name__}: {first_line(e)}")
         return None, None
-    seconds = {mode: round(t, 4) for mode, t in times.items()}
-    keep = setting is True or resumed is not None or times["compiled"] < times["eager"] * (1 - COMPILE_MIN_GAIN)
-    if resumed is not None and resumed.get("compile_step_s"):
-        seconds = resumed["compile_step_s"]
-    say(f"training step {'compiled' if keep else 'eager'}: {seconds['compiled']:.3f} s compiled against "
-        f"{seconds['eager']:.3f} s eager, timed side by side ({why})")
+    if resumed is not None:
+        seconds, keep, why = resumed.get("compile_step_s"), True, "as the interrupted fine-tune did"
+    else:
+        seconds = {mode: round(t, 4) for mode, t in times.items()}
+        keep = setting is True or times["compiled"] < times["eager"] * (1 - COMPILE_MIN_GAIN)
+        why = "recover.compile true" if setting is True else \
+            f"recover.compile keeps it when it is at least {COMPILE_MIN_GAIN:.0%} faster"
+    say(f"training step {'compiled' if keep else 'eager'}" + (
+        f": {seconds['compiled']:.3f} s compiled against {seconds['eager']:.3f} s eager, timed side by side"
+        if seconds else "") + f" ({why})")
     return (compiled if keep else None), seconds
-
-
-@contextlib.contextmanager
-def _quiet_inductor():
-    """Inductor's C++ build warns that it found no CUDA runtime, which a CPU fine-tune does not need."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _to_channels_last(opts: RecoverOptions, student: nn.Module, teacher: nn.Module | None,
@@ -484,7 +477,7 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
         log(precision_note(result.precision, result.precision_step_s))
     full_batches = opts.epochs * (math.ceil(train_images / rt.world_size) // per_rank_batch)  # what would compile
     compiled, result.compile_step_s = choose_compile(
-        opts.compile if full_batches else False, full_batches,
+        opts.compile, full_batches,
         lambda: functools.partial(make_probe(), result.precision), student, rt, state, log)
     result.compiled = compiled is not None
     model = student
