@@ -107,7 +107,9 @@ def _rate_line(rate: dict) -> str:
             f"{r['pruned_ce_unpacked']:.0f} img/s, {r['pruned_ce_fp32_unpacked']:.0f} in FP32 (packed against "
             f"PyTorch's: {pack('')} in {precision}, {pack('_fp32')} in FP32). "
             f"{_compiled_line(rate)}"
-            f"The augmented data loader alone: {r['data_loader']:.0f} img/s. "
+            f"{_batching_line(rate)}"
+            f"The augmented data loader alone: {r['data_loader']:.0f} img/s"
+            f"{_per_image_loader(r)}. "
             f"The teacher's forward alone (batch 128, channels-last, {t['runs']} runs of each timed in turns): "
             f"{t['img_per_s']['unfolded']:.0f} img/s in {precision}, {t['img_per_s']['unfolded_fp32']:.0f} in FP32; "
             f"folded {t['img_per_s']['folded']:.0f} and {t['img_per_s']['folded_fp32']:.0f}. Its soft targets (T=4) "
@@ -115,6 +117,21 @@ def _rate_line(rate: dict) -> str:
             f"{precision} as given, {f['kl']['folded']:.2e} folded (folded in FP32: logits within "
             f"{f['folded_fp32_max_abs']:.1e}); "
             f"top-1 {f['top1']['fp32']:.2f}% in FP32, {f['top1']['unfolded']:.2f}% and {f['top1']['folded']:.2f}%.")
+
+
+def _batching_line(rate: dict) -> str:
+    """The sentence on augmenting a batch at once (rates measured before 2026-12-02 have none)."""
+    if "batched_vs_per_image_rounds" not in rate:
+        return ""
+    r, b = rate["img_per_s"], rate["batched_vs_per_image_rounds"]
+    return (f"With the training images augmented image by image (the DataLoader's fetch before 2026-12-02), in "
+            f"FP32: unpruned CE {r['unpruned_ce_fp32_per_image']:.0f} img/s, pruned CE "
+            f"{r['pruned_ce_fp32_per_image']:.0f} (batched against image by image: unpruned "
+            f"{_within(b['unpruned_ce'])}, pruned {_within(b['pruned_ce'])}). ")
+
+
+def _per_image_loader(r: dict) -> str:
+    return "" if "data_loader_per_image" not in r else f", {r['data_loader_per_image']:.0f} image by image"
 
 
 def _compiled_line(rate: dict) -> str:
@@ -182,15 +199,20 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     example = model.edgeprune_spec.example_input()
     models = {"unpruned_ce": (model, None), "pruned_ce": (pruned, None), "pruned_kd": (pruned, model)}
     settings = RATE_SETTINGS | COMPILED_SETTINGS
-    runs = {f"{k}{suffix}": (*m, setting) for suffix, setting in settings.items() for k, m in models.items()}
+    runs = {f"{k}{suffix}": (*m, setting, train) for suffix, setting in settings.items() for k, m in models.items()}
     # distilling from the teacher as given, its BatchNorm layers not folded (recover.fold_teacher false; the
     # default before 2026-12-01)
-    runs |= {f"pruned_kd{suffix}_unfolded": (pruned, model, {**settings[suffix], "fold_teacher": False})
+    runs |= {f"pruned_kd{suffix}_unfolded": (pruned, model, {**settings[suffix], "fold_teacher": False}, train)
              for suffix in ("", "_fp32")}
     # the pruned model trained with PyTorch's own batch norm on its layers whose width is not a multiple of 16
     # (recover.packed_batchnorm false; before 2026-12-01 they ran contiguous, with copies there and back)
-    runs |= {f"pruned_ce{suffix}_unpacked": (pruned, None, {**settings[suffix], "packed_batchnorm": False})
+    runs |= {f"pruned_ce{suffix}_unpacked": (pruned, None, {**settings[suffix], "packed_batchnorm": False}, train)
              for suffix in ("", "_fp32")}
+    # both models in CE in FP32 with the training images augmented one by one by torchvision's transforms (the
+    # DataLoader's fetch before 2026-12-02; data.SmallImageTransform now augments a batch at once, the same draws)
+    per_image = _per_image(train)
+    runs |= {f"{k}_fp32_per_image": (m, None, settings["_fp32"], per_image)
+             for k, m in (("unpruned_ce", model), ("pruned_ce", pruned))}
     opts = recipe.recover.model_copy(update={"epochs": 1, "train_images": images})
     precision = finetune(copy.deepcopy(pruned), None, train, None, opts.model_copy(update={"train_images": 256}),
                          runtime()).precision  # also a warm-up
@@ -198,8 +220,8 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     order = list(runs)
     for i in tqdm(range(rounds), desc="rounds"):
         for key in order[i % len(order):] + order[:i % len(order)]:  # each round starts one setting later
-            student, teacher, setting = runs[key]
-            result = finetune(copy.deepcopy(student), teacher, train, None,
+            student, teacher, setting, dataset = runs[key]
+            result = finetune(copy.deepcopy(student), teacher, dataset, None,
                               opts.model_copy(update={"distill": teacher is not None, **setting}), runtime())
             assert teacher is None or (result.teacher_folded_batchnorms > 0) == setting.get("fold_teacher", True)
             rates[key].append(round(images / result.epochs[0].seconds, 1))
@@ -212,11 +234,16 @@ def train_rates(images: int, rounds: int = 5) -> dict:
     packing = {suffix: per_round(f"pruned_ce{suffix}", f"pruned_ce{suffix}_unpacked") for suffix in ("", "_fp32")}
     compiling = {f"{m}{suffix}": per_round(f"{m}{suffix}_compiled", f"{m}{suffix}")
                  for m in ("unpruned_ce", "pruned_ce", "pruned_kd") for suffix in ("", "_fp32")}
-    # the augmented batches alone
-    t0, seen = time.perf_counter(), 0
-    for _, y in loader(train, opts.batch_size, shuffle=True, limit=images):
-        seen += len(y)
-    median["data_loader"] = round(seen / (time.perf_counter() - t0), 1)
+    batching = {k: per_round(f"{k}_fp32", f"{k}_fp32_per_image") for k in ("unpruned_ce", "pruned_ce")}
+    # the augmented batches alone, batched and image by image, in turns
+    loading: dict[str, list[float]] = {"data_loader": [], "data_loader_per_image": []}
+    for _ in range(3):
+        for key, ds in (("data_loader", train), ("data_loader_per_image", per_image)):
+            t0, seen = time.perf_counter(), 0
+            for _, y in loader(ds, opts.batch_size, shuffle=True, limit=images):
+                seen += len(y)
+            loading[key].append(seen / (time.perf_counter() - t0))
+    median |= {k: round(statistics.median(v), 1) for k, v in loading.items()}
     env = environment()
     return {"images": images, "threads": torch.get_num_threads(), "cpu": env["cpu"],
             **_teacher_checks(model, train, precision, opts.batch_size, images),
@@ -230,7 +257,19 @@ def train_rates(images: int, rounds: int = 5) -> dict:
             "packed_vs_unpacked": {k: statistics.median(r) for k, r in packing.items()},
             "compiled_vs_eager_rounds": compiling,
             "compiled_vs_eager": {k: statistics.median(r) for k, r in compiling.items()},
+            "batched_vs_per_image_rounds": batching,
+            "batched_vs_per_image": {k: statistics.median(r) for k, r in batching.items()},
             "macs_factor": round(count_macs(model, example) / count_macs(pruned, example), 3)}
+
+
+def _per_image(train):
+    """`train`'s images with torchvision's CIFAR augmentation as one Compose, which DecodedImages applies image by
+    image."""
+    from torchvision.transforms import v2 as T
+
+    from edgeprune.data import DecodedImages
+    t = train.transform
+    return DecodedImages(train.images, train.targets, train.classes, T.Compose([t.crop, t.flip, t.tail]))
 
 
 def _teacher_checks(model, train, precision: str, batch_size: int, images: int) -> dict:

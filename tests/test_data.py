@@ -47,6 +47,34 @@ def test_training_split_is_augmented_but_eval_is_not(tmp_path):
     assert len(crops) > 1  # random crop with zero padding moves the image
 
 
+def test_a_loader_batch_equals_torchvisions_transforms_image_by_image(data_dir):
+    """The DataLoader fetches a batch through DecodedImages.__getitems__ (through Subset too), transformed as one
+    batch: bit-identical, under one seed, to torchvision's own pad-crop-flip-normalize pipeline run image by image
+    as the DataLoader ran it before, so seeded fine-tunes draw the same crops and flips."""
+    from torchvision.transforms import v2 as T
+
+    from edgeprune.data import DecodedImages, loader
+    spec = create_model("cifar_resnet56").edgeprune_spec
+    train = load_split("cifar10", spec, train=True)
+    normalize = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)])
+    reference = DecodedImages(train.images, train.targets, train.classes,
+                              T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), normalize]))
+
+    def first_batches(ds):
+        torch.manual_seed(7)
+        return list(zip(range(2), loader(even_subset(ds, 300), 128, shuffle=True, seed=3), strict=False))
+    batches, expected = first_batches(train), first_batches(reference)
+    for (_, (x, y)), (_, (x_ref, y_ref)) in zip(batches, expected, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    plain = first_batches(DecodedImages(train.images, train.targets, train.classes, normalize))[0][1]
+    assert torch.equal(plain[1], batches[0][1][1])  # the same images in the same order, not augmented
+    moved = sum(not torch.equal(a, b) for a, b in zip(batches[0][1][0], plain[0], strict=True))
+    assert moved > 100  # of 128: the batch was augmented, nearly every image moved by its crop or flip
+    test = load_split("cifar10", spec, train=False)
+    batch = torch.stack([x for x, _ in test.__getitems__([0, 1, 9_999])])
+    assert torch.equal(batch, torch.stack([test[0][0], test[1][0], test[9_999][0]]))
+
+
 def test_imagenet_style_folders_resize_and_crop(tmp_path):
     make_folder(tmp_path, classes=2, per_class=2, size=300, split="test")
     spec = create_model("resnet18", num_classes=2).edgeprune_spec

@@ -19,6 +19,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from .assets import cache_home, edgeprune_home
@@ -90,6 +91,48 @@ class DecodedImages(Dataset):
     def __getitem__(self, i):
         return self.transform(self.images[i]), int(self.targets[i])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A DataLoader's batch (Subset passes its batches on here): with `SmallImageTransform`, transformed
+        as one batch, equal to its images transformed one by one."""
+        if not isinstance(self.transform, SmallImageTransform):
+            return [self[i] for i in indices]
+        return list(zip(self.transform.batch(self.images[indices]), self.targets[indices].tolist(), strict=True))
+
+
+class SmallImageTransform:
+    """The transforms of decoded CIFAR-sized uint8 images: torchvision's pad-and-crop (zero padding of size // 8)
+    and horizontal flip when augmenting, then scaling to [0, 1] and normalizing. `batch` transforms a whole batch
+    about 4x faster on two cores than image by image (~36 against ~140 microseconds an image here), which on a
+    pruned CIFAR ResNet's fine-tuning step is a few percent of the step: scaling and normalizing run once on the
+    batch, and the padding once. Each image's crop and flip are drawn from torch's generator as torchvision draws
+    them for one image, in the same order, so a batch is bit-identical to its images transformed one by one
+    (tests/test_data.py), and a fine-tune under a seed is what it was when the DataLoader fetched images singly."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], augment: bool):
+        self.size, self.padding = size, size // 8
+        self.crop = T.RandomCrop(size, padding=self.padding) if augment else None
+        self.flip = T.RandomHorizontalFlip() if augment else None
+        self.tail = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.crop is not None and self.flip is not None:
+            image = self.flip(self.crop(image))
+        return self.tail(image)
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) uint8 -> (N, C, size, size) float32."""
+        if self.crop is not None and self.flip is not None:
+            padded = TF.pad(images, [self.padding], fill=0)
+            out = images.new_empty((len(images), images.shape[1], self.size, self.size))
+            for i, image in enumerate(images):
+                params = self.crop.make_params([image])  # draws top, then left, as RandomCrop does
+                top, left = params["top"], params["left"]
+                crop = padded[i, :, top:top + self.size, left:left + self.size]
+                # RandomHorizontalFlip's draw: it leaves the image as it is when torch.rand(1) >= p
+                out[i] = TF.horizontal_flip(crop) if torch.rand(1) < self.flip.p else crop
+            images = out
+        return self.tail(images)
+
 
 _DECODED: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
 
@@ -158,9 +201,11 @@ def _open_rgb(path: str) -> Image.Image:
 
 def _transforms(spec: ModelSpec, train: bool, decoded: bool):
     size = spec.input_size[-1]
+    if size <= SMALL_IMAGE and decoded:  # CIFAR style: no resize; pad-and-crop + flip for training
+        return SmallImageTransform(size, spec.mean, spec.std, augment=train)
     tail = [T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)]
     head = [] if decoded else [T.PILToTensor()]
-    if size <= SMALL_IMAGE:  # CIFAR style: no resize; pad-and-crop + flip for training
+    if size <= SMALL_IMAGE:
         aug = [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()] if train else []
         return T.Compose([*head, *aug, *tail])
     if train:  # ImageNet style
