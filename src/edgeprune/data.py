@@ -101,12 +101,13 @@ class DecodedImages(Dataset):
 
 class SmallImageTransform:
     """The transforms of decoded CIFAR-sized uint8 images: torchvision's pad-and-crop (zero padding of size // 8)
-    and horizontal flip when augmenting, then scaling to [0, 1] and normalizing. `batch` transforms a whole batch
-    about 4x faster on two cores than image by image (~36 against ~140 microseconds an image here), which on a
-    pruned CIFAR ResNet's fine-tuning step is a few percent of the step: scaling and normalizing run once on the
-    batch, and the padding once. Each image's crop and flip are drawn from torch's generator as torchvision draws
-    them for one image, in the same order, so a batch is bit-identical to its images transformed one by one
-    (tests/test_data.py), and a fine-tune under a seed is what it was when the DataLoader fetched images singly."""
+    and horizontal flip when augmenting, then scaling to [0, 1] and normalizing. `batch` transforms a whole batch:
+    the padding, the scaling and the normalizing run once on it, and each image is cropped and flipped by slicing
+    (the rate bench's loader: 22,537 img/s against 7,379 image by image on 2 cores, bench/results/allocation.md;
+    about 2% of a pruned ResNet-56's FP32 fine-tuning step, and of every evaluation's time). Each image's crop and
+    flip are drawn from torch's generator as torchvision draws them for one image, in the same order, so a batch
+    is bit-identical to its images transformed one by one (tests/test_data.py), and a fine-tune under a seed is
+    what it was when the DataLoader fetched images singly."""
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], augment: bool):
         self.size, self.padding = size, size // 8
