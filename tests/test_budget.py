@@ -63,6 +63,12 @@ def test_max_drop_publishes_the_most_pruned_trial_within_the_budget(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "trials" / chosen["name"] / "stages" / "finetuned.json").stat().st_mtime == stamp
     assert json.loads((out / "report.json").read_text())["max_drop"]["trials"] == budget["trials"]
+    exported = cli("export", str(out), "--json")  # the search's chosen trial, exported again and re-published
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["max_drop"] == json.loads((out / "report.json").read_text())["max_drop"]
+    assert (out / "model.onnx").read_bytes() == (out / "trials" / chosen["name"] / "model.onnx").read_bytes()
+    other = cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--ratio", "0.5", "--out", str(out), "-q")
+    assert_one_line_error(other, "holds a run of a different recipe")  # a search folder is not written over
 
 
 def test_no_trial_within_the_budget_is_one_line(tmp_path):

@@ -171,6 +171,11 @@ def test_prune_with_data_evaluates_and_recalibrates_without_finetuning(tmp_path)
     assert json.loads(onnx.stdout) == {"top1": report["onnx"]["top1"], "top5": report["onnx"]["top5"], "images": 500}
     assert_one_line_error(cli("run", "--set", "recover.epochz=1", "--out", str(tmp_path / "x")), "epochz")
     assert_one_line_error(cli("run", "--set", "epochs", "--out", str(tmp_path / "x")), "section.field=value")
+    assert_one_line_error(cli("run", "--set", "prune.ignore=[layer1", "--out", str(tmp_path / "x")),
+                          "--set 'prune.ignore=[layer1': the value is not valid YAML", "quote it")
+    for option in ("--limit", "--batch-size", "--threads"):  # typer's own range check: a usage error, no traceback
+        bad = cli("evaluate", "--model", str(out), "--data", "cifar10", option, "0")
+        assert bad.returncode == 2 and option in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_evaluate_reproduces_the_runs_baseline(data_dir):
@@ -222,25 +227,44 @@ def test_torchrun_two_processes_match_one_in_a_sweep(tmp_path, uninterrupted):
     assert [p["label"] for p in sweep["points"]] == ["baseline", "ratio 0.5"]
 
 
+def kill_at_epoch(args: list[str], checkpoint, epoch: int) -> int:
+    """Run `edgeprune ARGS` and kill it (SIGKILL) as soon as its fine-tune's checkpoint reaches `epoch`: each
+    epoch's checkpoint is a new file (written aside, then renamed). The epoch the checkpoint holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, seen, held = time.time() + 300, None, 0
+    while held < epoch and proc.poll() is None and time.time() < deadline:
+        try:
+            inode = checkpoint.stat().st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode is not None and inode != seen:
+            seen, held = inode, torch.load(checkpoint, weights_only=True)["epoch"]
+        else:
+            time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return torch.load(checkpoint, weights_only=True)["epoch"]
+
+
 def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
+    """Killed after its first epoch, then killed again right after its last (while it evaluates the fine-tuned
+    model, before the stage's result is stored): the finished fine-tune is resumed, not trained again."""
     from safetensors.torch import load_file
 
     recipe, whole = uninterrupted
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "edgeprune", "run", str(recipe), "--out", str(out), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "finetune-checkpoint.pt").exists() and time.time() < deadline:  # after its first epoch
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    epoch = torch.load(out / "finetune-checkpoint.pt", weights_only=True)["epoch"]
+    checkpoint = out / "finetune-checkpoint.pt"
+    epoch = kill_at_epoch(["run", str(recipe), "--out", str(out), "-q"], checkpoint, 1)
     assert 1 <= epoch < 3 and not (out / "report.json").exists()
     assert_one_line_error(cli("run", str(recipe), "--out", str(out), "-q"), "--resume")  # stops in finetune()
+    assert kill_at_epoch(["run", str(recipe), "--out", str(out), "-q", "--resume"], checkpoint, 3) == 3
+    assert not (out / "stages" / "finetuned.json").exists()
     resumed = run_cli("run", str(recipe), "--out", str(out), "-q", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["finetuned"]["resumed_from_epoch"] == epoch
+    assert report["finetuned"]["resumed_from_epoch"] == 3 and not checkpoint.exists()
+    assert [e["epoch"] for e in report["finetuned"]["epochs"]] == [1, 2, 3]
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert report["finetuned"]["top1"] == json.loads((whole / "report.json").read_text())["finetuned"]["top1"]
@@ -322,3 +346,16 @@ def test_profile_prints_json():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["params"] == 269_722 and result["layers"]["linear"] == 10
+
+
+def test_a_wrong_dataset_is_refused_before_anything_is_pruned(tmp_path):
+    """A classifier's dataset folders and classes are checked before the run writes or prunes anything."""
+    for split in ("train", "val"):
+        for c in range(3):
+            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+    args = ("prune", "--model", "cifar_resnet20", "--weights", "none", "--ratio", "0.5", "--out", str(tmp_path / "run"),
+            "-q", "--data")
+    assert_one_line_error(cli(*args, str(tmp_path / "data")), "has 3 classes but cifar_resnet20 outputs 10")
+    (tmp_path / "data" / "val" / "c2").rename(tmp_path / "data" / "val" / "kitten")
+    assert_one_line_error(cli(*args, str(tmp_path / "data")), "different class folders")
+    assert not (tmp_path / "run").exists()

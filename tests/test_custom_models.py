@@ -30,6 +30,16 @@ NET = textwrap.dedent('''
             return self.head(self.features(x))
 
 
+    class Fixed(nn.Module):  # a CIFAR-style classifier whose head takes 32x32 inputs only
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 32 * 32, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(1))
+
+
     def build(width=1.0):
         return Net(width, num_classes=7)
 
@@ -78,6 +88,8 @@ def test_a_model_from_an_importable_module(tmp_path, monkeypatch):
     (("--model", "nets.py:Net", "--model-args", '{"depth": 3}'), ("--model-args do not fit Net",)),
     (("--model", "nets.py:not_a_model"), ("returned a int, not a torch.nn.Module",)),
     (("--model", "nets.py:Net", "--input-size", "3,32"), ("must be C,H,W",)),
+    (("--model", "nets.py:Fixed"), ("cannot run a (1, 3, 224, 224) input (mat1 and mat2", "pass --input-size")),
+    (("--model", "nets.py:Fixed", "--input-size", "3,64,64"), ("cannot run a (1, 3, 64, 64)", "check --input-size")),
     (("--model", "no_such_pkg.nets:Net"), ("cannot import 'no_such_pkg.nets'",)),
     (("--model", "cifar_resnet20", "--model-args", '{"width": 1}'), ("--model-args is for custom models",)),
     (("--model", "timm/resnet5od"), ("unknown timm model 'resnet5od'", "timm/resnet50d")),

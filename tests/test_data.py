@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 import edgeprune.data as data_module
 from edgeprune import EdgePruneError, create_model
@@ -75,6 +76,23 @@ def test_a_loader_batch_equals_torchvisions_transforms_image_by_image(data_dir):
     assert torch.equal(batch, torch.stack([test[0][0], test[1][0], test[9_999][0]]))
 
 
+def test_a_small_model_gets_its_size_from_images_of_any_size(tmp_path, monkeypatch):
+    """A 32-pixel model on a folder of 48x40 and 32x32 images: each decoded once at 32x32 (shorter side, then
+    centre crop), for training and evaluation alike."""
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", classes=10, per_class=1)
+    odd = root / "val" / "class3" / "0.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)  # H 40, W 48
+    Image.fromarray(pixels).save(odd)
+    spec = create_model("cifar_resnet20").edgeprune_spec
+    val, train = load_split(root, spec, train=False), load_split(root, spec, train=True)
+    assert val.images.shape == (10, 3, 32, 32) and train[0][0].shape == (3, 32, 32)
+    expected = TF.center_crop(TF.resize(Image.fromarray(pixels), 32, antialias=True), 32)
+    assert torch.equal(val.images[3], torch.from_numpy(np.asarray(expected)).permute(2, 0, 1))
+    assert torch.equal(val.images[4], torch.full((3, 32, 32), 20 * 4, dtype=torch.uint8))  # a 32x32 image as it is
+    assert len(list((tmp_path / "cache" / "decoded").glob("val-*.npy"))) == 1
+
+
 def test_imagenet_style_folders_resize_and_crop(tmp_path):
     make_folder(tmp_path, classes=2, per_class=2, size=300, split="test")
     spec = create_model("resnet18", num_classes=2).edgeprune_spec
@@ -108,6 +126,22 @@ def test_unreadable_image_is_named(tmp_path):
     (tmp_path / "val" / "class3" / "2.png").write_bytes(b"not a png")
     with pytest.raises(EdgePruneError, match=r"cannot read image .*class3/2.png"):
         load_split(tmp_path, create_model("cifar_resnet20").edgeprune_spec, train=False)
+
+
+def test_an_unreadable_image_read_in_a_loader_worker_is_still_one_line(tmp_path):
+    """With data.workers > 0 PyTorch rebuilds the worker's error with its whole traceback as the message; the
+    command prints the original line (errors.user_message)."""
+    from edgeprune.data import loader
+    from edgeprune.errors import user_message
+
+    make_folder(tmp_path, classes=2, per_class=2, size=72)  # over 64 pixels: read from the files, in the workers
+    (tmp_path / "val" / "class1" / "0.png").write_bytes(b"not a png")
+    ds = load_split(tmp_path, create_model("resnet18", num_classes=2).edgeprune_spec, train=False)
+    with pytest.raises(EdgePruneError) as info:
+        list(loader(ds, 4, workers=1))
+    assert "Original Traceback" in str(info.value)
+    line = user_message(info.value)
+    assert "\n" not in line and line.startswith("cannot read image ") and "class1/0.png" in line
 
 
 def test_subsets_and_shards_cover_the_data_once():

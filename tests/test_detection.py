@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
@@ -133,6 +134,33 @@ def test_other_detection_yamls_prune(name):
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape == (1, 14, 1344)
     assert count_macs(pruned, x) < 0.8 * count_macs(model, x)
+
+
+def test_the_users_own_detection_yaml_builds_and_prunes(tmp_path):
+    """Any .yaml is an Ultralytics model config: yolov8.yaml under the user's name, with scale n alone (Ultralytics
+    takes the first scale listed when the file name names none), builds yolov8n and prunes; a YAML that builds no
+    detector is one line."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    config = yaml_model_load("yolov8n.yaml")
+    mine = tmp_path / "gate_detector.yaml"
+    mine.write_text(yaml.safe_dump({"nc": config["nc"], "scales": {"n": config["scales"]["n"]},
+                                    "backbone": config["backbone"], "head": config["head"]}))
+    model = edgeprune.create_model(str(mine), "none", num_classes=10, imgsz=64)
+    stock = edgeprune.create_model("yolov8n.yaml", "none", num_classes=10, imgsz=64)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in stock.parameters())
+    pruned, _ = edgeprune.prune(model, PruneOptions(ratio=0.3))
+    x = torch.rand(1, 3, 64, 64)
+    assert count_macs(pruned, x) < 0.8 * count_macs(model, x)
+    # profiled by the command with no --weights: a detector's "default" is none there (sizes and times need none)
+    proc = cli("profile", "--model", str(mine), "--num-classes", "10", "--imgsz", "64", "--json", "--warmup", "1",
+               "--repeats", "2", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["params"] == sum(p.numel() for p in model.parameters())
+    (tmp_path / "broken.yaml").write_text("nc: 10\nbackbone: []\n")
+    proc = cli("prune", "--model", str(tmp_path / "broken.yaml"), "--weights", "none", "--out", str(tmp_path / "o"),
+               "-q")
+    assert_one_line_error(proc, "does not build an Ultralytics detection model")
 
 
 @pytest.mark.parametrize("name,needle", [("yolov8n-seg.yaml", "not a plain detection model"),

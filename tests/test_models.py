@@ -25,12 +25,16 @@ def test_prefixed_and_nested_checkpoints_load_identically(tmp_path, data_dir):
     plain = torch.load(data_dir / "resnet20-cifar10jpeg.pth", weights_only=True, map_location="cpu")
     nested = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in plain.items()}}
     torch.save(nested, tmp_path / "nested.pth")
+    torch.save({"net": plain, "acc": 91.7, "epoch": 180}, tmp_path / "script.pth")  # a training script's own layout
+    torch.save({"net": plain, "ema": plain, "epoch": 180}, tmp_path / "two.pth")
+    with pytest.raises(EdgePruneError, match=r"several dicts of tensors \(net, ema\) among its keys \(net, ema, epoch"):
+        create_model("cifar_resnet20", weights=str(tmp_path / "two.pth"))
     from safetensors.torch import save_file
 
     save_file(plain, str(tmp_path / "w.safetensors"))
     x = torch.randn(2, 3, 32, 32)
     ref = create_model("cifar_resnet20", weights=data_dir / "resnet20-cifar10jpeg.pth")(x)
-    for path in (tmp_path / "nested.pth", tmp_path / "w.safetensors"):
+    for path in (tmp_path / "nested.pth", tmp_path / "script.pth", tmp_path / "w.safetensors"):
         assert torch.equal(create_model("cifar_resnet20", weights=str(path))(x), ref)
 
 

@@ -107,3 +107,25 @@ def test_a_run_folder_from_before_a_recipe_field_was_added_resumes_without_recom
     assert proc.returncode == 0, proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")} == stamps
     assert "target_speedup" in json.loads((out / "recipe.json").read_text())["prune"]  # written as today's
+
+
+def test_a_run_folder_is_cleaned_of_our_half_written_files_only(tmp_path):
+    """What a killed run leaves half-written (edgeprune's own temporary names, in the run folder and its stages) is
+    removed when the folder is opened again; nothing else, even with `--out .` in a folder of other files."""
+    from edgeprune.fsio import TEMP_MARK, atomic_path
+    from edgeprune.pipeline import open_run_folder
+    from edgeprune.recipe import Recipe
+
+    ours = [tmp_path / f".model.json.{TEMP_MARK}k1.tmp", tmp_path / "stages" / f".prune.json.{TEMP_MARK}x.tmp",
+            tmp_path / "stages" / "prune" / f".model.safetensors.{TEMP_MARK}y.tmp"]
+    theirs = [tmp_path / ".notes.swp.tmp", tmp_path / "data" / f".cache.{TEMP_MARK}z.tmp",
+              tmp_path / ".export-photos" / "a.jpg", tmp_path / "draft.tmp"]
+    for path in ours + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    (tmp_path / f".{TEMP_MARK}export-q1").mkdir()  # an export's temporary folder
+    with atomic_path(tmp_path / "stages" / "a.json") as tmp:
+        assert TEMP_MARK in tmp.name  # what atomic_path writes is what the cleanup looks for
+    open_run_folder(tmp_path, Recipe())
+    assert not any(p.exists() for p in ours) and not (tmp_path / f".{TEMP_MARK}export-q1").exists()
+    assert all(p.exists() for p in theirs)

@@ -229,3 +229,20 @@ def test_rounding_that_undoes_pruning_is_reported():
     _, fine = prune(model, PruneOptions(ratio=0.5, round_to=8))
     assert not any("rounds down to zero" in n for n in fine.notes)
     assert widths(fine)["layer1.0.conv1"] == (16, 8)
+
+
+def test_a_failure_in_our_own_pruning_code_is_told_apart_from_torch_prunings():
+    """prune_copy turns Torch-Pruning's bare errors into "cannot be pruned safely", but not one raised in our
+    importance criteria (which it calls back): a bug of ours keeps its traceback."""
+    from edgeprune.pruning.rules import raised_in_our_pruning, raised_in_torch_pruning
+
+    ours = HessianImportance()
+    param = nn.Parameter(torch.ones(2))
+    ours._accu_grad[param] = torch.ones(2)  # a gradient without its count: the bug this stands for
+    with pytest.raises(KeyError) as info:
+        ours.mean_squared_grads()
+    assert raised_in_our_pruning(info.value) and not raised_in_torch_pruning(info.value)
+    with pytest.raises(KeyError) as info:  # the same error raised elsewhere (here: in a user's code)
+        {}["conv1"]
+    assert not raised_in_our_pruning(info.value)
+    assert not raised_in_our_pruning(ValueError("never raised"))

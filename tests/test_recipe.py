@@ -46,3 +46,10 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(EdgePruneError, match=message) as info:
         load_recipe(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_given_as_the_recipe_is_one_line(tmp_path):
+    path = tmp_path / "resnet56.pth"
+    path.write_bytes(bytes(range(256)))  # not UTF-8
+    with pytest.raises(EdgePruneError, match="not a YAML text file; a checkpoint goes to --weights"):
+        load_recipe(path)

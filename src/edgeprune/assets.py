@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +94,10 @@ def resolve_asset(name: str, tag: str = "default") -> Path:
     return path
 
 
+# what a failed download raises; other OSErrors (a full disk) are not a download problem and keep their traceback
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
 def _download(asset: Asset, path: Path) -> None:
     try:
         with atomic_path(path) as tmp:
@@ -104,8 +110,11 @@ def _download(asset: Asset, path: Path) -> None:
                     f"download of {asset.url} has sha256 {got[:16]}..., expected {asset.sha256[:16]}...; "
                     "retry, or place the right file in EDGEPRUNE_HOME"
                 )
-    except OSError as exc:
+    except NETWORK_ERRORS as exc:
         raise EdgePruneError(
             f"{asset.filename} is not in {path.parent} and could not be downloaded from {asset.url} ({exc}); "
             "download it by hand into EDGEPRUNE_HOME"
         ) from None
+    except PermissionError as exc:
+        raise EdgePruneError(f"cannot write {asset.filename} into {path.parent} ({exc.strerror}); set EDGEPRUNE_HOME "
+                             "to a folder you can write") from None

@@ -73,7 +73,7 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     """Run the accuracy-budget search of `recipe` in `out`; returns the chosen trial's report with every trial
     under `max_drop` (also written to out/report.json)."""
     from .distributed import runtime
-    from .pipeline import preflight, run_stages, stderr_logger, write_report
+    from .pipeline import preflight, run_stages, stderr_logger
 
     opts = recipe.prune
     if runtime().distributed:
@@ -139,10 +139,29 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     assert final is not None
     metric = rows.accuracy_keys(final["baseline"])[0][0]
     summary.update(metric=metric, baseline=final["baseline"][metric], chosen=chosen.name)
-    final["max_drop"] = summary
-    final["recipe"] = recipe.model_dump(mode="json")
-    _publish(root / "trials" / chosen.name, root)
     write_json(state_file, summary)
+    return publish(root, final)
+
+
+def chosen_trial(root: Path) -> Path | None:
+    """The folder of the trial a finished `--max-drop` search in `root` chose (None: `root` holds no search)."""
+    state = root / "max_drop.json"
+    if not state.is_file():
+        return None
+    chosen = read_json(state).get("chosen")
+    if chosen is None:
+        raise EdgePruneError(f"the --max-drop search in {root} kept no trial, so there is no model to work on; its "
+                             f"trials are in {root / 'trials'}")
+    return root / "trials" / chosen
+
+
+def publish(root: Path, final: dict) -> dict:
+    """Make the chosen trial's `final` report (with every trial, from max_drop.json) and its model and ONNX files
+    the search folder's own; returns the report."""
+    from .pipeline import write_report
+
+    final = {**final, "max_drop": read_json(root / "max_drop.json"), "recipe": read_json(root / "recipe.json")}
+    _publish(chosen_trial(root), root)
     write_report(root, final)
     return final
 
@@ -166,11 +185,9 @@ def _share_stages(trials: Path, folder: Path) -> None:
         if not any(r.exists() for r in records):
             continue
         (folder / "stages").mkdir(parents=True, exist_ok=True)
-        for record in records:
+        for record in [*records, earlier / "sensitivity.json"]:  # copied atomically, as every write
             if record.exists():
-                shutil.copyfile(record, folder / "stages" / record.name)
-        if (earlier / "sensitivity.json").exists():
-            shutil.copyfile(earlier / "sensitivity.json", folder / "sensitivity.json")
+                write_json(folder / record.relative_to(earlier), read_json(record))
         return
 
 

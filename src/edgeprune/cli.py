@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .errors import EdgePruneError
+from .errors import EdgePruneError, first_line, user_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained CNNs small and fast for edge devices: measure, prune, export, report.")
@@ -36,7 +36,7 @@ WeightsOpt = typer.Option("default", "--weights", "-w",
                           help="none, default (known pretrained weights), a torchvision weight name, "
                           "or a checkpoint path")
 ClassesOpt = typer.Option(None, "--num-classes", help="classes of the checkpoint (default: 10 CIFAR, 1000 ImageNet)")
-ThreadsOpt = typer.Option(2, "--threads", help="CPU threads for PyTorch and ONNX Runtime latency")
+ThreadsOpt = typer.Option(2, "--threads", min=1, help="CPU threads for PyTorch and ONNX Runtime latency")
 ImgszOpt = typer.Option(None, "--imgsz", help="YOLO detectors: square input size (default: the checkpoint's "
                         "training size, else 640)")
 TrustOpt = typer.Option(False, "--trust-pickle", help="load an Ultralytics .pt checkpoint (a pickle that can run "
@@ -57,7 +57,11 @@ def _parse_settings(settings: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise EdgePruneError(f"--set {item!r} must look like section.field=value, e.g. recover.epochs=3")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise EdgePruneError(f"--set {item!r}: the value is not valid YAML ({first_line(exc)}); quote it, e.g. "
+                                 "--set 'prune.ignore=[\"*downsample*\"]'") from None
     return overrides
 
 
@@ -93,8 +97,8 @@ def models_cmd():
 
     out_console.print("\n".join(list_models()), highlight=False)
     out_console.print("YOLO detectors: any Ultralytics detection YAML (yolov8n.yaml, yolov8s.yaml, yolo11n.yaml, "
-                      "...; needs pip install 'edgeprune[yolo]')", highlight=False)
-    out_console.print("timm models: timm/NAME for any timm.list_models() name (needs pip install 'edgeprune[timm]')",
+                      "...; needs pip install -e '.[yolo]')", highlight=False)
+    out_console.print("timm models: timm/NAME for any timm.list_models() name (needs pip install -e '.[timm]')",
                       highlight=False)
     out_console.print("Your own: path/to/file.py:NAME or package.module:NAME (a class or function returning an "
                       "nn.Module; --model-args JSON, --input-size C,H,W)", highlight=False)
@@ -113,10 +117,13 @@ def profile(model: str = ModelOpt, weights: str = WeightsOpt, num_classes: int |
     from dataclasses import asdict
 
     from .models import create_model
+    from .models.yolo import is_yolo_name
     from .pipeline import profile_model
     from .pruning import out_channels, prunable_layers
     from .recipe import Recipe, apply_overrides
 
+    if is_yolo_name(model) and weights == "default":  # detectors have no default weights; sizes and times need none
+        weights = "none"
     recipe = apply_overrides(Recipe(), _latency(threads, warmup, repeats))
     net = create_model(model, weights, num_classes, imgsz=imgsz, trust_pickle=trust_pickle,
                        model_args=_model_args(model_args), input_size=_input_size(input_size))
@@ -279,7 +286,8 @@ def prune_cmd(
 
 
 @app.command("export")
-def export_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
+def export_cmd(out: Path = typer.Argument(..., help="a prune run folder (of a --max-drop search: its chosen "
+                                          "trial, published again)"),
                opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the run's)"),
                simplify: bool | None = typer.Option(None, "--simplify/--no-simplify", help="simplify with onnxslim "
                                                     "(default: the run's)"),
@@ -434,8 +442,8 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, o
              data: str = typer.Option(..., "--data", help="cifar10 or an ImageFolder root (its val/ or test/ "
                                       "split), or a YOLO data.yaml (its val split)"),
              onnx: bool = typer.Option(False, "--onnx", help="evaluate the run folder's model.onnx with ONNX Runtime"),
-             batch_size: int = typer.Option(500, "--batch-size"),
-             limit: int | None = typer.Option(None, "--limit", help="evaluate an even subset of N images"),
+             batch_size: int = typer.Option(500, "--batch-size", min=1),
+             limit: int | None = typer.Option(None, "--limit", min=1, help="evaluate an even subset of N images"),
              threads: int = ThreadsOpt,
              as_json: bool = typer.Option(False, "--json", help='print {"top1": .., "top5": ..} (detectors: '
                                           '{"map50_95": .., "map50": ..}) as JSON'),
@@ -463,7 +471,8 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="model name, o
 def benchmark_cmd(out: Path = typer.Argument(..., help="a prune run folder"),
                   data: str | None = typer.Option(None, "--data", help="also measure accuracy on this dataset's "
                                                   "evaluation split (cifar10, an ImageFolder root, a YOLO data.yaml)"),
-                  limit: int | None = typer.Option(None, "--limit", help="with --data: an even subset of N images"),
+                  limit: int | None = typer.Option(None, "--limit", min=1,
+                                                   help="with --data: an even subset of N images"),
                   baseline: bool = typer.Option(False, "--baseline", help="also the unpruned model (rebuilt from the "
                                                 "run's recipe, FP32) on every runtime"),
                   threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the run's)"),
@@ -512,7 +521,7 @@ def main() -> None:
     except EdgePruneError as exc:
         if os.environ.get(DEBUG_ENV):
             traceback.print_exception(exc)
-        err_console.print(f"edgeprune: error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(f"edgeprune: error: {user_message(exc)}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("edgeprune: interrupted; run the same command again (with --resume while "

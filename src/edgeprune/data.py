@@ -22,7 +22,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .assets import cache_home, edgeprune_home
+from .assets import NETWORK_ERRORS, cache_home, edgeprune_home
 from .errors import EdgePruneError
 from .fsio import atomic_path
 from .models import ModelSpec
@@ -77,6 +77,21 @@ def _check_same_classes(root: Path) -> None:
         diff = sorted(set(train) ^ set(other))[:3]
         raise EdgePruneError(f"{root}/train and {held_out} have different class folders (e.g. {diff}); labels "
                              "would not match between them")
+
+
+def check_classification_data(data: str | os.PathLike, spec: ModelSpec) -> None:
+    """What can be checked of a classifier's dataset without reading an image, before a run prunes: the folder,
+    its train/ and val/ (or test/) splits naming the same classes, as many as the model outputs."""
+    source = resolve(data)
+    if source.kind == "folder":  # torchvision's CIFAR-10 files are checked (or downloaded) when first read
+        _check_same_classes(source.root)
+        _check_class_count(sum(1 for d in (source.root / "train").iterdir() if d.is_dir()), spec)
+
+
+def _check_class_count(classes: int, spec: ModelSpec) -> None:
+    if classes != spec.num_classes:
+        raise EdgePruneError(f"the dataset has {classes} classes but {spec.name} outputs {spec.num_classes}; "
+                             "pass --num-classes or the matching dataset")
 
 
 class DecodedImages(Dataset):
@@ -135,50 +150,51 @@ class SmallImageTransform:
         return self.tail(images)
 
 
-_DECODED: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+_DECODED: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
 
 
-def _decode_folder(folder: torchvision.datasets.ImageFolder, quiet: bool):
-    key = str(Path(folder.root).resolve())
+def _decode_folder(folder: torchvision.datasets.ImageFolder, size: int, quiet: bool):
+    key = (str(Path(folder.root).resolve()), size)
     if key not in _DECODED:
-        cached = _decoded_cache(folder)
-        images = _load_decoded(cached, len(folder.samples))
+        cached = _decoded_cache(folder, size)
+        images = _load_decoded(cached, len(folder.samples), size)
         if images is None:
-            images = _decode(folder, quiet)
+            images = _decode(folder, size, quiet)
             _save_decoded(cached, images)
         _DECODED[key] = (images, torch.tensor(folder.targets), folder.classes)
     return _DECODED[key]
 
 
-def _decode(folder: torchvision.datasets.ImageFolder, quiet: bool) -> torch.Tensor:
+def _decode(folder: torchvision.datasets.ImageFolder, size: int, quiet: bool) -> torch.Tensor:
+    """Every image as (N, 3, size, size) uint8: an image of another size (or shape) is resized, its shorter side
+    to `size`, and centre-cropped, as the evaluation transform of larger models does."""
     arrays = []
     for path, _ in tqdm(folder.samples, desc=f"decoding {Path(folder.root).name}", disable=quiet, leave=False):
-        arrays.append(np.asarray(_open_rgb(path)))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise EdgePruneError(f"images in {folder.root} have different sizes {sorted(shapes)[:3]}; resize them "
-                             "to one size first")
+        image = _open_rgb(path)
+        if image.size != (size, size):
+            image = TF.center_crop(TF.resize(image, size, antialias=True), size)
+        arrays.append(np.asarray(image))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def _decoded_cache(folder: torchvision.datasets.ImageFolder) -> Path:
-    """The cache file of `folder`'s decoded images: named by the folder's real path and every file's path in it,
-    class, size and mtime, so any image added, removed, replaced or touched makes a new entry, and the same
-    folder reached through a relative path or a link finds the same one."""
-    digest = hashlib.sha256(str(Path(folder.root).resolve()).encode())
+def _decoded_cache(folder: torchvision.datasets.ImageFolder, size: int) -> Path:
+    """The cache file of `folder`'s images decoded at `size`: named by the folder's real path and every file's
+    path in it, class, size and mtime, so any image added, removed, replaced or touched makes a new entry, and the
+    same folder reached through a relative path or a link finds the same one."""
+    digest = hashlib.sha256(f"{Path(folder.root).resolve()}\0{size}".encode())
     for path, target in folder.samples:
         st = os.stat(path)
         digest.update(f"{os.path.relpath(path, folder.root)}\0{target}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return cache_home() / "decoded" / f"{Path(folder.root).name}-{digest.hexdigest()[:32]}.npy"
 
 
-def _load_decoded(path: Path, count: int) -> torch.Tensor | None:
-    """The cached images (N, 3, H, W uint8), or None when absent or unreadable (decoded again, then)."""
+def _load_decoded(path: Path, count: int, size: int) -> torch.Tensor | None:
+    """The cached images (N, 3, size, size uint8), or None when absent or unreadable (decoded again, then)."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError):  # absent, empty or truncated (a crash, a full disk), or not an array
         return None
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] != count or array.shape[1] != 3:
+    if array.dtype != np.uint8 or array.shape != (count, 3, size, size):
         return None
     return torch.from_numpy(array)
 
@@ -232,9 +248,12 @@ def load_split(data: str | os.PathLike, spec: ModelSpec, train: bool, quiet: boo
     if source.kind == "cifar10":
         try:
             raw = torchvision.datasets.CIFAR10(str(source.root), train=train, download=True)
-        except (OSError, RuntimeError) as exc:
+        except (*NETWORK_ERRORS, RuntimeError) as exc:  # RuntimeError: torchvision found it corrupted
             raise EdgePruneError(f"CIFAR-10 is not in {source.root} and could not be downloaded ({exc}); "
                                  "set EDGEPRUNE_HOME to a folder holding it") from None
+        except PermissionError as exc:
+            raise EdgePruneError(f"cannot write CIFAR-10 into {source.root} ({exc.strerror}); set EDGEPRUNE_HOME to "
+                                 "a folder you can write") from None
         images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()
         ds = DecodedImages(images, torch.tensor(raw.targets), raw.classes, _transforms(spec, train, True))
     else:
@@ -243,13 +262,11 @@ def load_split(data: str | os.PathLike, spec: ModelSpec, train: bool, quiet: boo
         if len(folder.samples) == 0:
             raise EdgePruneError(f"{folder.root} holds no images")
         if spec.input_size[-1] <= SMALL_IMAGE:
-            images, targets, classes = _decode_folder(folder, quiet)
+            images, targets, classes = _decode_folder(folder, spec.input_size[-1], quiet)
             ds = DecodedImages(images, targets, classes, _transforms(spec, train, True))
         else:
             ds = _PILFolder(folder, _transforms(spec, train, False))
-    if len(ds.classes) != spec.num_classes:
-        raise EdgePruneError(f"the dataset has {len(ds.classes)} classes but {spec.name} outputs {spec.num_classes}; "
-                             "pass --num-classes or the matching dataset")
+    _check_class_count(len(ds.classes), spec)
     return ds
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .errors import EdgePruneError, first_line
+from .fsio import TEMP_MARK
 from .measure import ONNX_RUNTIMES, onnx_predictor
 from .models.yolo import export_form
 from .quiet import quiet_stdout
@@ -69,7 +70,7 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     x = torch.randn(1, *input_size)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix=f".{TEMP_MARK}export-", dir=path.parent) as tmp_dir:
         raw, final = Path(tmp_dir) / "raw.onnx", Path(tmp_dir) / path.name
         try:
             with export_form(model):  # a detector's box decoding in the form ONNX Runtime runs fast

@@ -25,7 +25,7 @@ from .distributed import Runtime, runtime, seed_everything
 from .environment import environment
 from .errors import EdgePruneError
 from .export import check_parity, export_onnx
-from .fsio import ensure_writable_dir, link_file, read_json, write_json, write_text
+from .fsio import TEMP_MARK, ensure_writable_dir, link_file, read_json, write_json, write_text
 from .measure import count_macs, measure, onnx_bytes, openvino_available
 from .models import create_model
 from .pruning import OnnxLatencyProbe, PruneResult, prune
@@ -74,13 +74,17 @@ def open_run_folder(out: str | Path, recipe: Recipe, overwrite: bool = False, ch
     refuse to mix two different recipes in one folder unless told to (`overwrite` starts afresh;
     `changing` keeps every stage result the change does not invalidate)."""
     root = ensure_writable_dir(out)
-    for stale in [*root.glob(".export-*"), *root.rglob(".*.tmp")]:
+    # what a killed run left half-written, and only that: edgeprune's own temporary names, where a run writes
+    # (trials and sweep points clean their own folders); never other files in a folder such as `--out .`
+    folders = [root, *(d for d in [root / "stages", *root.glob("stages/*")] if d.is_dir())]
+    for stale in [p for d in folders for p in d.glob(f".*{TEMP_MARK}*")]:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     store = StageStore(root)
     resolved = recipe.model_dump(mode="json")
     recipe_path = root / "recipe.json"
     different = recipe_path.exists() and not same_recipe(read_json(recipe_path), recipe)
-    analysis_only = store.done() <= {"sensitivity"}  # `edgeprune sensitivity` ran here: a run may build on it
+    # `edgeprune sensitivity` ran here: a run may build on it (a --max-drop search's folder has no stages either)
+    analysis_only = store.done() <= {"sensitivity"} and not (root / "max_drop.json").exists()
     if different and not (overwrite or changing or analysis_only):
         raise EdgePruneError(f"{root} holds a run of a different recipe; choose another --out or pass --overwrite")
     if overwrite:
@@ -210,10 +214,13 @@ class Runner:
             training = finetune(model, teacher, self.split(True), self.eval_set() if opts.eval_every_epoch else None,
                                 opts, self.rt, checkpoint, self.resume, self.recipe.seed, self.quiet, tag=tag,
                                 log=self.log)
-        self.rt.barrier()
-        if self.rt.is_main:
-            checkpoint.unlink(missing_ok=True)  # the caller's stored result supersedes it
-        return training
+        return training  # the checkpoint stays until the caller has stored its result (`drop_checkpoint`)
+
+    def drop_checkpoint(self) -> None:
+        """Remove the fine-tune's checkpoint once the result of the stage (or step) that trained is stored: until
+        then an interrupted evaluation resumes the finished fine-tune instead of training it again (main process;
+        a barrier follows before any process reads it)."""
+        (self.root / FINETUNE_CHECKPOINT).unlink(missing_ok=True)
 
     # --- running ---------------------------------------------------------------------------------
     def run(self) -> dict[str, object]:
@@ -249,6 +256,7 @@ class Runner:
         self.timings[stage.name] = {"seconds": seconds, "reused": False}
         if self.rt.is_main:
             self.store.save(stage, fingerprint, to_json(result), seconds)
+            self.drop_checkpoint()
         return result
 
     def publish_model(self, stage: str) -> None:
@@ -274,7 +282,8 @@ def check_detection_data(data, spec):
 
 def check_data_kind(path: str, spec):
     """`path` checked against the model's task: a detector needs a YOLO data.yaml (returned loaded and
-    scanned), a classifier anything else (returns None)."""
+    scanned), a classifier anything else (its folders and classes checked; returns None)."""
+    from .data import check_classification_data
     from .detection.data import is_detection_data, load_detection_data
 
     yolo = spec.task == "detect"
@@ -283,7 +292,10 @@ def check_data_kind(path: str, spec):
     if not yolo and is_detection_data(path):
         raise EdgePruneError(f"{path} is a detection dataset; {spec.name} is a classifier (pass a "
                              "YOLO model such as yolov8n.yaml, or an ImageFolder root)")
-    return check_detection_data(load_detection_data(path), spec) if yolo else None
+    if not yolo:
+        check_classification_data(path, spec)
+        return None
+    return check_detection_data(load_detection_data(path), spec)
 
 
 def check_sensitivity(recipe: Recipe, model: nn.Module) -> None:
@@ -306,8 +318,8 @@ def check_sensitivity(recipe: Recipe, model: nn.Module) -> None:
 
 
 def preflight(recipe: Recipe) -> nn.Module:
-    """Check what a run reads before it writes anything: the model and its weights, and a detector's
-    dataset (images and labels); returns the unpruned model."""
+    """Check what a run reads before it writes anything: the model and its weights, and its dataset (a
+    detector's images and labels; a classifier's folders and classes); returns the unpruned model."""
     from .measure import require_openvino
 
     opts = recipe.prune
@@ -485,6 +497,7 @@ def _steps(r: Runner) -> Schedule:
         if r.rt.is_main:
             artifact.save(model, history, folder / f"step-{k}")
             write_json(folder / f"step-{k}.json", {"steps": [to_json(d) for d in done]})
+            r.drop_checkpoint()
             shutil.rmtree(work, ignore_errors=True)
             (folder / f"step-{k - 1}.json").unlink(missing_ok=True)  # step k resumes everything step k-1 did
             shutil.rmtree(folder / f"step-{k - 1}", ignore_errors=True)
@@ -724,8 +737,11 @@ def export_run(out: str | Path, opset: int | None = None, simplify: bool | None 
     quantized (calibrated on `data`, default the run's dataset). Every stage computed from the old
     export (accuracy through ONNX Runtime, INT8, measurement, diagnostics) is computed again, so the
     report describes the new files; returns the report."""
+    from .budget import chosen_trial, publish
+
     root = Path(out)
-    recipe = read_run(root)
+    trial = chosen_trial(root)  # a --max-drop search: its chosen trial is the run, published again afterwards
+    recipe = read_run(trial or root)
     overrides: dict = {k: v for k, v in (("export.opset", opset), ("export.simplify", simplify)) if v is not None}
     if int8:
         if not (data or recipe.int8_data):
@@ -733,9 +749,9 @@ def export_run(out: str | Path, opset: int | None = None, simplify: bool | None 
         overrides["int8.enabled"] = True
         if data:
             overrides["int8.data"] = data
-    final = run_stages(apply_overrides(recipe, overrides), root, quiet, changing=True)
+    final = run_stages(apply_overrides(recipe, overrides), trial or root, quiet, changing=True)
     assert final is not None  # export runs in one process
-    return final
+    return final if trial is None else publish(root, final)
 
 
 def profile_model(model: nn.Module, recipe: Recipe, quiet: bool = True):

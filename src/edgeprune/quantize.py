@@ -20,6 +20,7 @@ from .accuracy import Accuracy, evaluate_onnx_predictions
 from .data import loader, unaugmented
 from .environment import cpu_flags
 from .errors import EdgePruneError, first_line
+from .fsio import TEMP_MARK
 from .measure import onnx_bytes, onnx_runner, openvino_available, time_interleaved
 from .quiet import quiet_logger, quiet_stdout
 from .recipe import Int8Options, LatencyOptions
@@ -108,8 +109,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[opts.method]
     try:  # the quantizer logs a note per un-quantized op
-        with tempfile.TemporaryDirectory(prefix=".export-int8-", dir=out_path.parent) as tmp, quiet_stdout(), \
-                quiet_logger("onnxruntime"):
+        with tempfile.TemporaryDirectory(prefix=f".{TEMP_MARK}export-int8-", dir=out_path.parent) as tmp, \
+                quiet_stdout(), quiet_logger("onnxruntime"):
             pre, quantized = Path(tmp) / "pre.onnx", Path(tmp) / out_path.name
             with _working_directory(tmp):  # ORT's shape inference leaves a file in the working directory on failure
                 quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=not symbolic_shapes)

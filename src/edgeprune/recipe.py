@@ -346,6 +346,9 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | None = 
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise EdgePruneError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise EdgePruneError(f"recipe {path} is not a YAML text file; a checkpoint goes to --weights (or the "
+                             "recipe's model.weights)") from None
     if not isinstance(data, dict):
         raise EdgePruneError(f"recipe {path} must be a mapping of sections (model, data, prune, recover, "
                              "export, int8, latency)")

@@ -129,6 +129,52 @@ class FinetuneResult:
         return asdict(self)
 
 
+def read_checkpoint(checkpoint: Path | None, tag: str | None, resume: bool, rt: Runtime | None = None,
+                    device: str = "cpu") -> dict | None:
+    """The interrupted fine-tune's state in `checkpoint` (tensors only, loaded with weights_only), or None when
+    there is none. One written under another `tag` belongs to other inputs: it is removed (by the main process,
+    once every process has read it) and the fine-tune starts afresh. One under this tag without `resume` is an
+    error that says how to go on."""
+    if checkpoint is None or not checkpoint.exists():
+        return None
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    if state.get("tag") != tag:
+        if rt is not None:
+            rt.barrier()
+        if rt is None or rt.is_main:
+            checkpoint.unlink()
+        return None
+    if not resume:
+        raise EdgePruneError(f"{checkpoint} holds an interrupted fine-tune; pass --resume to continue it or "
+                             "--overwrite to start again")
+    return state
+
+
+def resume_training(state: dict, result: FinetuneResult, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Load a `read_checkpoint` state into the fine-tune's model, optimizer, scheduler and `result`; the epoch to
+    continue from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    result.epochs = [EpochResult(**e) for e in state["epochs"]]
+    result.resumed_from_epoch = int(state["epoch"])
+    return result.resumed_from_epoch
+
+
+def write_checkpoint(checkpoint: Path, tag: str | None, result: FinetuneResult, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                     **extra) -> None:
+    """Atomically write what `resume_training` needs after the epoch `result` ends with, the choices a resume
+    must keep (precision, compile, with their timings) and the loop's `extra` tensors (a loss scaler, an EMA)."""
+    with atomic_path(checkpoint) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": result.epochs[-1].epoch,
+                    "epochs": [asdict(e) for e in result.epochs], "precision": result.precision,
+                    "precision_step_s": result.precision_step_s, "compiled": result.compiled,
+                    "compile_step_s": result.compile_step_s, "tag": tag, **extra}, tmp)
+
+
 def finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, eval_ds: Dataset | None,
              opts: RecoverOptions, rt: Runtime, checkpoint: Path | None = None, resume: bool = False,
              seed: int = 0, quiet: bool = True, tag: str | None = None,
@@ -432,24 +478,8 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.epochs * steps_per_epoch,
                                                                            opts.warmup))
     result = FinetuneResult(world_size=rt.world_size)
-    start = 0
-    state = None
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state.get("tag") != tag:  # the checkpoint of another fine-tune's inputs: start afresh
-            state = None
-            rt.barrier()  # every process has read it before the main one removes it
-            if rt.is_main:
-                checkpoint.unlink()
-    if state is not None:
-        if not resume:
-            raise EdgePruneError(f"{checkpoint} holds an interrupted fine-tune; pass --resume to continue it or "
-                                 "--overwrite to start again")
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = result.resumed_from_epoch = int(state["epoch"])
-        result.epochs = [EpochResult(**e) for e in state["epochs"]]
+    state = read_checkpoint(checkpoint, tag, resume, rt, device)
+    start = resume_training(state, result, student, optimizer, scheduler) if state is not None else 0
 
     def loss_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> torch.Tensor:
         with autocast():
@@ -517,13 +547,7 @@ def _finetune(student: nn.Module, teacher: nn.Module | None, train_ds: Dataset, 
             epoch_result.top1, epoch_result.top5 = acc.top1, acc.top5
         result.epochs.append(epoch_result)
         if checkpoint is not None and rt.is_main:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                            "scaler": scaler.state_dict(), "epochs": [asdict(e) for e in result.epochs],
-                            "precision": result.precision, "precision_step_s": result.precision_step_s,
-                            "compiled": result.compiled, "compile_step_s": result.compile_step_s,
-                            "tag": tag}, tmp)
+            write_checkpoint(checkpoint, tag, result, student, optimizer, scheduler, scaler=scaler.state_dict())
         rt.barrier()
     student.eval()
     if compiled is not None:  # Dynamo's cache on the model's code: the next student (a trial, a step) starts afresh

@@ -22,7 +22,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import EdgePruneError
-from ..fsio import atomic_path
 from ..models.yolo import detect_head, ultralytics
 from ..recipe import RecoverOptions
 from ..recover import (
@@ -41,9 +38,12 @@ from ..recover import (
     autocast_context,
     choose_precision,
     precision_note,
+    read_checkpoint,
     recalibrate_bn_on,
+    resume_training,
     training_layout,
     warmup_cosine,
+    write_checkpoint,
 )
 from .data import DetectionData, dataset, loader
 
@@ -135,23 +135,11 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(opts.epochs * steps, opts.warmup))
     ema = ModelEMA(student)
     result, start = FinetuneResult(), 0
-    state = None
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if state is not None and state.get("tag") != tag:  # another fine-tune's checkpoint: start afresh
-        checkpoint.unlink()
-        state = None
+    state = read_checkpoint(checkpoint, tag, resume)
     if state is not None:
-        if not resume:
-            raise EdgePruneError(f"{checkpoint} holds an interrupted fine-tune; pass --resume to continue it or "
-                                 "--overwrite to start again")
-        student.load_state_dict(state["model"])
+        start = resume_training(state, result, student, optimizer, scheduler)
         ema.ema.load_state_dict(state["ema"])
         ema.updates = int(state["ema_updates"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = result.resumed_from_epoch = int(state["epoch"])
-        result.epochs = [EpochResult(**e) for e in state["epochs"]]
     distill = teacher is not None and opts.distill_alpha > 0
     # after the EMA copied the student and before its first update, which binds it to the student's tensors
     sample = student.edgeprune_spec.example_input()
@@ -220,12 +208,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, data: DetectionData,
                 epoch_result.map50_95, epoch_result.map50 = acc.map50_95, acc.map50
             result.epochs.append(epoch_result)
             if checkpoint is not None:
-                with atomic_path(checkpoint) as tmp:
-                    torch.save({"model": student.state_dict(), "ema": ema.ema.state_dict(),
-                                "ema_updates": ema.updates, "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                                "epochs": [asdict(e) for e in result.epochs], "precision": result.precision,
-                                "precision_step_s": result.precision_step_s, "tag": tag}, tmp)
+                write_checkpoint(checkpoint, tag, result, student, optimizer, scheduler, ema=ema.ema.state_dict(),
+                                 ema_updates=ema.updates)
         student.load_state_dict(ema.ema.state_dict())
     student.eval()
     return result

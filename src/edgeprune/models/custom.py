@@ -37,7 +37,7 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise EdgePruneError("timm models need timm: pip install -e '.[timm]'") from None
+        raise EdgePruneError("timm models need timm: pip install -e '.[timm]' (or pip install timm==1.0.31)") from None
     return timm
 
 
@@ -134,7 +134,13 @@ def create_custom(name: str, num_classes: int | None, model_args: dict,
     size = tuple(input_size or DEFAULT_INPUT_SIZE)
     model.eval()
     with torch.no_grad():
-        out = model(torch.randn(1, *size))
+        try:
+            out = model(torch.randn(1, *size))
+        except RuntimeError as exc:  # the user's forward at a size it does not take (its shapes, its channels)
+            fix = ("pass --input-size C,H,W with the size it expects" if input_size is None else
+                   "check --input-size against the model")
+            raise EdgePruneError(f"{name} cannot run a (1, {', '.join(map(str, size))}) input "
+                                 f"({first_line(exc)}); {fix} (--debug shows where it failed)") from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise EdgePruneError(f"{name} must return (batch, classes) logits for a (1, {', '.join(map(str, size))}) "

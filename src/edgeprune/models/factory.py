@@ -265,8 +265,17 @@ def _unwrap_state(obj) -> dict:
         for key in ("state_dict", "model", "model_state_dict", "module"):
             if isinstance(obj.get(key), dict):
                 return _unwrap_state(obj[key])
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict):
         raise EdgePruneError("checkpoint holds no state dict of tensors; save model.state_dict(), not the model")
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        # a training script's own layout, e.g. {"net": state_dict, "acc": .., "epoch": ..}: its one dict of tensors
+        nested = [k for k, v in obj.items() if isinstance(v, dict) and v and
+                  all(isinstance(t, torch.Tensor) for t in v.values())]
+        if len(nested) == 1:
+            return _unwrap_state(obj[nested[0]])
+        found = f"several dicts of tensors ({', '.join(map(str, nested))})" if nested else "no dict of tensors"
+        raise EdgePruneError(f"checkpoint holds {found} among its keys ({', '.join(map(str, list(obj)[:8]))}); "
+                             "save the model's state_dict() alone, with torch.save or safetensors")
     out = {}
     for key, value in obj.items():
         for prefix in ("module.", "_orig_mod."):

@@ -9,7 +9,7 @@ In ONNX only, the DFL box decoding takes its softmax on the last axis (`export_f
 Runtime runs six times faster.
 The head's box, class and DFL convs are never pruned (`head_layers`).
 
-`ultralytics` is an optional extra: `pip install 'edgeprune[yolo]'`.
+`ultralytics` is an optional extra: `pip install -e '.[yolo]'`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..assets import ASSETS, cache_home, resolve_asset
-from ..errors import EdgePruneError
+from ..errors import EdgePruneError, first_line
 
 DEFAULT_IMGSZ = 640
 # Heads other than plain detection (segmentation, pose, OBB, classification, world/yoloe) are refused.
@@ -31,7 +31,12 @@ _OTHER_TASKS = ("-seg", "-pose", "-obb", "-cls", "-world", "yoloe", "rtdetr")
 
 
 def is_yolo_name(name: str) -> bool:
-    return name.endswith((".yaml", ".yml")) and name.split("/")[-1].startswith("yolo")
+    """An Ultralytics model YAML: a stock name (yolov8n.yaml) or the path of the user's own (any .yaml)."""
+    return name.endswith((".yaml", ".yml"))
+
+
+def _stock(name: str) -> bool:
+    return "/" not in name and name.startswith("yolo")
 
 
 def ultralytics():
@@ -42,7 +47,8 @@ def ultralytics():
     try:
         import ultralytics as ul
     except ImportError:
-        raise EdgePruneError("YOLO detectors need ultralytics: pip install 'edgeprune[yolo]'") from None
+        raise EdgePruneError("YOLO detectors need ultralytics: pip install -e '.[yolo]' (or pip install "
+                             "ultralytics==8.4.190)") from None
     from ultralytics.utils import SETTINGS
 
     if SETTINGS.get("sync"):
@@ -216,8 +222,14 @@ def create_detector(name: str, weights: str, num_classes: int | None, imgsz: int
     nc = num_classes or int(meta.get("nc") or 0) or 80
     if meta.get("nc") and num_classes and int(meta["nc"]) != num_classes:
         raise EdgePruneError(f"{weights} was trained for {meta['nc']} classes, not {num_classes}; drop --num-classes")
-    with quiet_stdout():
-        model = DetectionModel(name, nc=nc, verbose=False)
+    try:
+        with quiet_stdout():
+            model = DetectionModel(name, nc=nc, verbose=False)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        if _stock(name):  # Ultralytics' own YAML: a bug, ours or theirs
+            raise
+        raise EdgePruneError(f"{name} does not build an Ultralytics detection model ({type(exc).__name__}: "
+                             f"{first_line(exc)}); start from one of theirs, such as yolov8n.yaml") from exc
     head = detect_head(model)
     if getattr(head, "one2one_cv2", None) is not None or type(head).__name__ != "Detect":
         raise EdgePruneError(f"{name} has a {type(head).__name__} head with an end-to-end branch; edgeprune prunes "

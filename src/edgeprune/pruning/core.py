@@ -26,6 +26,7 @@ from .rules import (
     model_name,
     out_channels,
     prunable_layers,
+    raised_in_our_pruning,
     raised_in_torch_pruning,
     resolve_unpruned,
     unsupported,
@@ -76,16 +77,19 @@ def prune_copy(model: nn.Module, example: torch.Tensor, opts: PruneOptions, rati
         p.grad = grads[name].clone() if name in grads else None
     modules = dict(pruned.named_modules())
     importance = importance_for_grads(opts.importance)
+    ignored = [modules[n] for n in unpruned]
+    ratio_dict = {modules[n]: r for n, r in (ratios or {}).items()} or None
     try:
         with quiet_stdout(), trace_guard(model_name(pruned), opts.trace_memory_gb, opts.trace_timeout_s):
             pruner = tp.pruner.BasePruner(
                 pruned, example, importance=importance, pruning_ratio=ratio,
                 global_pruning=opts.global_pruning, round_to=opts.round_to,
-                max_pruning_ratio=opts.max_layer_ratio, ignored_layers=[modules[n] for n in unpruned],
-                pruning_ratio_dict={modules[n]: r for n, r in (ratios or {}).items()} or None,
+                max_pruning_ratio=opts.max_layer_ratio, ignored_layers=ignored, pruning_ratio_dict=ratio_dict,
             )
             pruner.step()
     except TORCH_PRUNING_FAILURES as exc:  # Torch-Pruning raises bare errors on graphs it cannot handle
+        if raised_in_our_pruning(exc):  # our importance criteria, which it calls back: a bug of ours
+            raise
         raise unsupported(pruned, exc) from exc
     except TypeError as exc:
         if not raised_in_torch_pruning(exc):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -34,14 +35,27 @@ TORCH_PRUNING_FAILURES: tuple[type[Exception], ...] = (
     RuntimeError, IndexError, ZeroDivisionError, AssertionError, ValueError, KeyError)
 
 
-def raised_in_torch_pruning(exc: BaseException) -> bool:
-    """Whether the innermost Python frame of `exc`'s traceback is Torch-Pruning's code."""
+def _innermost_file(exc: BaseException) -> str | None:
+    """The file of the innermost Python frame of `exc`'s traceback."""
     tb = exc.__traceback__
     if tb is None:
-        return False
+        return None
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return in_torch_pruning(tb.tb_frame.f_code.co_filename)
+    return tb.tb_frame.f_code.co_filename
+
+
+def raised_in_torch_pruning(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of `exc`'s traceback is Torch-Pruning's code."""
+    file = _innermost_file(exc)
+    return file is not None and in_torch_pruning(file)
+
+
+def raised_in_our_pruning(exc: BaseException) -> bool:
+    """Whether edgeprune's own pruning code (this package: the importance criteria Torch-Pruning calls back,
+    the rules) raised `exc`: a bug of ours, which keeps its traceback."""
+    file = _innermost_file(exc)
+    return file is not None and Path(file).resolve().parent == Path(__file__).resolve().parent
 
 
 def model_name(model: nn.Module) -> str:
