@@ -128,20 +128,24 @@ def test_unreadable_image_is_named(tmp_path):
         load_split(tmp_path, create_model("cifar_resnet20").edgeprune_spec, train=False)
 
 
-def test_an_unreadable_image_read_in_a_loader_worker_is_still_one_line(tmp_path):
-    """With data.workers > 0 PyTorch rebuilds the worker's error with its whole traceback as the message; the
-    command prints the original line (errors.user_message)."""
-    from edgeprune.data import loader
+def test_an_error_raised_in_a_loader_worker_is_still_one_line():
+    """With data.workers > 0 a worker's error reaches the main process through PyTorch's ExceptionWrapper, which
+    rebuilds it with the worker's whole traceback as its message; the command prints the original line
+    (errors.user_message). The wrapper is built here as a worker builds it: with a worker forked inside the test
+    process (shut down only when garbage-collected) the full suite crashed with SIGSEGV in a later test."""
+    from torch._utils import ExceptionWrapper
+
     from edgeprune.errors import user_message
 
-    make_folder(tmp_path, classes=2, per_class=2, size=72)  # over 64 pixels: read from the files, in the workers
-    (tmp_path / "val" / "class1" / "0.png").write_bytes(b"not a png")
-    ds = load_split(tmp_path, create_model("resnet18", num_classes=2).edgeprune_spec, train=False)
+    try:
+        data_module._open_rgb("/nonexistent/class1/0.png")
+    except EdgePruneError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
     with pytest.raises(EdgePruneError) as info:
-        list(loader(ds, 4, workers=1))
+        wrapped.reraise()
     assert "Original Traceback" in str(info.value)
     line = user_message(info.value)
-    assert "\n" not in line and line.startswith("cannot read image ") and "class1/0.png" in line
+    assert "\n" not in line and line.startswith("cannot read image /nonexistent/class1/0.png")
 
 
 def test_subsets_and_shards_cover_the_data_once():
