@@ -360,3 +360,18 @@ class InterruptAfter(torch.utils.data.Dataset):
         if self.seen > self.n:
             raise KeyboardInterrupt
         return self.ds[i]
+
+
+def test_a_checkpoint_is_resumed_only_for_its_own_inputs_and_when_asked(tmp_path):
+    """recover.read_checkpoint, shared by the classifier and detector fine-tunes: a checkpoint written under another
+    tag (other inputs) is removed and the fine-tune starts afresh; one under this tag needs --resume."""
+    from edgeprune.recover import read_checkpoint
+
+    path = tmp_path / "finetune-checkpoint.pt"
+    torch.save({"tag": "old inputs", "epoch": 1}, path)
+    assert read_checkpoint(path, "new inputs", resume=True) is None and not path.exists()
+    torch.save({"tag": "new inputs", "epoch": 1}, path)
+    with pytest.raises(EdgePruneError, match="pass --resume to continue it or --overwrite"):
+        read_checkpoint(path, "new inputs", resume=False)
+    assert read_checkpoint(path, "new inputs", resume=True)["epoch"] == 1 and path.exists()
+    assert read_checkpoint(tmp_path / "absent.pt", "new inputs", resume=True) is None

@@ -116,5 +116,10 @@ def _download(asset: Asset, path: Path) -> None:
             "download it by hand into EDGEPRUNE_HOME"
         ) from None
     except PermissionError as exc:
-        raise EdgePruneError(f"cannot write {asset.filename} into {path.parent} ({exc.strerror}); set EDGEPRUNE_HOME "
-                             "to a folder you can write") from None
+        raise unwritable(asset.filename, path.parent, exc) from None
+
+
+def unwritable(what: str, folder: Path, exc: PermissionError) -> EdgePruneError:
+    """A download that cannot be written where edgeprune keeps it."""
+    return EdgePruneError(f"cannot write {what} into {folder} ({exc.strerror}); set EDGEPRUNE_HOME to a folder you "
+                          "can write")

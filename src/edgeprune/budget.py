@@ -140,7 +140,7 @@ def search(recipe: Recipe, out: str | Path, quiet: bool = False, overwrite: bool
     metric = rows.accuracy_keys(final["baseline"])[0][0]
     summary.update(metric=metric, baseline=final["baseline"][metric], chosen=chosen.name)
     write_json(state_file, summary)
-    return publish(root, final)
+    return publish(root, root / "trials" / chosen.name, final)
 
 
 def chosen_trial(root: Path) -> Path | None:
@@ -155,13 +155,13 @@ def chosen_trial(root: Path) -> Path | None:
     return root / "trials" / chosen
 
 
-def publish(root: Path, final: dict) -> dict:
-    """Make the chosen trial's `final` report (with every trial, from max_drop.json) and its model and ONNX files
+def publish(root: Path, trial: Path, final: dict) -> dict:
+    """Make the chosen `trial`'s `final` report (with every trial, from max_drop.json) and its model and ONNX files
     the search folder's own; returns the report."""
     from .pipeline import write_report
 
     final = {**final, "max_drop": read_json(root / "max_drop.json"), "recipe": read_json(root / "recipe.json")}
-    _publish(chosen_trial(root), root)
+    _publish(trial, root)
     write_report(root, final)
     return final
 

@@ -22,7 +22,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .assets import NETWORK_ERRORS, cache_home, edgeprune_home
+from .assets import NETWORK_ERRORS, cache_home, edgeprune_home, unwritable
 from .errors import EdgePruneError
 from .fsio import atomic_path
 from .models import ModelSpec
@@ -66,8 +66,8 @@ def _folder(path: Path) -> torchvision.datasets.ImageFolder:
                              "of images per class") from None
 
 
-def _check_same_classes(root: Path) -> None:
-    """train/ and val/ must name the same classes, or labels would mean different things in each."""
+def _check_same_classes(root: Path) -> list[str]:
+    """train/ and val/ must name the same classes, or labels would mean different things in each; the classes."""
     if not (root / "train").is_dir():
         raise EdgePruneError(f"{root} has no train/ folder; an ImageFolder root holds train/ and val/ (or test/)")
     train = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
@@ -77,6 +77,7 @@ def _check_same_classes(root: Path) -> None:
         diff = sorted(set(train) ^ set(other))[:3]
         raise EdgePruneError(f"{root}/train and {held_out} have different class folders (e.g. {diff}); labels "
                              "would not match between them")
+    return train
 
 
 def check_classification_data(data: str | os.PathLike, spec: ModelSpec) -> None:
@@ -84,8 +85,7 @@ def check_classification_data(data: str | os.PathLike, spec: ModelSpec) -> None:
     its train/ and val/ (or test/) splits naming the same classes, as many as the model outputs."""
     source = resolve(data)
     if source.kind == "folder":  # torchvision's CIFAR-10 files are checked (or downloaded) when first read
-        _check_same_classes(source.root)
-        _check_class_count(sum(1 for d in (source.root / "train").iterdir() if d.is_dir()), spec)
+        _check_class_count(len(_check_same_classes(source.root)), spec)
 
 
 def _check_class_count(classes: int, spec: ModelSpec) -> None:
@@ -252,8 +252,7 @@ def load_split(data: str | os.PathLike, spec: ModelSpec, train: bool, quiet: boo
             raise EdgePruneError(f"CIFAR-10 is not in {source.root} and could not be downloaded ({exc}); "
                                  "set EDGEPRUNE_HOME to a folder holding it") from None
         except PermissionError as exc:
-            raise EdgePruneError(f"cannot write CIFAR-10 into {source.root} ({exc.strerror}); set EDGEPRUNE_HOME to "
-                                 "a folder you can write") from None
+            raise unwritable("CIFAR-10", source.root, exc) from None
         images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()
         ds = DecodedImages(images, torch.tensor(raw.targets), raw.classes, _transforms(spec, train, True))
     else:

@@ -751,7 +751,7 @@ def export_run(out: str | Path, opset: int | None = None, simplify: bool | None 
             overrides["int8.data"] = data
     final = run_stages(apply_overrides(recipe, overrides), trial or root, quiet, changing=True)
     assert final is not None  # export runs in one process
-    return final if trial is None else publish(root, final)
+    return final if trial is None else publish(root, trial, final)
 
 
 def profile_model(model: nn.Module, recipe: Recipe, quiet: bool = True):

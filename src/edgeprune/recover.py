@@ -139,9 +139,9 @@ def read_checkpoint(checkpoint: Path | None, tag: str | None, resume: bool, rt: 
         return None
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     if state.get("tag") != tag:
-        if rt is not None:
-            rt.barrier()
-        if rt is None or rt.is_main:
+        rt = rt or Runtime()
+        rt.barrier()  # every process has read it before the main one removes it
+        if rt.is_main:
             checkpoint.unlink()
         return None
     if not resume:
