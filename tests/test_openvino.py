@@ -71,6 +71,11 @@ def test_without_openvino_its_runtime_is_one_line_and_the_rest_works(tmp_path):
                "--latency-runtime", "ov_cpu", "--out", str(tmp_path / "a"), "--quiet")
     assert_one_line_error(proc, "OpenVINO is not installed", "pip install")
     assert not (tmp_path / "a").exists()
+    # round_to auto (the default) times its candidates on the latency runtime too: refused before pruning
+    proc = cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--ratio", "0.5",
+               "--latency-runtime", "ov_cpu", "--out", str(tmp_path / "a"), "--quiet")
+    assert_one_line_error(proc, "OpenVINO is not installed", "pip install")
+    assert not (tmp_path / "a").exists()
     proc = cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--ratio", "0.5",
                "--out", str(tmp_path / "b"), *QUICK)
     assert proc.returncode == 0, proc.stderr

@@ -323,7 +323,7 @@ def preflight(recipe: Recipe) -> nn.Module:
     from .measure import require_openvino
 
     opts = recipe.prune
-    if opts.latency_runtime == "ov_cpu" and (opts.latency_targeted() or opts.max_drop_by == "latency"):
+    if opts.latency_runtime == "ov_cpu" and (opts.times_candidates() or opts.max_drop_by == "latency"):
         if not recipe.latency.openvino:
             raise EdgePruneError("prune.latency_runtime ov_cpu times OpenVINO: set latency.openvino true")
         require_openvino()
@@ -405,8 +405,7 @@ def _one_shot(r: Runner) -> tuple[nn.Module, PruneResult]:
     opts = r.recipe.prune
     r.log("pruning with DepGraph")
     probe = None
-    auto = opts.round_to == "auto" and opts.allocation != "sensitivity"
-    if opts.latency_targeted() or auto:
+    if opts.times_candidates():
         probe = OnnxLatencyProbe(r.baseline, opts.latency_runtime, r.recipe.latency, r.recipe.export,
                                  r.scratch, baseline_onnx=r.baseline_onnx())
         r.log(f"unpruned: {probe.baseline_ms:.2f} ms on {opts.latency_runtime}; " +

@@ -158,6 +158,11 @@ class PruneOptions(_Strict):
         """A target in measured time: milliseconds or a speed-up."""
         return self.target_latency_ms is not None or self.target_speedup is not None
 
+    def times_candidates(self) -> bool:
+        """Whether pruning exports candidate models and times them on latency_runtime: for a latency target, and
+        for round_to auto (except with a sensitivity allocation, whose curves are scored at unrounded widths)."""
+        return self.latency_targeted() or (self.round_to == "auto" and self.allocation != "sensitivity")
+
     def latency_goal_ms(self, baseline_ms: float) -> float:
         """The latency target in ms: target_latency_ms, or the unpruned model's `baseline_ms` over target_speedup."""
         return self.target_latency_ms if self.target_latency_ms is not None else baseline_ms / self.target_speedup

@@ -58,7 +58,7 @@ def _prune_reads(recipe: Recipe) -> tuple[str, ...]:
     reads = ("model", "seed", *(f"prune.{k}" for k in type(recipe.prune).model_fields if not k.startswith(skip)))
     if recipe.prune.latency_targeted():  # candidates are exported and timed
         reads += ("latency", "export")
-    elif recipe.prune.round_to == "auto" and recipe.prune.allocation != "sensitivity":
+    elif recipe.prune.times_candidates():
         # the multiple is chosen by timing for these threads and batch; more repeats or another opset do not
         # re-prune (and re-train) a model
         reads += ("latency.threads", "latency.batch_size")
