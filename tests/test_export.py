@@ -6,7 +6,7 @@ from onnx import numpy_helper
 
 from edgeprune import EdgePruneError, create_model, prune
 from edgeprune import export as export_mod
-from edgeprune.export import check_parity, export_onnx
+from edgeprune.export import check_parity, export_onnx, file_opset
 from edgeprune.measure import onnx_bytes
 from edgeprune.recipe import ExportOptions, PruneOptions
 
@@ -80,3 +80,31 @@ def test_an_error_of_our_own_is_not_turned_into_advice(tmp_path):
 
     with pytest.raises(OSError, match="No space left"):
         export_onnx(Broken(), (3, 8, 8), tmp_path / "m.onnx", ExportOptions())
+
+
+class _GridSample(torch.nn.Module):  # GridSample exists from opset 16
+    def forward(self, x):
+        grid = torch.zeros(x.shape[0], 4, 4, 2)
+        return torch.nn.functional.grid_sample(x, grid, align_corners=False).flatten(1)
+
+
+class _Eigenvalues(torch.nn.Module):  # no ONNX operator at any opset
+    def forward(self, x):
+        return torch.linalg.eigvals(x[:, 0]).real.flatten(1)
+
+
+def test_the_files_opset_is_read_back_where_the_exporter_keeps_another(tmp_path):
+    """GridSample has no opset-13 form: the TorchScript exporter fails, and the dynamo exporter writes opset 18
+    and keeps it when it cannot convert down; file_opset is what the report records (tests/test_pipeline.py)."""
+    reasons: list[str] = []
+    path = export_onnx(_GridSample(), (3, 8, 8), tmp_path / "m.onnx", ExportOptions(opset=13),
+                       on_fallback=reasons.append)
+    assert len(reasons) == 1 and file_opset(path) == 18
+    assert file_opset(export_onnx(_GridSample(), (3, 8, 8), tmp_path / "n.onnx", ExportOptions(opset=16))) == 16
+
+
+def test_an_operator_without_an_onnx_form_is_named(tmp_path):
+    """The dynamo exporter's first line is generic advice; the error names the operator it could not convert."""
+    with pytest.raises(EdgePruneError, match=r"DispatchError: No ONNX function found for .*aten\.linalg_eig"):
+        export_onnx(_Eigenvalues(), (3, 8, 8), tmp_path / "m.onnx", ExportOptions())
+    assert list(tmp_path.iterdir()) == []

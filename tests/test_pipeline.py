@@ -4,6 +4,7 @@ import json
 from conftest import assert_one_line_error, cli, run_cli
 
 import edgeprune
+from edgeprune.export import file_opset
 from edgeprune.measure import onnx_bytes
 from edgeprune.recipe import apply_overrides, load_recipe
 
@@ -75,6 +76,23 @@ def test_reexport_at_another_opset_recomputes_everything_measured_on_the_old_fil
     for name in ("export", "measure", "diagnose"):  # all computed from the new file
         assert after[name]["fingerprint"] != before[name]["fingerprint"], name
     assert edgeprune.load(out).layer1[0].conv1.out_channels == 9  # 16 channels at ratio 0.4
+
+
+def test_the_report_gives_the_opset_the_file_has(tmp_path):
+    """The dynamo exporter keeps opset 18 when it cannot convert down to the one asked for (a ResNet's Pad, with
+    onnx 1.21): the report says what the file holds, and a note says what was asked for."""
+    out = tmp_path / "r20"
+    proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--ratio", "0.4", "--round-to", "1",
+                   "--out", str(out), "--warmup", "1", "--repeats", "3", "--set", "export.dynamo=true",
+                   "--set", "latency.per_layer=false", "--set", "latency.openvino=false", "-q")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    # 18 with torch 2.14 and onnx 1.21; should a later onnx convert Pad down, this test needs another model
+    assert file_opset(out / "model.onnx") == 18
+    assert report["export"]["exporter"] == "dynamo" and report["export"]["opset"] == 18
+    assert report["export"]["requested_opset"] == 17 and report["recipe"]["export"]["opset"] == 17
+    assert any("uses opset 18, not the 17" in n for n in report["notes"]), report["notes"]
+    assert "uses opset 18, not the 17" in (out / "report.md").read_text()
 
 
 def test_debug_shows_the_cause_of_an_error(tmp_path):

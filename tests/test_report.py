@@ -29,7 +29,7 @@ def test_report_json_is_what_run_returns_and_describes_the_files(finished):
     out, report = finished
     assert json.loads((out / "report.json").read_text()) == report
     assert report["export"] == {"exporter": "torchscript", "opset": 17, "fallback_reason": None,
-                                "onnx_bytes": (out / "model.onnx").stat().st_size}
+                                "requested_opset": None, "onnx_bytes": (out / "model.onnx").stat().st_size}
     assert report["pruned"]["onnx_bytes"] == report["export"]["onnx_bytes"]
     assert report["pruned"]["params"] == sum(p.numel() for p in edgeprune.load(out).parameters())
     macs_kept = report["pruned"]["macs"] / report["baseline"]["macs"]

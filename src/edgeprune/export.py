@@ -17,7 +17,7 @@ from .errors import EdgePruneError, first_line
 from .fsio import TEMP_MARK
 from .measure import ONNX_RUNTIMES, onnx_predictor
 from .models.yolo import export_form
-from .quiet import quiet_stdout
+from .quiet import quiet_logger, quiet_stdout
 from .recipe import ExportOptions
 
 
@@ -53,9 +53,28 @@ def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opts: ExportOpt
                 path.unlink(missing_ok=True)
                 if on_fallback is not None:
                     on_fallback(f"{type(exc).__name__}: {first_line(exc)}")
-        torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opts.opset,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        # Below opset 18 it warns that it will convert down, and logs a traceback when it cannot: the caller
+        # reads the file's opset (file_opset) and says so in one line.
+        with quiet_logger("torch.onnx._internal.exporter._compat"), quiet_logger("onnxscript.version_converter"):
+            torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opts.opset,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def _innermost(exc: torch.onnx.OnnxExporterError) -> BaseException:
+    """The exporter's own innermost error: the dynamo exporter wraps "No ONNX function found for aten.X" (a
+    DispatchError) in a ConversionError whose first line is generic advice."""
+    while isinstance(exc.__cause__, torch.onnx.OnnxExporterError):
+        exc = exc.__cause__
+    return exc
+
+
+def file_opset(path: str | os.PathLike) -> int:
+    """The version of the default ONNX operator set that the file at `path` uses. It can differ from the opset
+    asked for: the dynamo exporter writes opset 18 and keeps it when it cannot convert the model down (with
+    onnx 1.21, any model holding a Pad)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: ExportOptions,
@@ -85,9 +104,14 @@ def export_onnx(model: nn.Module, input_size, path: str | os.PathLike, opts: Exp
             onnx.save(proto, str(final), save_as_external_data=large, all_tensors_to_one_file=True,
                       location=f"{path.name}.data")
             onnx.checker.check_model(str(final), full_check=True)
-        except (RuntimeError, onnx.checker.ValidationError) as exc:  # exporter errors, an invalid graph
-            raise EdgePruneError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc)}); "
-                                 "try another --opset") from exc
+        except torch.onnx.OnnxExporterError as exc:  # the dynamo exporter's: its innermost cause names the op
+            cause = _innermost(exc)
+            raise EdgePruneError(f"ONNX export failed ({type(cause).__name__}: {first_line(cause)}); a higher "
+                                 "--opset may convert it, otherwise change that part of the model (--debug shows "
+                                 "the whole trace)") from exc
+        except onnx.checker.ValidationError as exc:  # an invalid graph
+            raise EdgePruneError(f"the exported ONNX file is invalid ({first_line(exc)}); try another --opset "
+                                 "(--debug shows the whole trace)") from exc
         data = final.parent / f"{path.name}.data"
         if data.exists():
             os.replace(data, path.parent / data.name)

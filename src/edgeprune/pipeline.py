@@ -24,7 +24,7 @@ from .diagnose import diagnose
 from .distributed import Runtime, runtime, seed_everything
 from .environment import environment
 from .errors import EdgePruneError
-from .export import check_parity, export_onnx
+from .export import check_parity, export_onnx, file_opset
 from .fsio import TEMP_MARK, ensure_writable_dir, link_file, read_json, write_json, write_text
 from .measure import count_macs, measure, onnx_bytes, openvino_available
 from .models import create_model
@@ -561,9 +561,14 @@ def _export(r: Runner) -> ExportResult:
     path = export_onnx(model, r.spec.input_size, r.root / ONNX_NAME, opts, on_fallback=fallback.append)
     openvino = (check_parity(model, path, r.spec.input_size, opts, runtime="ov_cpu")
                 if r.recipe.latency.openvino and openvino_available() else None)
-    return ExportResult(parity=check_parity(model, path, r.spec.input_size, opts), opset=opts.opset,
-                        exporter="dynamo" if opts.dynamo or fallback else "torchscript", onnx_bytes=onnx_bytes(path),
-                        fallback_reason=fallback[0] if fallback else None, openvino_parity=openvino)
+    written = file_opset(path)
+    result = ExportResult(parity=check_parity(model, path, r.spec.input_size, opts), opset=written,
+                          exporter="dynamo" if opts.dynamo or fallback else "torchscript", onnx_bytes=onnx_bytes(path),
+                          fallback_reason=fallback[0] if fallback else None, openvino_parity=openvino,
+                          requested_opset=None if written == opts.opset else opts.opset)
+    for note in report.export_notes(result):
+        r.log(note)
+    return result
 
 
 def _accuracy_onnx(r: Runner) -> Accuracy:

@@ -53,7 +53,8 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict,
         report["openvino_parity"] = asdict(exported.openvino_parity)
     report.update({"onnx_parity": asdict(exported.parity),
                    "export": {"exporter": exported.exporter, "opset": exported.opset,
-                              "onnx_bytes": exported.onnx_bytes, "fallback_reason": exported.fallback_reason},
+                              "onnx_bytes": exported.onnx_bytes, "fallback_reason": exported.fallback_reason,
+                              "requested_opset": exported.requested_opset},
                    "prune": prune, "recipe": recipe_json, "environment": environment, "notes": export_notes(exported)})
     report["reduction_pct"] = {key: round(100 * (1 - pruned[key] / baseline[key]), 2)
                                for key in ("macs", "params", "state_dict_bytes", "onnx_bytes") if baseline.get(key)}
@@ -66,11 +67,17 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict,
 
 
 def export_notes(exported) -> list[str]:
-    if exported.fallback_reason is None:
-        return []
-    return [f"The TorchScript ONNX exporter failed ({exported.fallback_reason}); model.onnx was written by the "
-            "dynamo exporter instead, whose node names carry no module scopes: ONNX Runtime's per-layer times "
-            "cannot be traced back to layers (only per-operator times are shown)."]
+    notes = []
+    if exported.fallback_reason is not None:
+        notes.append(f"The TorchScript ONNX exporter failed ({exported.fallback_reason}); model.onnx was written by "
+                     "the dynamo exporter instead, whose node names carry no module scopes: ONNX Runtime's per-layer "
+                     "times cannot be traced back to layers (only per-operator times are shown).")
+    if exported.requested_opset is not None:
+        notes.append(f"model.onnx uses opset {exported.opset}, not the {exported.requested_opset} asked for "
+                     f"(export.opset): the dynamo exporter could not convert the model down to it. A runtime that "
+                     f"reads only opset {exported.requested_opset} or lower needs the TorchScript exporter "
+                     "(export.dynamo false) to succeed on this model.")
+    return notes
 
 
 def target(prune: dict, recipe: dict, pruned: dict, baseline: dict) -> dict:
