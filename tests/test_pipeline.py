@@ -80,14 +80,14 @@ def test_reexport_at_another_opset_recomputes_everything_measured_on_the_old_fil
 
 def test_the_report_gives_the_opset_the_file_has(tmp_path):
     """The dynamo exporter keeps opset 18 when it cannot convert down to the one asked for (a ResNet's Pad, with
-    onnx 1.21): the report says what the file holds, and a note says what was asked for."""
+    onnx 1.23): the report says what the file holds, and a note says what was asked for."""
     out = tmp_path / "r20"
     proc = run_cli("prune", "--model", "cifar_resnet20", "--weights", "none", "--ratio", "0.4", "--round-to", "1",
                    "--out", str(out), "--warmup", "1", "--repeats", "3", "--set", "export.dynamo=true",
                    "--set", "latency.per_layer=false", "--set", "latency.openvino=false", "-q")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
-    # 18 with torch 2.14 and onnx 1.21; should a later onnx convert Pad down, this test needs another model
+    # 18 with torch 2.14 and onnx 1.23; should a later onnx convert Pad down, this test needs another model
     assert file_opset(out / "model.onnx") == 18
     assert report["export"]["exporter"] == "dynamo" and report["export"]["opset"] == 18
     assert report["export"]["requested_opset"] == 17 and report["recipe"]["export"]["opset"] == 17

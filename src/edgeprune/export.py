@@ -72,7 +72,7 @@ def _innermost(exc: torch.onnx.OnnxExporterError) -> BaseException:
 def file_opset(path: str | os.PathLike) -> int:
     """The version of the default ONNX operator set that the file at `path` uses. It can differ from the opset
     asked for: the dynamo exporter writes opset 18 and keeps it when it cannot convert the model down (with
-    onnx 1.21, any model holding a Pad)."""
+    onnx 1.23, a model holding a Pad or a ReduceMean: most CNNs)."""
     proto = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
