@@ -67,7 +67,7 @@ def test_notes_and_a_missed_target_reach_every_rendering(finished):
     changed = copy.deepcopy(report)
     fallback = ExportResult(parity=Parity(1e-6, 1.0, 8, 1e-4, True), opset=17, exporter="dynamo", onnx_bytes=1,
                             fallback_reason="SymbolicValueError: adaptive pooling")
-    changed["notes"] = rep.export_notes(fallback)
+    changed["notes"] = rep.export_notes(fallback, 17)
     changed["recipe"]["prune"].update({"ratio": None, "target_latency_ms": 0.01})
     changed["target"] = rep.target(changed["prune"], changed["recipe"], changed["pruned"], changed["baseline"])
     assert changed["target"]["met"] is False

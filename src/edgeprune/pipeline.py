@@ -561,12 +561,10 @@ def _export(r: Runner) -> ExportResult:
     path = export_onnx(model, r.spec.input_size, r.root / ONNX_NAME, opts, on_fallback=fallback.append)
     openvino = (check_parity(model, path, r.spec.input_size, opts, runtime="ov_cpu")
                 if r.recipe.latency.openvino and openvino_available() else None)
-    written = file_opset(path)
-    result = ExportResult(parity=check_parity(model, path, r.spec.input_size, opts), opset=written,
+    result = ExportResult(parity=check_parity(model, path, r.spec.input_size, opts), opset=file_opset(path),
                           exporter="dynamo" if opts.dynamo or fallback else "torchscript", onnx_bytes=onnx_bytes(path),
-                          fallback_reason=fallback[0] if fallback else None, openvino_parity=openvino,
-                          requested_opset=None if written == opts.opset else opts.opset)
-    for note in report.export_notes(result):
+                          fallback_reason=fallback[0] if fallback else None, openvino_parity=openvino)
+    for note in report.export_notes(result, opts.opset):
         r.log(note)
     return result
 

@@ -54,8 +54,9 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict,
     report.update({"onnx_parity": asdict(exported.parity),
                    "export": {"exporter": exported.exporter, "opset": exported.opset,
                               "onnx_bytes": exported.onnx_bytes, "fallback_reason": exported.fallback_reason,
-                              "requested_opset": exported.requested_opset},
-                   "prune": prune, "recipe": recipe_json, "environment": environment, "notes": export_notes(exported)})
+                              "requested_opset": _requested_opset(exported, recipe.export.opset)},
+                   "prune": prune, "recipe": recipe_json, "environment": environment,
+                   "notes": export_notes(exported, recipe.export.opset)})
     report["reduction_pct"] = {key: round(100 * (1 - pruned[key] / baseline[key]), 2)
                                for key in ("macs", "params", "state_dict_bytes", "onnx_bytes") if baseline.get(key)}
     report["speedup"] = {k: round(v / pruned["latency_ms"][k], 3) for k, v in baseline["latency_ms"].items()
@@ -66,17 +67,22 @@ def build(recipe: Recipe, results: dict[str, object], environment: dict,
     return report
 
 
-def export_notes(exported) -> list[str]:
+def _requested_opset(exported, asked: int) -> int | None:
+    """export.opset when the file holds another opset (the dynamo exporter keeps 18 when it cannot convert down)."""
+    return None if exported.opset == asked else asked
+
+
+def export_notes(exported, asked: int) -> list[str]:
+    """The export's notes: a fallback to the dynamo exporter, and a file whose opset is not `asked` (export.opset)."""
     notes = []
     if exported.fallback_reason is not None:
         notes.append(f"The TorchScript ONNX exporter failed ({exported.fallback_reason}); model.onnx was written by "
                      "the dynamo exporter instead, whose node names carry no module scopes: ONNX Runtime's per-layer "
                      "times cannot be traced back to layers (only per-operator times are shown).")
-    if exported.requested_opset is not None:
-        notes.append(f"model.onnx uses opset {exported.opset}, not the {exported.requested_opset} asked for "
-                     f"(export.opset): the dynamo exporter could not convert the model down to it. A runtime that "
-                     f"reads only opset {exported.requested_opset} or lower needs the TorchScript exporter "
-                     "(export.dynamo false) to succeed on this model.")
+    if _requested_opset(exported, asked) is not None:
+        notes.append(f"model.onnx uses opset {exported.opset}, not the {asked} asked for (export.opset): the "
+                     f"dynamo exporter could not convert the model down to it. A runtime that reads only opset "
+                     f"{asked} or lower needs the TorchScript exporter (export.dynamo false) to succeed on this model.")
     return notes
 
 

@@ -75,7 +75,6 @@ class ExportResult:
     onnx_bytes: int
     fallback_reason: str | None = None  # set when the TorchScript exporter failed and dynamo took over
     openvino_parity: Parity | None = None  # the same check run by OpenVINO, when it is installed
-    requested_opset: int | None = None  # export.opset, when the file's `opset` is another (None: the same)
 
 
 @dataclass
